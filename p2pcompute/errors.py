@@ -1,0 +1,133 @@
+"""The one exception tree of p2pcompute.
+
+Every error the package raises on purpose derives from :class:`P2PComputeError` and carries a
+machine-readable :class:`Reason` code (the codes are listed in ``specs/00-conventions.md``)::
+
+    P2PComputeError                 base; .reason, .detail
+    ├── ConfigError                 bad configuration or command-line values
+    ├── KeyFileError                a key file is missing, unsafe, truncated, corrupt or of the wrong type
+    ├── LocalProtocolError          *we* tried to do something the protocol forbids (a bug on our side)
+    └── RemoteProtocolError         a *peer* sent something the protocol forbids; drop it, log it, carry on
+        ├── FramingError            length prefix over the limit, truncated frame
+        ├── DecodeError             not canonical msgpack within limits (malformed, trailing bytes, too deep, ...)
+        ├── SchemaError             decoded fine, but not a valid message (unknown/missing field, wrong type, ...)
+        ├── SignatureError          envelope signature, domain, key or signer does not check out
+        └── ReplayError             replayed, expired or too-far-future message
+
+The split between local and remote protocol errors follows h11: a ``RemoteProtocolError`` is the
+peer's fault and must never crash a peer; a ``LocalProtocolError`` is ours.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+__all__ = [
+    "ConfigError",
+    "DecodeError",
+    "FramingError",
+    "KeyFileError",
+    "LocalProtocolError",
+    "P2PComputeError",
+    "Reason",
+    "RemoteProtocolError",
+    "ReplayError",
+    "SchemaError",
+    "SignatureError",
+]
+
+
+class Reason(str, Enum):
+    """Machine-readable rejection reasons. The string values are part of the specs."""
+
+    # framing (specs/00-conventions.md §Framing)
+    FRAME_TOO_LARGE = "frame_too_large"
+    TRUNCATED_FRAME = "truncated_frame"
+    # decoding (specs/00-conventions.md §Encoding)
+    MALFORMED = "malformed"
+    TRUNCATED = "truncated"
+    TRAILING_BYTES = "trailing_bytes"
+    NON_CANONICAL = "non_canonical"
+    TOO_DEEP = "too_deep"
+    TOO_LARGE = "too_large"
+    EXT_TYPE = "ext_type"
+    # schema (specs/00-conventions.md §Messages)
+    NOT_A_MAP = "not_a_map"
+    UNKNOWN_FIELD = "unknown_field"
+    MISSING_FIELD = "missing_field"
+    WRONG_TYPE = "wrong_type"
+    OUT_OF_RANGE = "out_of_range"
+    TOO_LONG = "too_long"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    # envelopes (specs/identity-and-envelopes.md)
+    BAD_SIGNATURE = "bad_signature"
+    WRONG_DOMAIN = "wrong_domain"
+    UNKNOWN_PAYLOAD_TYPE = "unknown_payload_type"
+    UNEXPECTED_PAYLOAD_TYPE = "unexpected_payload_type"
+    BAD_KEY_LENGTH = "bad_key_length"
+    SIGNER_MISMATCH = "signer_mismatch"
+    BAD_PEER_ID = "bad_peer_id"
+    # replay protection (specs/00-conventions.md §Replay protection)
+    REPLAYED = "replayed"
+    EXPIRED = "expired"
+    EXPIRY_TOO_FAR = "expiry_too_far"
+    # key files (specs/identity-and-envelopes.md §Key files)
+    KEY_FILE_MISSING = "key_file_missing"
+    KEY_FILE_EXISTS = "key_file_exists"
+    KEY_FILE_PERMISSIONS = "key_file_permissions"
+    KEY_FILE_TRUNCATED = "key_file_truncated"
+    KEY_FILE_WRONG_TYPE = "key_file_wrong_type"
+    KEY_FILE_CORRUPT = "key_file_corrupt"
+    # configuration
+    BAD_CONFIG = "bad_config"
+
+
+class P2PComputeError(Exception):
+    """Base of every error p2pcompute raises on purpose."""
+
+    reason: Reason
+    detail: str
+
+    def __init__(self, reason: Reason, detail: str = "") -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
+
+
+class ConfigError(P2PComputeError):
+    """Invalid configuration or command-line values."""
+
+    def __init__(self, detail: str, reason: Reason = Reason.BAD_CONFIG) -> None:
+        super().__init__(reason, detail)
+
+
+class KeyFileError(P2PComputeError):
+    """A key file cannot be used (missing, readable by others, truncated, corrupt, wrong key type)."""
+
+
+class LocalProtocolError(P2PComputeError):
+    """We tried to send or do something the protocol forbids."""
+
+
+class RemoteProtocolError(P2PComputeError):
+    """A peer sent something the protocol forbids. Never fatal to a peer."""
+
+
+class FramingError(RemoteProtocolError):
+    """A length-prefixed frame is over the limit or cut short."""
+
+
+class DecodeError(RemoteProtocolError):
+    """Bytes are not canonical msgpack within the limits."""
+
+
+class SchemaError(RemoteProtocolError):
+    """A decoded value does not match the message schema."""
+
+
+class SignatureError(RemoteProtocolError):
+    """A signed envelope does not verify."""
+
+
+class ReplayError(RemoteProtocolError):
+    """A message was seen before, has expired, or claims an expiry too far ahead."""

@@ -20,7 +20,7 @@ peer's fault and must never crash a peer; a ``LocalProtocolError`` is ours.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 __all__ = [
     "ConfigError",
@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 
-class Reason(str, Enum):
+class Reason(StrEnum):
     """Machine-readable rejection reasons. The string values are part of the specs."""
 
     # framing (specs/00-conventions.md §Framing)

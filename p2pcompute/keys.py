@@ -57,7 +57,8 @@ def write_key_file(path: Path, keypair: KeyPair, *, force: bool = False) -> None
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError as exc:
             raise KeyFileError(
-                Reason.KEY_FILE_EXISTS, f"{path} already exists; pass --force to replace it (the old identity is lost)"
+                Reason.KEY_FILE_EXISTS,
+                f"{path} already exists; pass --force to replace it (the old identity is lost)",
             ) from exc
         _write_all(fd, data)
         return

@@ -90,7 +90,8 @@ def _key_order(key: str) -> bytes:
 
 def pack(value: object) -> bytes:
     """Encode ``value`` (None, bool, int, float, str, bytes, list/tuple, dict with str keys) canonically."""
-    return msgpack.packb(_canonicalise(value), use_bin_type=True, use_single_float=False, datetime=False)
+    data: bytes = msgpack.packb(_canonicalise(value), use_bin_type=True, use_single_float=False, datetime=False)
+    return data
 
 
 def unpack(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Any:
@@ -194,8 +195,13 @@ class FrameDecoder:
             if self._expected is None:
                 if len(self._buffer) < FRAME_HEADER_SIZE:
                     return frames
-                self._expected = read_frame_header(bytes(self._buffer[:FRAME_HEADER_SIZE]), self._max)
+                header = bytes(self._buffer[:FRAME_HEADER_SIZE])
                 del self._buffer[:FRAME_HEADER_SIZE]
+                try:
+                    self._expected = read_frame_header(header, self._max)
+                except FramingError:
+                    self._buffer.clear()  # the stream is unusable from here on: drop what we hold
+                    raise
             if len(self._buffer) < self._expected:
                 return frames
             frames.append(bytes(self._buffer[: self._expected]))

@@ -22,7 +22,13 @@ from typing import Annotated, Generic, TypeVar
 
 from p2pcompute.core import codec
 from p2pcompute.core.identity import PUBLIC_KEY_SIZE, KeyPair, PeerId, verify_signature
-from p2pcompute.core.messages import DEFAULT_REGISTRY, Message, MessageRegistry, decode_message, encode_message
+from p2pcompute.core.messages import (
+    DEFAULT_REGISTRY,
+    Message,
+    MessageRegistry,
+    decode_message,
+    encode_message,
+)
 from p2pcompute.core.schema import Size, Struct, from_wire, to_wire
 from p2pcompute.errors import LocalProtocolError, Reason, SignatureError
 
@@ -101,9 +107,7 @@ def seal(keypair: KeyPair, message: Message) -> bytes:
         )
     payload = encode_message(message)
     signature = keypair.sign(signing_bytes(message.DOMAIN, message.TYPE, payload))
-    envelope = Envelope(
-        public_key=keypair.public_key, payload_type=message.TYPE, payload=payload, signature=signature
-    )
+    envelope = Envelope(public_key=keypair.public_key, payload_type=message.TYPE, payload=payload, signature=signature)
     data = codec.pack(to_wire(envelope))
     if len(data) > MAX_ENVELOPE_SIZE:
         raise LocalProtocolError(Reason.TOO_LARGE, f"envelope of {len(data)} bytes, limit {MAX_ENVELOPE_SIZE}")
@@ -127,7 +131,8 @@ def open_envelope(
     env = from_wire(Envelope, codec.unpack(data, codec.DecodeLimits(max_bytes=MAX_ENVELOPE_SIZE)))
     if len(env.public_key) != PUBLIC_KEY_SIZE:
         raise SignatureError(
-            Reason.BAD_KEY_LENGTH, f"public key of {len(env.public_key)} bytes, Ed25519 needs {PUBLIC_KEY_SIZE}"
+            Reason.BAD_KEY_LENGTH,
+            f"public key of {len(env.public_key)} bytes, Ed25519 needs {PUBLIC_KEY_SIZE}",
         )
     if env.payload_type not in registry:
         raise SignatureError(Reason.UNKNOWN_PAYLOAD_TYPE, f"payload type {env.payload_type[:64]!r} is not known")
@@ -139,9 +144,7 @@ def open_envelope(
     if not verify_signature(env.public_key, signing_bytes(cls.DOMAIN, cls.TYPE, env.payload), env.signature):
         other = _domain_that_verifies(env, registry, exclude=cls.DOMAIN)
         if other is not None:
-            raise SignatureError(
-                Reason.WRONG_DOMAIN, f"signature was made for domain {other!r}, not {cls.DOMAIN!r}"
-            )
+            raise SignatureError(Reason.WRONG_DOMAIN, f"signature was made for domain {other!r}, not {cls.DOMAIN!r}")
         raise SignatureError(Reason.BAD_SIGNATURE, f"{cls.TYPE} signature does not verify")
     message = decode_message(cls, env.payload)
     key_owner = PeerId.from_public_key(env.public_key)
@@ -158,7 +161,7 @@ def open_envelope(
 def _domain_that_verifies(env: Envelope, registry: MessageRegistry, *, exclude: str) -> str | None:
     """On a failed check, find whether the signature belongs to another known domain (bounded work)."""
     for other in registry.values():
-        if other.DOMAIN == exclude:
+        if exclude == other.DOMAIN:
             continue
         for payload_type in {env.payload_type, other.TYPE}:
             if verify_signature(env.public_key, signing_bytes(other.DOMAIN, payload_type, env.payload), env.signature):

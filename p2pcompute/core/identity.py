@@ -65,7 +65,8 @@ class PeerId:
     def from_public_key(cls, public_key: bytes) -> PeerId:
         if len(public_key) != PUBLIC_KEY_SIZE:
             raise SignatureError(
-                Reason.BAD_KEY_LENGTH, f"Ed25519 public key must be {PUBLIC_KEY_SIZE} bytes, got {len(public_key)}"
+                Reason.BAD_KEY_LENGTH,
+                f"Ed25519 public key must be {PUBLIC_KEY_SIZE} bytes, got {len(public_key)}",
             )
         return cls(_PEER_ID_PREFIX + public_key)
 
@@ -103,7 +104,8 @@ def verify_signature(public_key: bytes, data: bytes, signature: bytes) -> bool:
     """
     if len(public_key) != PUBLIC_KEY_SIZE:
         raise SignatureError(
-            Reason.BAD_KEY_LENGTH, f"Ed25519 public key must be {PUBLIC_KEY_SIZE} bytes, got {len(public_key)}"
+            Reason.BAD_KEY_LENGTH,
+            f"Ed25519 public key must be {PUBLIC_KEY_SIZE} bytes, got {len(public_key)}",
         )
     if len(signature) != SIGNATURE_SIZE:
         return False

@@ -25,8 +25,9 @@ import functools
 import math
 import types
 import typing
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar, Union
+from typing import Annotated, Any, TypeVar, Union, cast
 
 from p2pcompute.core.identity import PeerId
 from p2pcompute.errors import LocalProtocolError, P2PComputeError, Reason, SchemaError
@@ -164,11 +165,11 @@ def _compile(tp: Any, owner: type) -> FieldType:
             raise TypeError(f"{owner.__name__}: only `X | None` unions are supported, got {tp}")
         return TOptional(_compile(args[0], owner))
     if origin is tuple:
-        args = typing.get_args(tp)
-        if len(args) != 2 or args[1] is not Ellipsis:
+        targs = typing.get_args(tp)
+        if len(targs) != 2 or targs[1] is not Ellipsis:
             raise TypeError(f"{owner.__name__}: only tuple[X, ...] is supported, got {tp}")
         size = _one(bounds, Size)
-        item = _compile(args[0], owner)
+        item = _compile(targs[0], owner)
         return TTuple(item, size.lo, size.hi) if size else TTuple(item)
     if tp is bool:
         return TBool()
@@ -201,9 +202,14 @@ def _one(bounds: list[Range | Size], kind: type[_B]) -> _B | None:
     return found[0] if found else None
 
 
-@functools.cache
 def fields_of(cls: type[Struct]) -> tuple[tuple[str, FieldType], ...]:
     """The compiled schema of a struct class: (field name, type) pairs in declaration order."""
+    return _compiled_fields(cast(Hashable, cls))
+
+
+@functools.cache
+def _compiled_fields(key: Hashable) -> tuple[tuple[str, FieldType], ...]:
+    cls = cast(type[Struct], key)
     hints = typing.get_type_hints(cls, include_extras=True)
     return tuple((f.name, _compile(hints[f.name], cls)) for f in dataclasses.fields(cls))
 

@@ -1,0 +1,104 @@
+"""Hypothesis strategies generated from the wire schemas, plus a test-only message type that uses
+every kind of field the schema language has."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar
+
+from hypothesis import strategies as st
+
+from p2pcompute.core.identity import PeerId
+from p2pcompute.core.messages import DEFAULT_REGISTRY, U64, Message, MessageRegistry
+from p2pcompute.core.schema import (
+    FieldType,
+    Range,
+    Size,
+    Struct,
+    TBool,
+    TBytes,
+    TEnum,
+    TFloat,
+    TInt,
+    TOptional,
+    TPeerId,
+    TStr,
+    TStruct,
+    TTuple,
+    fields_of,
+)
+
+
+class Colour(enum.StrEnum):
+    RED = "red"
+    GREEN = "green"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Inner(Struct):
+    name: Annotated[str, Size(1, 32)]
+    weight: Annotated[float, Range(0.0, 1e6)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Kitchen(Message):
+    """A test-only message with one field of every kind."""
+
+    TYPE: ClassVar[str] = "test/kitchen"
+    DOMAIN: ClassVar[str] = "test/kitchen/v1"
+    SIGNER_FIELD: ClassVar[str] = "sender"
+
+    sender: PeerId
+    count: U64
+    delta: Annotated[int, Range(-1000, 1000)]
+    ratio: float
+    flag: bool
+    label: Annotated[str, Size(0, 40)]
+    blob: Annotated[bytes, Size(0, 64)]
+    maybe: Annotated[int, Range(0, 10)] | None
+    colour: Colour
+    inner: Inner
+    items: Annotated[tuple[Inner, ...], Size(0, 4)]
+    tags: Annotated[tuple[Annotated[str, Size(1, 8)], ...], Size(0, 3)]
+
+
+TEST_REGISTRY: MessageRegistry = DEFAULT_REGISTRY.with_types(Kitchen)
+
+_CAP = 64  # keep generated sizes small
+
+
+def for_type(ft: FieldType) -> st.SearchStrategy[Any]:
+    match ft:
+        case TInt(lo=lo, hi=hi):
+            return st.integers(lo, hi)
+        case TFloat(lo=lo, hi=hi):
+            return st.floats(lo, hi, allow_nan=False, allow_infinity=False)
+        case TBool():
+            return st.booleans()
+        case TStr(lo=lo, hi=hi):
+            return st.text(min_size=lo, max_size=min(hi, _CAP)).filter(lambda s: lo <= len(s.encode()) <= hi)
+        case TBytes(lo=lo, hi=hi):
+            return st.binary(min_size=lo, max_size=min(hi, _CAP))
+        case TPeerId():
+            return peer_ids()
+        case TEnum(cls=cls):
+            return st.sampled_from(list(cls))
+        case TOptional(inner=inner):
+            return st.none() | for_type(inner)
+        case TTuple(item=item, lo=lo, hi=hi):
+            return st.lists(for_type(item), min_size=lo, max_size=min(hi, 4)).map(tuple)
+        case TStruct(cls=cls):
+            return structs(cls)
+    raise AssertionError(ft)
+
+
+def peer_ids() -> st.SearchStrategy[PeerId]:
+    return st.binary(min_size=32, max_size=32).map(PeerId.from_public_key)
+
+
+def structs(cls: type[Struct], **overrides: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    kwargs = {name: overrides.get(name, for_type(ft)) for name, ft in fields_of(cls)}
+    if issubclass(cls, Message):
+        kwargs["version"] = st.just(cls.VERSION)
+    return st.builds(cls, **kwargs)

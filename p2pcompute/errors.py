@@ -71,6 +71,10 @@ class Reason(StrEnum):
     REPLAYED = "replayed"
     EXPIRED = "expired"
     EXPIRY_TOO_FAR = "expiry_too_far"
+    # adverts (specs/adverts.md)
+    FUTURE_DATED = "future_dated"
+    STALE_SEQUENCE = "stale_sequence"
+    INCONSISTENT = "inconsistent"
     # key files (specs/identity-and-envelopes.md §Key files)
     KEY_FILE_MISSING = "key_file_missing"
     KEY_FILE_EXISTS = "key_file_exists"

@@ -62,15 +62,20 @@ def write_key_file(path: Path, keypair: KeyPair, *, force: bool = False) -> None
             ) from exc
         _write_all(fd, data)
         return
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     _write_all(fd, data)
     os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:
     try:
-        os.fchmod(fd, 0o600)  # the umask may have narrowed it further; never widen beyond 0600
+        os.fchmod(fd, 0o600)  # exactly 0600, whatever the umask
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]

@@ -66,8 +66,8 @@ def _reject_ext(code: int, data: bytes) -> object:
 
 def _canonicalise(value: object, depth: int = 0) -> _Wire:
     """Return a copy of ``value`` whose maps have sorted keys; raise on anything not representable."""
-    if depth > 64:
-        raise LocalProtocolError(Reason.TOO_DEEP, "value nested more than 64 levels")
+    if isinstance(value, (list, tuple, dict)) and depth >= DEFAULT_LIMITS.max_depth:
+        raise LocalProtocolError(Reason.TOO_DEEP, f"more than {DEFAULT_LIMITS.max_depth} nested arrays/maps")
     if value is None or isinstance(value, (bool, str, bytes, float)):
         return value
     if isinstance(value, int):
@@ -126,7 +126,9 @@ def unpack(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Any:
         raise DecodeError(Reason.TOO_DEEP, "nesting exceeds the decoder stack") from exc
     except (msgpack.FormatError, UnicodeDecodeError) as exc:
         raise DecodeError(Reason.MALFORMED, str(exc) or type(exc).__name__) from exc
-    except (ValueError, TypeError) as exc:
+    except TypeError as exc:  # e.g. an array or map used as a map key (unhashable)
+        raise DecodeError(Reason.MALFORMED, str(exc)) from exc
+    except ValueError as exc:
         # msgpack raises a plain ValueError when a declared length passes a max_*_len limit.
         raise DecodeError(Reason.TOO_LARGE, str(exc)) from exc
     if unpacker.tell() != len(data):
@@ -188,25 +190,31 @@ class FrameDecoder:
         self._expected: int | None = None
 
     def feed(self, data: bytes) -> list[bytes]:
-        """Add ``data`` and return every frame it completes (possibly none)."""
-        self._buffer += data
+        """Add ``data`` and return every frame it completes (possibly none).
+
+        Bytes are taken only as far as the current header or frame needs them, so an over-limit
+        length prefix is refused before any byte after it is buffered.
+        """
         frames: list[bytes] = []
-        while True:
+        view = memoryview(data)
+        while view:
             if self._expected is None:
+                take = FRAME_HEADER_SIZE - len(self._buffer)
+                self._buffer += view[:take]
+                view = view[take:]
                 if len(self._buffer) < FRAME_HEADER_SIZE:
-                    return frames
-                header = bytes(self._buffer[:FRAME_HEADER_SIZE])
-                del self._buffer[:FRAME_HEADER_SIZE]
-                try:
-                    self._expected = read_frame_header(header, self._max)
-                except FramingError:
-                    self._buffer.clear()  # the stream is unusable from here on: drop what we hold
-                    raise
-            if len(self._buffer) < self._expected:
-                return frames
-            frames.append(bytes(self._buffer[: self._expected]))
-            del self._buffer[: self._expected]
-            self._expected = None
+                    break
+                header = bytes(self._buffer)
+                self._buffer.clear()
+                self._expected = read_frame_header(header, self._max)
+            take = self._expected - len(self._buffer)
+            self._buffer += view[:take]
+            view = view[take:]
+            if len(self._buffer) == self._expected:
+                frames.append(bytes(self._buffer))
+                self._buffer.clear()
+                self._expected = None
+        return frames
 
     @property
     def pending(self) -> int:

@@ -53,10 +53,10 @@ M = TypeVar("M", bound=Message)
 class Envelope(Struct):
     """The wire form of a signed message. Key and signature lengths are checked by :func:`open_envelope`."""
 
-    public_key: Annotated[bytes, Size(0, 64)]
+    public_key: Annotated[bytes, Size(0, 1024)]
     payload_type: Annotated[str, Size(1, 64)]
     payload: Annotated[bytes, Size(0, MAX_PAYLOAD_SIZE)]
-    signature: Annotated[bytes, Size(0, 128)]
+    signature: Annotated[bytes, Size(0, 1024)]
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Annotated, ClassVar, TypeVar
 
 from p2pcompute.core import codec
@@ -29,9 +30,13 @@ from p2pcompute.errors import LocalProtocolError, Reason, SchemaError
 __all__ = [
     "DEFAULT_REGISTRY",
     "MESSAGE_ID_SIZE",
+    "Device",
+    "DeviceKind",
+    "GpuAdvert",
     "Message",
     "MessageRegistry",
     "PeerRecord",
+    "Software",
     "decode_message",
     "encode_message",
 ]
@@ -83,6 +88,57 @@ class PeerRecord(Message):
     peer_id: PeerId
     seq: U64
     addrs: Annotated[tuple[Multiaddr, ...], Size(1, 16)]
+
+
+class DeviceKind(StrEnum):
+    CUDA = "cuda"
+    CPU = "cpu"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Device(Struct):
+    """One compute device a worker offers, with its measured throughput."""
+
+    kind: DeviceKind
+    name: Annotated[str, Size(1, 128)]
+    memory_bytes: U64
+    free_memory_bytes: U64
+    tflops: Annotated[float, Range(0.0, 1e5)]
+    compute_capability: Annotated[str, Size(0, 16)]
+    cores: Annotated[int, Range(1, U32_MAX)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Software(Struct):
+    """The software stack a worker runs jobs with (part of its hardware class)."""
+
+    p2pcompute: Annotated[str, Size(1, 32)]
+    torch: Annotated[str, Size(1, 64)]
+    cuda: Annotated[str, Size(0, 32)]
+    python: Annotated[str, Size(1, 32)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class GpuAdvert(Message):
+    """A worker's signed, expiring advert of its devices, price and free capacity (specs/adverts.md).
+
+    ``price_per_second`` is in micro-credits per job-second (1 credit = 1,000,000). A higher ``seq``
+    from the same peer replaces a lower one; ``issued_at`` and ``expires_at`` are ms since the epoch.
+    """
+
+    TYPE: ClassVar[str] = "p2pcompute/gpu-advert"
+    DOMAIN: ClassVar[str] = "p2pcompute/gpu-advert/v1"
+    SIGNER_FIELD: ClassVar[str] = "peer_id"
+
+    peer_id: PeerId
+    seq: U64
+    issued_at: U64
+    addrs: Annotated[tuple[Multiaddr, ...], Size(1, 16)]
+    devices: Annotated[tuple[Device, ...], Size(1, 16)]
+    price_per_second: U64
+    slots_total: Annotated[int, Range(1, 1024)]
+    slots_free: Annotated[int, Range(0, 1024)]
+    software: Software
 
 
 def encode_message(message: Message) -> bytes:
@@ -141,4 +197,4 @@ class MessageRegistry(Mapping[str, type[Message]]):
         return MessageRegistry(*self._by_type.values(), *classes)
 
 
-DEFAULT_REGISTRY = MessageRegistry(PeerRecord)
+DEFAULT_REGISTRY = MessageRegistry(PeerRecord, GpuAdvert)

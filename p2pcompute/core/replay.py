@@ -40,6 +40,8 @@ class SeenCache:
     def __init__(self, capacity: int = DEFAULT_SEEN_CAPACITY, max_ttl_ms: int = DEFAULT_MAX_TTL_MS) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
+        if max_ttl_ms < 1:
+            raise ValueError("max_ttl_ms must be at least 1")
         self._capacity = capacity
         self._max_ttl_ms = max_ttl_ms
         self._expiry: dict[bytes, int] = {}

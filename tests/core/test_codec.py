@@ -107,6 +107,34 @@ def test_huge_length_claims_allocate_nothing() -> None:
     assert peak < 256 * 1024
 
 
+def test_pack_and_unpack_agree_on_the_depth_limit() -> None:
+    value: object = 1
+    for _ in range(codec.DEFAULT_LIMITS.max_depth):
+        value = [value]
+    assert unpack(pack(value)) == value
+    with pytest.raises(LocalProtocolError) as info:
+        pack([value])
+    assert info.value.reason is Reason.TOO_DEEP
+
+
+def test_unhashable_map_key_is_malformed() -> None:
+    with pytest.raises(DecodeError) as info:
+        unpack(b"\x81\x90\x01")  # {[]: 1}
+    assert info.value.reason is Reason.MALFORMED
+
+
+def test_frame_decoder_never_buffers_past_a_bad_header() -> None:
+    decoder = FrameDecoder(max_frame_size=16)
+    with pytest.raises(FramingError):
+        decoder.feed(struct.pack(">I", 1 << 30) + b"x" * 100_000)
+    assert decoder.pending == 0
+
+
+def test_empty_frames() -> None:
+    decoder = FrameDecoder()
+    assert decoder.feed(encode_frame(b"") * 3) == [b"", b"", b""]
+
+
 def test_pack_refuses_what_is_not_in_the_subset() -> None:
     for value in [{1: 2}, {"a": object()}, 1 << 64, -(1 << 63) - 1, {"a": {1.5}}]:
         with pytest.raises(LocalProtocolError):

@@ -141,7 +141,7 @@ def test_unexpected_payload_type() -> None:
     assert _reason(data, registry=TEST_REGISTRY, expect=PeerRecord) is Reason.UNEXPECTED_PAYLOAD_TYPE
 
 
-@pytest.mark.parametrize("n", [0, 31, 33, 64])
+@pytest.mark.parametrize("n", [0, 31, 33, 64, 65, 1024])
 def test_wrong_key_length(n: int) -> None:
     assert _reason(_envelope(public_key=b"\x01" * n)) is Reason.BAD_KEY_LENGTH
 
@@ -202,4 +202,4 @@ def test_every_single_bit_flip_is_rejected() -> None:
 def test_envelope_errors_are_signature_errors_for_signature_reasons() -> None:
     with pytest.raises(SignatureError):
         open_envelope(_envelope(public_key=b""))
-    assert set(DEFAULT_REGISTRY) == {PeerRecord.TYPE}
+    assert PeerRecord.TYPE in DEFAULT_REGISTRY

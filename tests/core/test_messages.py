@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from p2pcompute.core import codec
 from p2pcompute.core.identity import KeyPair
 from p2pcompute.core.messages import (
+    GpuAdvert,
     DEFAULT_REGISTRY,
     Message,
     MessageRegistry,
@@ -35,8 +36,9 @@ def test_every_message_type_round_trips(payload_type: str, data: st.DataObject) 
 
 
 def test_default_registry_holds_the_protocol_types() -> None:
-    assert set(DEFAULT_REGISTRY) == {PeerRecord.TYPE}
+    assert set(DEFAULT_REGISTRY) == {PeerRecord.TYPE, GpuAdvert.TYPE}
     assert DEFAULT_REGISTRY[PeerRecord.TYPE] is PeerRecord
+    assert DEFAULT_REGISTRY[GpuAdvert.TYPE] is GpuAdvert
 
 
 def test_registry_refuses_duplicates() -> None:

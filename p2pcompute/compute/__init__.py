@@ -1,0 +1,1 @@
+"""Compute: hardware probe, job export and the sandboxed executor."""

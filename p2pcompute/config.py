@@ -1,0 +1,146 @@
+"""Node configuration: a TOML file plus command-line overrides, validated into a frozen dataclass.
+
+Example ``node.toml`` (every key optional)::
+
+    data_dir = "~/.local/share/p2pcompute"
+    listen = ["/ip4/0.0.0.0/tcp/4001"]
+    bootstrap = ["/ip4/203.0.113.7/tcp/4001/p2p/12D3KooW..."]
+    price = 0.002            # credits per job-second
+    slots = 2                # jobs run at once
+    advertise_interval = 30  # seconds between adverts (also sent when free capacity changes)
+    advert_ttl = 120         # seconds an advert stays valid
+    status_port = 8470       # status/metrics HTTP endpoint on 127.0.0.1 (0: any free port)
+    log_level = "info"
+    mdns = false
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields, replace
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+from p2pcompute.errors import ConfigError
+from p2pcompute.keys import default_data_dir
+
+__all__ = ["MICRO_CREDITS", "NodeConfig", "load_config", "parse_price"]
+
+MICRO_CREDITS = 1_000_000  # price units per credit
+DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/4001",)
+DEFAULT_STATUS_PORT = 8470
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# Named timeouts (seconds) used at the adapter edge.
+PROBE_TIMEOUT_S = 120.0
+SHUTDOWN_TIMEOUT_S = 10.0
+STATUS_REQUEST_TIMEOUT_S = 5.0
+
+
+def parse_price(value: str | float | int) -> int:
+    """Credits per job-second (a decimal, e.g. ``"0.002"``) to integer micro-credits."""
+    try:
+        micro = Decimal(str(value)) * MICRO_CREDITS
+    except InvalidOperation as exc:
+        raise ConfigError(f"price {value!r} is not a number") from exc
+    if micro < 0 or micro != micro.to_integral_value():
+        raise ConfigError(f"price {value!r} must be >= 0 with at most 6 decimal places")
+    return int(micro)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    data_dir: Path
+    listen: tuple[str, ...] = DEFAULT_LISTEN
+    bootstrap: tuple[str, ...] = ()
+    price_per_second: int = 1000  # micro-credits (0.001 credit) per job-second
+    slots: int = 1
+    advertise_interval: float = 30.0
+    advert_ttl: float = 120.0
+    status_port: int = DEFAULT_STATUS_PORT
+    log_level: str = "info"
+    mdns: bool = False
+    probe_benchmark: bool = True
+
+    def validate(self) -> NodeConfig:
+        if not self.listen:
+            raise ConfigError("listen: at least one address is needed")
+        for addr in (*self.listen, *self.bootstrap):
+            if not addr.startswith("/"):
+                raise ConfigError(f"{addr!r} is not a multiaddr (e.g. /ip4/127.0.0.1/tcp/4001)")
+        for addr in self.bootstrap:
+            if "/p2p/" not in addr:
+                raise ConfigError(f"bootstrap address {addr!r} must end in /p2p/<peer id>")
+        if not 1 <= self.slots <= 1024:
+            raise ConfigError(f"slots must be 1..1024, got {self.slots}")
+        if self.price_per_second < 0:
+            raise ConfigError("price must not be negative")
+        if not 0.1 <= self.advertise_interval <= 3600:
+            raise ConfigError(f"advertise_interval must be 0.1..3600 s, got {self.advertise_interval}")
+        if not self.advertise_interval < self.advert_ttl <= 600:
+            raise ConfigError(
+                f"advert_ttl must be longer than advertise_interval and at most 600 s, got {self.advert_ttl}"
+            )
+        if not 0 <= self.status_port <= 65535:
+            raise ConfigError(f"status_port must be 0..65535, got {self.status_port}")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
+        return self
+
+    @property
+    def key_path(self) -> Path:
+        return self.data_dir / "identity.key"
+
+
+_KEYS = {f.name for f in fields(NodeConfig)} | {"price"}
+
+
+def _from_mapping(base: NodeConfig, values: dict[str, Any], where: str) -> NodeConfig:
+    unknown = set(values) - _KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    changes: dict[str, Any] = {}
+    try:
+        for key, value in values.items():
+            if value is None:
+                continue
+            if key == "price":
+                changes["price_per_second"] = parse_price(value)
+            elif key == "data_dir":
+                changes["data_dir"] = Path(str(value)).expanduser()
+            elif key in ("listen", "bootstrap"):
+                if isinstance(value, str):
+                    value = [value]
+                changes[key] = tuple(str(v) for v in value)
+            elif key in ("slots", "status_port", "price_per_second"):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ConfigError(f"{where}: {key} must be an integer")
+                changes[key] = value
+            elif key in ("advertise_interval", "advert_ttl"):
+                changes[key] = float(value)
+            elif key in ("mdns", "probe_benchmark"):
+                if not isinstance(value, bool):
+                    raise ConfigError(f"{where}: {key} must be true or false")
+                changes[key] = value
+            else:
+                changes[key] = str(value).lower()
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    return replace(base, **changes)
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> NodeConfig:
+    """Defaults, then the TOML file (if given), then command-line overrides (``None`` = not given)."""
+    config = NodeConfig(data_dir=default_data_dir())
+    if path is not None:
+        try:
+            values = tomllib.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {path} does not exist") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+        config = _from_mapping(config, values, str(path))
+    if overrides:
+        config = _from_mapping(config, overrides, "command line")
+    return config.validate()

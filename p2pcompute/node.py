@@ -1,0 +1,342 @@
+"""A peer: every service in one nursery (host, DHT discovery, advert gossip, status endpoint).
+
+``await serve(config, task_status=...)`` runs until cancelled; ``task_status.started()`` receives a
+:class:`NodeInfo` once the peer listens, has joined the adverts topic and published its first advert.
+The node decides nothing itself: advert validation and the market view are ``core.adverts``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h11
+import prometheus_client
+import trio
+from libp2p.abc import IHost
+from libp2p.peer.id import ID
+
+from p2pcompute import __version__
+from p2pcompute.compute.gpu import HardwareReport, load_or_probe
+from p2pcompute.config import PROBE_TIMEOUT_S, STATUS_REQUEST_TIMEOUT_S, NodeConfig
+from p2pcompute.core.adverts import MarketView, validate_advert
+from p2pcompute.core.envelope import seal
+from p2pcompute.core.identity import KeyPair, PeerId
+from p2pcompute.core.messages import GpuAdvert
+from p2pcompute.errors import P2PComputeError, Reason, RemoteProtocolError, SignatureError
+from p2pcompute.keys import load_or_create_key
+from p2pcompute.net.discovery import Discovery, DiscoveryConfig
+from p2pcompute.net.gossip import Gossip, GossipConfig
+from p2pcompute.net.host import listen_addrs, open_host
+from p2pcompute.net.protocols import ADVERTS_TOPIC
+
+__all__ = ["Node", "NodeInfo", "advert_table", "serve"]
+
+log = logging.getLogger(__name__)
+
+NODE_INFO_FILE = "node.json"
+_MAX_STATUS_REQUEST_BYTES = 16 * 1024
+
+
+def now_ms() -> int:
+    """Wall-clock time in ms since the Unix epoch: adverts carry absolute times."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    peer_id: str
+    addrs: tuple[str, ...]
+    status_url: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"peer_id": self.peer_id, "addrs": list(self.addrs), "status_url": self.status_url}
+
+
+class _Metrics:
+    """Prometheus metrics of one node, in the node's own registry (no global state)."""
+
+    def __init__(self, node: Node) -> None:
+        self.registry = prometheus_client.CollectorRegistry()
+        r = self.registry
+        self.adverts_received = prometheus_client.Counter(
+            "p2pcompute_adverts_received", "Adverts received over gossip, by result", ["result"], registry=r
+        )
+        self.adverts_published = prometheus_client.Counter(
+            "p2pcompute_adverts_published", "Adverts this peer published", registry=r
+        )
+        prometheus_client.Gauge(
+            "p2pcompute_connected_peers", "Peers with an open connection", registry=r
+        ).set_function(lambda: len(node.host.get_connected_peers()))
+        prometheus_client.Gauge(
+            "p2pcompute_market_adverts", "Unexpired adverts in the market view", registry=r
+        ).set_function(lambda: len(node.market.adverts(now_ms())))
+        prometheus_client.Gauge(
+            "p2pcompute_routing_table_peers", "Peers in the DHT routing table", registry=r
+        ).set_function(lambda: len(node.discovery.routing_table_peers()))
+        prometheus_client.Gauge("p2pcompute_free_slots", "Free job slots", registry=r).set_function(
+            lambda: node.free_slots
+        )
+
+
+class Node:
+    """One running peer. Build it with :func:`serve`; tests may use it directly."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        keypair: KeyPair,
+        hardware: HardwareReport,
+        host: IHost,
+        *,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
+        self.config = config
+        self.keypair = keypair
+        self.hardware = hardware
+        self.host = host
+        self.clock = clock
+        self.market = MarketView()
+        self.gossip = Gossip(host, GossipConfig())
+        self.discovery = Discovery(host, DiscoveryConfig(bootstrap=config.bootstrap))
+        self.metrics = _Metrics(self)
+        self.free_slots = config.slots
+        self.started_at = time.time()
+        self.status_port: int | None = None
+        self._seq = 0
+        self._capacity_changed = trio.Event()
+        self._advert_id = hashlib.sha256(b"p2pcompute/advert-series" + keypair.peer_id.raw).digest()[:16]
+
+    @property
+    def peer_id(self) -> PeerId:
+        return self.keypair.peer_id
+
+    # --- adverts ---
+
+    def capabilities(self) -> list[str]:
+        return sorted({d.kind.value for d in self.hardware.devices})
+
+    def set_free_slots(self, free: int) -> None:
+        """Record a change of free capacity; the advertiser re-advertises at once."""
+        if free != self.free_slots:
+            self.free_slots = max(0, min(free, self.config.slots))
+            self._capacity_changed.set()
+
+    def make_advert(self, now: int) -> bytes:
+        self._seq = max(self._seq + 1, now)  # seq = issue time in ms, strictly increasing across restarts
+        advert = GpuAdvert(
+            id=self._advert_id,
+            nonce=secrets.randbits(64),
+            expires_at=now + int(self.config.advert_ttl * 1000),
+            peer_id=self.peer_id,
+            seq=self._seq,
+            issued_at=now,
+            addrs=tuple(listen_addrs(self.host))[:16],
+            devices=self.hardware.devices,
+            price_per_second=self.config.price_per_second,
+            slots_total=self.config.slots,
+            slots_free=self.free_slots,
+            software=self.hardware.software,
+        )
+        return seal(self.keypair, advert)
+
+    def _validate_gossip(self, origin: ID, data: bytes) -> None:
+        """The adverts topic validator: raise to reject (the forwarder's gossip score pays for it)."""
+        now = self.clock()
+        if origin.to_bytes() == self.peer_id.raw:
+            validate_advert(data, now, self.market.policy)  # our own publish: already in our market
+            return
+        try:
+            opened = validate_advert(data, now, self.market.policy)
+            if opened.signer.raw != origin.to_bytes():
+                raise SignatureError(Reason.SIGNER_MISMATCH, "advert re-published by a peer other than its signer")
+            self.market.offer(data, now)
+        except RemoteProtocolError as exc:
+            self.metrics.adverts_received.labels(result=exc.reason.value).inc()
+            log.info("rejected advert from %s: %s", origin, exc)
+            raise
+        self.metrics.adverts_received.labels(result="accepted").inc()
+
+    async def publish_advert(self) -> None:
+        now = self.clock()
+        data = self.make_advert(now)
+        self.market.offer(data, now)
+        await self.gossip.publish(ADVERTS_TOPIC, data)
+        self.metrics.adverts_published.inc()
+
+    async def _advertise(self) -> None:
+        # Right after start the mesh is still forming, so the first adverts go out at 1, 2, 4 ... s
+        # until the configured interval is reached; a change of free capacity re-advertises at once.
+        delay = min(1.0, self.config.advertise_interval)
+        while True:
+            self._capacity_changed = trio.Event()
+            try:
+                await self.publish_advert()
+            except (P2PComputeError, trio.TooSlowError) as exc:
+                log.warning("could not publish advert: %s", exc)
+            with trio.move_on_after(delay):
+                await self._capacity_changed.wait()
+            delay = min(delay * 2, self.config.advertise_interval)
+
+    async def _drain_gossip(self) -> None:
+        # Validation already put adverts into the market; the channel only needs emptying.
+        async for _ in self.gossip.messages:
+            pass
+
+    async def _expire_market(self) -> None:
+        while True:
+            await trio.sleep(1.0)
+            for peer in self.market.expire(self.clock()):
+                log.info("advert of %s expired", peer)
+
+    async def _provide(self) -> None:
+        for capability in self.capabilities():
+            try:
+                await self.discovery.provide(capability)
+            except Exception as exc:  # a DHT put can fail in many library-specific ways; retry later
+                log.warning("could not announce capability %s: %s", capability, exc)
+
+    # --- status ---
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock()
+        market = []
+        for entry in self.market.adverts(now):
+            a = entry.advert
+            market.append(
+                {
+                    "peer_id": str(entry.peer_id),
+                    "devices": [
+                        {"kind": d.kind.value, "name": d.name, "memory_bytes": d.memory_bytes, "tflops": d.tflops}
+                        for d in a.devices
+                    ],
+                    "tflops": round(sum(d.tflops for d in a.devices), 4),
+                    "price_per_second": a.price_per_second,
+                    "slots_free": a.slots_free,
+                    "slots_total": a.slots_total,
+                    "seq": a.seq,
+                    "advert_age_s": round((now - a.issued_at) / 1000, 3),
+                    "expires_in_s": round((a.expires_at - now) / 1000, 3),
+                    "addrs": list(a.addrs),
+                }
+            )
+        return {
+            "version": __version__,
+            "peer_id": str(self.peer_id),
+            "addrs": listen_addrs(self.host),
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "connected_peers": sorted(str(p) for p in self.host.get_connected_peers()),
+            "routing_table_peers": len(self.discovery.routing_table_peers()),
+            "capabilities": self.capabilities(),
+            "free_slots": self.free_slots,
+            "market": market,
+        }
+
+    async def _serve_status(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(self.config.status_port, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        task_status.started(port)
+        await trio.serve_listeners(self._handle_status_connection, listeners)
+
+    async def _handle_status_connection(self, stream: trio.SocketStream) -> None:
+        with trio.move_on_after(STATUS_REQUEST_TIMEOUT_S):
+            try:
+                await _answer_http(stream, self._route)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as exc:
+                log.debug("status connection failed: %s", exc)
+        await trio.aclose_forcefully(stream)
+
+    def _route(self, target: str) -> tuple[int, str, bytes]:
+        path = target.split("?", 1)[0]
+        if path in ("/", "/status"):
+            return 200, "application/json", json.dumps(self.status(), indent=2).encode()
+        if path == "/metrics":
+            return 200, prometheus_client.CONTENT_TYPE_LATEST, prometheus_client.generate_latest(self.metrics.registry)
+        return 404, "text/plain", b"not found: try /status or /metrics\n"
+
+    # --- lifecycle ---
+
+    async def run(self, *, task_status: trio.TaskStatus[NodeInfo] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            # Pubsub must run before any connection is made (0.8.1 ignores earlier connections).
+            await nursery.start(self.gossip.run)
+            await self.gossip.subscribe(ADVERTS_TOPIC, self._validate_gossip)
+            await nursery.start(self.discovery.run)
+            self.status_port = await nursery.start(self._serve_status)
+            nursery.start_soon(self._drain_gossip)
+            nursery.start_soon(self._expire_market)
+            nursery.start_soon(self._advertise)
+            nursery.start_soon(self._provide)
+            info = NodeInfo(
+                peer_id=str(self.peer_id),
+                addrs=tuple(listen_addrs(self.host)),
+                status_url=f"http://127.0.0.1:{self.status_port}/status",
+            )
+            _write_node_info(self.config.data_dir, info)
+            task_status.started(info)
+
+
+async def _answer_http(stream: trio.SocketStream, route: Callable[[str], tuple[int, str, bytes]]) -> None:
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_STATUS_REQUEST_BYTES)
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(4096)
+            conn.receive_data(data)
+            continue
+        if isinstance(event, h11.Request):
+            if event.method != b"GET":
+                status, ctype, body = 405, "text/plain", b"only GET\n"
+            else:
+                status, ctype, body = route(event.target.decode("ascii", "replace"))
+            headers = [("content-type", ctype), ("content-length", str(len(body))), ("connection", "close")]
+            await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)) or b"")
+            await stream.send_all(conn.send(h11.Data(data=body)) or b"")
+            await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+        return
+
+
+def _write_node_info(data_dir: Path, info: NodeInfo) -> None:
+    path = data_dir / NODE_INFO_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info.to_json(), indent=2))
+    tmp.replace(path)
+
+
+async def serve(config: NodeConfig, *, task_status: trio.TaskStatus[NodeInfo] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run a peer with ``config`` until cancelled (the CLI cancels on SIGINT/SIGTERM)."""
+    config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    keypair, created = load_or_create_key(config.key_path)
+    if created:
+        log.info("created identity %s in %s", keypair.peer_id, config.key_path)
+    hardware = await trio.to_thread.run_sync(
+        lambda: load_or_probe(config.data_dir, benchmark=config.probe_benchmark, timeout=PROBE_TIMEOUT_S)
+    )
+    async with open_host(keypair.seed, config.listen) as host:
+        node = Node(config, keypair, hardware, host)
+        await node.run(task_status=task_status)
+
+
+def advert_table(status: dict[str, Any]) -> list[dict[str, str]]:
+    """Rows for a human table of a status document's market view."""
+    rows = []
+    for entry in status.get("market", []):
+        devices = ", ".join(d["name"] for d in entry["devices"])
+        rows.append(
+            {
+                "peer": entry["peer_id"][-12:],
+                "devices": devices[:40],
+                "TFLOPS": f"{entry['tflops']:.3f}",
+                "price/s": f"{entry['price_per_second'] / 1_000_000:.6f}",
+                "slots": f"{entry['slots_free']}/{entry['slots_total']}",
+                "advert age": f"{entry['advert_age_s']:.1f} s",
+            }
+        )
+    return rows

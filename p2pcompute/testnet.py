@@ -1,0 +1,278 @@
+"""A local testnet: N real peer processes on 127.0.0.1, one bootstrap and the rest joining through it.
+
+``p2pcompute testnet --peers N`` probes the hardware once (shared by every peer), starts the peers,
+waits until every peer holds every other peer's advert, prints the market table and the convergence
+time, optionally writes a JSON report, and stops every peer (also on Ctrl-C). It exits non-zero when
+the network does not converge in time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from p2pcompute.compute.gpu import CACHE_FILE, load_or_probe
+from p2pcompute.config import STATUS_REQUEST_TIMEOUT_S
+from p2pcompute.errors import P2PComputeError, Reason
+
+__all__ = ["PeerProcess", "TestnetConfig", "TestnetError", "TestnetReport", "run_testnet"]
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 60.0  # one peer process from spawn to "ready"
+STOP_TIMEOUT_S = 15.0  # SIGINT to exit, before SIGKILL
+POLL_INTERVAL_S = 0.25  # status polling while waiting for convergence
+START_CONCURRENCY = 4  # peer processes starting at once (each imports libp2p: CPU-bound)
+
+
+class TestnetError(P2PComputeError):
+    """The testnet could not be started or did not converge."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(Reason.BAD_CONFIG, detail)
+
+
+@dataclass(frozen=True, slots=True)
+class TestnetConfig:
+    peers: int = 5
+    base_dir: Path | None = None  # default: a temporary directory, removed afterwards
+    timeout_s: float = 120.0  # convergence deadline, counted from the last peer being ready
+    advertise_interval_s: float = 10.0
+    log_level: str = "warning"
+    extra_args: tuple[str, ...] = ()  # passed to every `p2pcompute node run`
+
+    def validate(self) -> TestnetConfig:
+        if not 2 <= self.peers <= 200:
+            raise TestnetError(f"--peers must be 2..200, got {self.peers}")
+        if self.timeout_s <= 0:
+            raise TestnetError("--timeout must be positive")
+        return self
+
+
+@dataclass
+class PeerProcess:
+    index: int
+    data_dir: Path
+    process: trio.Process
+    peer_id: str = ""
+    addrs: list[str] = field(default_factory=list)
+    status_url: str = ""
+    ready: trio.Event = field(default_factory=trio.Event)
+    stderr_tail: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TestnetReport:
+    peers: int
+    converged: bool
+    startup_s: float
+    convergence_s: float | None
+    adverts_per_peer: dict[str, int]
+    peer_ids: list[str]
+    market: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "peers": self.peers,
+            "converged": self.converged,
+            "startup_seconds": round(self.startup_s, 3),
+            "convergence_seconds": None if self.convergence_s is None else round(self.convergence_s, 3),
+            "adverts_per_peer": self.adverts_per_peer,
+            "peer_ids": self.peer_ids,
+        }
+
+
+def _node_command(data_dir: Path, bootstrap: Sequence[str], config: TestnetConfig) -> list[str]:
+    command = [
+        sys.executable, "-m", "p2pcompute.cli", "--log-level", config.log_level,
+        "node", "run", "--json-events",
+        "--data-dir", str(data_dir),
+        "--listen", "/ip4/127.0.0.1/tcp/0",
+        "--status-port", "0",
+        "--advertise-interval", str(config.advertise_interval_s),
+        "--advert-ttl", str(max(config.advertise_interval_s * 3, 30.0)),
+    ]  # fmt: skip
+    for addr in bootstrap:
+        command += ["--bootstrap", addr]
+    return command + list(config.extra_args)
+
+
+async def _read_events(peer: PeerProcess) -> None:
+    """Read the peer's stdout lines; the JSON ``ready`` event fills in its identity."""
+    assert peer.process.stdout is not None
+    buffer = b""
+    async for chunk in peer.process.stdout:
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            if not line.startswith(b"{"):
+                continue
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if event.get("event") == "ready":
+                peer.peer_id = event["peer_id"]
+                peer.addrs = event["addrs"]
+                peer.status_url = event["status_url"]
+                peer.ready.set()
+
+
+async def _read_stderr(peer: PeerProcess) -> None:
+    assert peer.process.stderr is not None
+    async for chunk in peer.process.stderr:
+        peer.stderr_tail.extend(chunk.decode(errors="replace").splitlines())
+        del peer.stderr_tail[:-20]
+
+
+async def _start_peer(
+    nursery: trio.Nursery, index: int, base: Path, bootstrap: Sequence[str], config: TestnetConfig, hardware: Path
+) -> PeerProcess:
+    data_dir = base / f"peer-{index:03d}"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(hardware, data_dir / CACHE_FILE)
+    process = await trio.lowlevel.open_process(
+        _node_command(data_dir, bootstrap, config),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,  # Ctrl-C reaches the testnet only; it stops the peers itself
+    )
+    peer = PeerProcess(index=index, data_dir=data_dir, process=process)
+    nursery.start_soon(_read_events, peer)
+    nursery.start_soon(_read_stderr, peer)
+    with trio.move_on_after(READY_TIMEOUT_S):
+        async with trio.open_nursery() as waiter:
+
+            async def exited() -> None:
+                await process.wait()
+                waiter.cancel_scope.cancel()
+
+            async def ready() -> None:
+                await peer.ready.wait()
+                waiter.cancel_scope.cancel()
+
+            waiter.start_soon(exited)
+            waiter.start_soon(ready)
+    if not peer.ready.is_set():
+        await trio.sleep(0.2)  # let the stderr reader catch the last lines
+        tail = "\n    ".join(peer.stderr_tail[-8:])
+        raise TestnetError(f"peer {index} did not become ready (exit code {process.returncode}):\n    {tail}")
+    return peer
+
+
+async def _stop_peers(peers: Sequence[PeerProcess]) -> None:
+    with trio.CancelScope(shield=True):
+        for peer in peers:
+            if peer.process.returncode is None:
+                peer.process.send_signal(signal.SIGINT)
+        with trio.move_on_after(STOP_TIMEOUT_S):
+            for peer in peers:
+                await peer.process.wait()
+        for peer in peers:
+            if peer.process.returncode is None:
+                log.warning("peer %d did not stop within %.0f s; killing it", peer.index, STOP_TIMEOUT_S)
+                peer.process.kill()
+                await peer.process.wait()
+
+
+async def _market_counts(client: httpx.AsyncClient, peers: Sequence[PeerProcess]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+
+    async def one(peer: PeerProcess) -> None:
+        try:
+            status = (await client.get(peer.status_url)).json()
+            counts[peer.peer_id] = len(status["market"])
+        except (httpx.HTTPError, ValueError, KeyError):
+            counts[peer.peer_id] = -1
+
+    async with trio.open_nursery() as nursery:
+        for peer in peers:
+            nursery.start_soon(one, peer)
+    return counts
+
+
+async def run_testnet(config: TestnetConfig, *, on_started: Any = None) -> TestnetReport:
+    """Start the peers, wait for advert convergence, stop them; return the report."""
+    config.validate()
+    owned_dir = config.base_dir is None
+    base = Path(tempfile.mkdtemp(prefix="p2pcompute-testnet-")) if owned_dir else config.base_dir
+    assert base is not None
+    peers: list[PeerProcess] = []
+    try:
+        shared = base / "shared"
+        await trio.to_thread.run_sync(lambda: load_or_probe(shared))
+        hardware = shared / CACHE_FILE
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            try:
+                first = await _start_peer(nursery, 0, base, (), config, hardware)
+                peers.append(first)
+                limiter = trio.CapacityLimiter(START_CONCURRENCY)
+                failures: list[TestnetError] = []
+
+                async def start_one(i: int) -> None:
+                    async with limiter:
+                        try:
+                            peers.append(await _start_peer(nursery, i, base, first.addrs[:1], config, hardware))
+                        except TestnetError as exc:
+                            failures.append(exc)
+
+                async with trio.open_nursery() as starters:
+                    for i in range(1, config.peers):
+                        starters.start_soon(start_one, i)
+                if failures:
+                    raise failures[0]
+                peers.sort(key=lambda p: p.index)
+                startup_s = trio.current_time() - start
+                if on_started is not None:
+                    on_started(peers)
+                report = await _await_convergence(config, peers, startup_s)
+            finally:
+                await _stop_peers(peers)
+                nursery.cancel_scope.cancel()
+        return report
+    finally:
+        if owned_dir:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+async def _await_convergence(config: TestnetConfig, peers: Sequence[PeerProcess], startup_s: float) -> TestnetReport:
+    ready_at = trio.current_time()
+    counts: dict[str, int] = {}
+    converged = False
+    async with httpx.AsyncClient(timeout=STATUS_REQUEST_TIMEOUT_S) as client:
+        with trio.move_on_after(config.timeout_s):
+            while True:
+                counts = await _market_counts(client, peers)
+                if all(n == config.peers for n in counts.values()):
+                    converged = True
+                    break
+                await trio.sleep(POLL_INTERVAL_S)
+        convergence_s = trio.current_time() - ready_at if converged else None
+        market: list[dict[str, Any]] = []
+        try:
+            market = (await client.get(peers[0].status_url)).json()["market"]
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            log.warning("could not read the market of peer 0: %s", exc)
+    return TestnetReport(
+        peers=config.peers,
+        converged=converged,
+        startup_s=startup_s,
+        convergence_s=convergence_s,
+        adverts_per_peer=counts,
+        peer_ids=[p.peer_id for p in peers],
+        market=market,
+    )

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import h11
 import prometheus_client
@@ -30,11 +30,11 @@ from p2pcompute.core.adverts import MarketView, validate_advert
 from p2pcompute.core.envelope import seal
 from p2pcompute.core.identity import KeyPair, PeerId
 from p2pcompute.core.messages import GpuAdvert
-from p2pcompute.errors import P2PComputeError, Reason, RemoteProtocolError, SignatureError
+from p2pcompute.errors import P2PComputeError, Reason, RemoteProtocolError, ReplayError, SignatureError
 from p2pcompute.keys import load_or_create_key
 from p2pcompute.net.discovery import Discovery, DiscoveryConfig
 from p2pcompute.net.gossip import Gossip, GossipConfig
-from p2pcompute.net.host import listen_addrs, open_host
+from p2pcompute.net.host import host_addrs, open_host
 from p2pcompute.net.protocols import ADVERTS_TOPIC
 
 __all__ = ["Node", "NodeInfo", "advert_table", "serve"]
@@ -42,6 +42,8 @@ __all__ = ["Node", "NodeInfo", "advert_table", "serve"]
 log = logging.getLogger(__name__)
 
 NODE_INFO_FILE = "node.json"
+# Adverts refused for these reasons are not the forwarder's fault (see Node._validate_gossip).
+_IGNORED = frozenset({Reason.REPLAYED, Reason.STALE_SEQUENCE})
 _MAX_STATUS_REQUEST_BYTES = 16 * 1024
 
 
@@ -112,6 +114,7 @@ class Node:
         self.status_port: int | None = None
         self._seq = 0
         self._capacity_changed = trio.Event()
+        self._gossip_seen = trio.Event()
         self._advert_id = hashlib.sha256(b"p2pcompute/advert-series" + keypair.peer_id.raw).digest()[:16]
 
     @property
@@ -138,7 +141,7 @@ class Node:
             peer_id=self.peer_id,
             seq=self._seq,
             issued_at=now,
-            addrs=tuple(listen_addrs(self.host))[:16],
+            addrs=tuple(host_addrs(self.host))[:16],
             devices=self.hardware.devices,
             price_per_second=self.config.price_per_second,
             slots_total=self.config.slots,
@@ -158,11 +161,35 @@ class Node:
             if opened.signer.raw != origin.to_bytes():
                 raise SignatureError(Reason.SIGNER_MISMATCH, "advert re-published by a peer other than its signer")
             self.market.offer(data, now)
-        except RemoteProtocolError as exc:
+        except ReplayError as exc:
+            if exc.reason not in _IGNORED:
+                self._reject(origin, exc)
+            # A validly signed, unexpired advert we already hold or have superseded. Gossip delivers
+            # out of order (mesh vs IHAVE/IWANT paths), so this is no evidence against the forwarder:
+            # keep the market as it is but let gossip treat the message as valid (0.8.1 has no IGNORE).
             self.metrics.adverts_received.labels(result=exc.reason.value).inc()
-            log.info("rejected advert from %s: %s", origin, exc)
-            raise
+            log.debug("ignored advert from %s: %s", origin, exc)
+            self._notify_gossip()
+            return
+        except RemoteProtocolError as exc:
+            self._reject(origin, exc)
         self.metrics.adverts_received.labels(result="accepted").inc()
+        self._notify_gossip()
+
+    def _reject(self, origin: ID, exc: RemoteProtocolError) -> NoReturn:
+        self.metrics.adverts_received.labels(result=exc.reason.value).inc()
+        log.info("rejected advert from %s: %s", origin, exc)
+        self._notify_gossip()
+        raise exc
+
+    def _notify_gossip(self) -> None:
+        self._gossip_seen.set()
+        self._gossip_seen = trio.Event()
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        """Wait until ``predicate()`` holds, re-checking after every advert received (put a timeout around it)."""
+        while not predicate():
+            await self._gossip_seen.wait()
 
     async def publish_advert(self) -> None:
         now = self.clock()
@@ -230,7 +257,7 @@ class Node:
         return {
             "version": __version__,
             "peer_id": str(self.peer_id),
-            "addrs": listen_addrs(self.host),
+            "addrs": host_addrs(self.host),
             "uptime_s": round(time.time() - self.started_at, 3),
             "connected_peers": sorted(str(p) for p in self.host.get_connected_peers()),
             "routing_table_peers": len(self.discovery.routing_table_peers()),
@@ -276,7 +303,7 @@ class Node:
             nursery.start_soon(self._provide)
             info = NodeInfo(
                 peer_id=str(self.peer_id),
-                addrs=tuple(listen_addrs(self.host)),
+                addrs=tuple(host_addrs(self.host)),
                 status_url=f"http://127.0.0.1:{self.status_port}/status",
             )
             _write_node_info(self.config.data_dir, info)

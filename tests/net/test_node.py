@@ -1,0 +1,203 @@
+"""Peers (p2pcompute.node.Node) on real hosts in one trio process: adverts, validation, status endpoint."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from p2pcompute.compute.gpu import HardwareReport
+from p2pcompute.config import NodeConfig
+from p2pcompute.core.envelope import seal
+from p2pcompute.core.identity import KeyPair
+from p2pcompute.core.messages import Device, DeviceKind, GpuAdvert, Software
+from p2pcompute.net.gossip import Gossip, GossipConfig
+from p2pcompute.net.host import connect, host_addrs, open_host
+from p2pcompute.net.protocols import ADVERTS_TOPIC
+from p2pcompute.node import Node, now_ms
+from p2pcompute.testing.net import LOOPBACK, wait_until
+
+WAIT_S = 20.0
+HARDWARE = HardwareReport(
+    devices=(
+        Device(
+            kind=DeviceKind.CPU, name="Test CPU", memory_bytes=8 << 30, free_memory_bytes=4 << 30, tflops=0.1,
+            compute_capability="", cores=2,
+        ),
+    ),
+    software=Software(p2pcompute="0.1.0", torch="2.13.0+cpu", cuda="", python="3.11.7"),
+    driver="",
+    probed_at=0.0,
+)  # fmt: skip
+
+
+def _seed(name: str, i: int) -> bytes:
+    return hashlib.sha256(f"test_node/{name}/{i}".encode()).digest()
+
+
+async def _run_node(
+    seed: bytes, config: NodeConfig, stop: trio.Event, *, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
+    keypair = KeyPair.from_seed(seed)
+    async with open_host(seed, LOOPBACK) as host, trio.open_nursery() as nursery:
+        node = Node(config, keypair, HARDWARE, host)
+        await nursery.start(node.run)
+        task_status.started(node)
+        await stop.wait()
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def open_peers(name: str, n: int, tmp_path: Path, **overrides: Any) -> AsyncIterator[list[Node]]:
+    """n peers: peer 0 first, the others bootstrapping from it (as `p2pcompute node run` would)."""
+    stop = trio.Event()
+    nodes: list[Node] = []
+
+    def config(i: int, bootstrap: Sequence[str]) -> NodeConfig:
+        return NodeConfig(
+            data_dir=tmp_path / f"peer-{i}", listen=LOOPBACK, bootstrap=tuple(bootstrap), status_port=0,
+            advertise_interval=overrides.get("advertise_interval", 30.0), advert_ttl=60.0, slots=2,
+        ).validate()  # fmt: skip
+
+    async with trio.open_nursery() as nursery:
+        try:
+            for i in range(n):
+                (tmp_path / f"peer-{i}").mkdir()
+                boot = host_addrs(nodes[0].host)[:1] if nodes else []
+                nodes.append(await nursery.start(_run_node, _seed(name, i), config(i, boot), stop))
+            yield nodes
+        finally:
+            stop.set()
+
+
+def _received(node: Node, result: str) -> float:
+    value = node.metrics.registry.get_sample_value("p2pcompute_adverts_received_total", {"result": result})
+    return value or 0.0
+
+
+async def test_adverts_reach_every_peer(tmp_path: Path) -> None:
+    async with open_peers("reach", 5, tmp_path) as nodes:
+        with trio.fail_after(WAIT_S):
+            for node in nodes:
+                await node.wait_for(lambda node=node: len(node.market) == len(nodes))
+        ids = {n.peer_id for n in nodes}
+        for node in nodes:
+            assert {e.peer_id for e in node.market} == ids
+            entry = node.market.get(nodes[0].peer_id)
+            assert entry is not None
+            assert entry.advert.devices == HARDWARE.devices
+            assert entry.advert.slots_free == 2
+        # A change of free capacity is re-advertised at once, long before the 30 s period.
+        nodes[1].set_free_slots(0)
+        with trio.fail_after(WAIT_S):
+            await nodes[3].wait_for(
+                lambda: (e := nodes[3].market.get(nodes[1].peer_id)) is not None and e.advert.slots_free == 0
+            )
+
+
+def _advert(pair: KeyPair, now: int, **changes: Any) -> GpuAdvert:
+    fields: dict[str, Any] = dict(
+        id=b"\x07" * 16, nonce=1, expires_at=now + 60_000, peer_id=pair.peer_id, seq=now, issued_at=now,
+        addrs=("/ip4/127.0.0.1/tcp/1",), devices=HARDWARE.devices, price_per_second=1, slots_total=1, slots_free=1,
+        software=HARDWARE.software,
+    )  # fmt: skip
+    fields.update(changes)
+    return GpuAdvert(**fields)
+
+
+@asynccontextmanager
+async def open_attacker(name: str, honest: Node) -> AsyncIterator[tuple[KeyPair, Gossip]]:
+    """A bare host whose gossip has no validator (it sends whatever it likes), connected to ``honest``."""
+    seed = _seed(name, 99)
+    async with open_host(seed, LOOPBACK) as host, trio.open_nursery() as nursery:
+        gossip = Gossip(host, GossipConfig())
+        await nursery.start(gossip.run)
+        await gossip.subscribe(ADVERTS_TOPIC)
+        await connect(host, host_addrs(honest.host)[0])
+        await wait_until(lambda: honest.host.get_id() in gossip.topic_peers(ADVERTS_TOPIC))
+        yield KeyPair.from_seed(seed), gossip
+        nursery.cancel_scope.cancel()
+
+
+async def _send(honest: Node, gossip: Gossip, data: bytes, expect: str) -> None:
+    before = _received(honest, expect)
+    await gossip.publish(ADVERTS_TOPIC, data)
+    with trio.fail_after(WAIT_S):
+        await honest.wait_for(lambda: _received(honest, expect) > before)
+
+
+async def test_invalid_adverts_are_rejected_and_never_reach_the_market(tmp_path: Path) -> None:
+    # Each attacker sends at most three invalid adverts: more would push its gossip score under the
+    # publish threshold, after which the honest peer ignores it altogether (tested below).
+    async with open_peers("invalid", 2, tmp_path) as nodes:
+        honest = nodes[0]
+        now = now_ms()
+        async with open_attacker("invalid-a", honest) as (mallory, gossip):
+            good = seal(mallory, _advert(mallory, now, seq=now + 10))
+            await _send(honest, gossip, good, "accepted")
+            await _send(honest, gossip, seal(mallory, _advert(mallory, now, seq=now + 5)), "stale_sequence")
+            await _send(honest, gossip, seal(mallory, _advert(mallory, now, seq=now + 10, nonce=2)), "replayed")
+            await _send(honest, gossip, seal(mallory, _advert(mallory, now - 120_000, seq=now + 11)), "expired")
+            assert honest.gossip.peer_score(gossip.pubsub.my_id, ADVERTS_TOPIC) < 0  # invalid messages cost her
+        async with open_attacker("invalid-b", honest) as (eve, gossip):
+            await _send(honest, gossip, seal(eve, _advert(eve, now + 120_000, seq=now)), "future_dated")
+            await _send(honest, gossip, seal(eve, _advert(eve, now, slots_free=2)), "inconsistent")
+            await _send(honest, gossip, b"\x92\x01\x02", "not_a_map")
+        async with open_attacker("invalid-c", honest) as (_, gossip):
+            await _send(honest, gossip, good[:-1], "truncated")
+            await _send(honest, gossip, good[:-1] + bytes([good[-1] ^ 1]), "bad_signature")
+            # An honest peer's signed advert re-published by someone else: refused (origin is not the signer).
+            await _send(honest, gossip, nodes[1].make_advert(now_ms()), "signer_mismatch")
+
+        entry = honest.market.get(mallory.peer_id)
+        assert entry is not None and entry.opened.envelope == good  # only the valid one got in
+        assert eve.peer_id not in honest.market
+        assert len(honest.market) == 3  # itself, the other honest peer, Mallory's one valid advert
+
+
+async def test_persistent_offender_is_cut_off(tmp_path: Path) -> None:
+    """Each invalid advert costs the sender gossip score, until the honest peer stops listening to it."""
+    async with open_peers("offender", 1, tmp_path) as nodes:
+        honest = nodes[0]
+        threshold = GossipConfig().score.publish_threshold
+        async with open_attacker("offender-a", honest) as (_, gossip):
+
+            def score() -> float:
+                return honest.gossip.peer_score(gossip.pubsub.my_id, ADVERTS_TOPIC)
+
+            sent = 0
+            while score() > threshold and sent < 20:
+                before = score()
+                await _send(honest, gossip, b"\x92" + bytes([sent, sent]), "not_a_map")
+                sent += 1
+                assert score() < before
+            assert score() <= threshold
+            assert 4 <= sent <= 7  # ~10 points an invalid message against a threshold of -50
+
+
+async def test_status_and_metrics_endpoint(tmp_path: Path) -> None:
+    async with open_peers("status", 2, tmp_path) as nodes:
+        with trio.fail_after(WAIT_S):
+            await nodes[0].wait_for(lambda: len(nodes[0].market) == 2)
+        base = f"http://127.0.0.1:{nodes[0].status_port}"
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            status = (await client.get(f"{base}/status")).json()
+            metrics = (await client.get(f"{base}/metrics")).text
+            missing = await client.get(f"{base}/nope")
+            post = await client.post(f"{base}/status")
+        assert status["peer_id"] == str(nodes[0].peer_id)
+        assert status["addrs"] == host_addrs(nodes[0].host)
+        assert str(nodes[1].peer_id) in status["connected_peers"]
+        assert {m["peer_id"] for m in status["market"]} == {str(n.peer_id) for n in nodes}
+        assert status["market"][0]["devices"][0]["name"] == "Test CPU"
+        assert "p2pcompute_market_adverts 2.0" in metrics
+        assert "p2pcompute_adverts_published_total" in metrics
+        assert missing.status_code == 404
+        assert post.status_code == 405
+        info = (tmp_path / "peer-0" / "node.json").read_text()
+        assert str(nodes[0].peer_id) in info

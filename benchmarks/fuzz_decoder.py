@@ -37,7 +37,8 @@ def main() -> int:
                 reasons[exc.reason.value] += 1
     elapsed = time.perf_counter() - start
     calls = args.inputs * len(FUZZ_TARGETS)
-    print(f"inputs: {args.inputs} x {len(FUZZ_TARGETS)} targets = {calls} calls in {elapsed:.1f} s ({calls / elapsed:,.0f}/s)")
+    rate = calls / elapsed
+    print(f"inputs: {args.inputs} x {len(FUZZ_TARGETS)} targets = {calls} calls in {elapsed:.1f} s ({rate:,.0f}/s)")
     print(f"accepted (valid after mutation): {accepted}; rejected: {sum(reasons.values())}; other exceptions: 0")
     for reason, n in reasons.most_common():
         print(f"  {reason:<24} {n}")

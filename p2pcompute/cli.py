@@ -218,7 +218,9 @@ def _fetch_status(url: str) -> dict[str, Any]:
         response.raise_for_status()
         data: dict[str, Any] = response.json()
     except (httpx.HTTPError, ValueError) as exc:
-        raise click.ClickException(f"cannot read the node status at {url}: {exc} (is `p2pcompute node run` up?)") from exc
+        raise click.ClickException(
+            f"cannot read the node status at {url}: {exc} (is `p2pcompute node run` up?)"
+        ) from exc
     return data
 
 
@@ -254,23 +256,35 @@ def peers_cmd(url: str | None, data_dir: Path | None) -> None:
 
 
 @main.command("testnet")
-@click.option("--peers", type=int, default=5, show_default=True, help="Peer processes to start.")
+@click.option("--peers", type=int, help="Peer processes to start [default: 5].")
+@click.option("--scenario", type=click.Path(dir_okay=False, exists=True, path_type=Path), help="TOML scenario file.")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Write a JSON report here.")
-@click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds to wait for convergence.")
+@click.option("--timeout", type=float, help="Seconds to wait for convergence [default: 120].")
 @click.option("--dir", "base_dir", type=click.Path(file_okay=False, path_type=Path), help="Keep peer data here.")
-@click.option("--advertise-interval", type=float, default=10.0, show_default=True, help="Seconds between adverts.")
+@click.option("--advertise-interval", type=float, help="Seconds between a peer's adverts [default: 10].")
 @_friendly_errors
-def testnet_cmd(peers: int, report: Path | None, timeout: float, base_dir: Path | None, advertise_interval: float) -> None:
-    """Start PEERS real peers on 127.0.0.1 and wait until every peer holds every other peer's advert."""
+def testnet_cmd(
+    peers: int | None,
+    scenario: Path | None,
+    report: Path | None,
+    timeout: float | None,
+    base_dir: Path | None,
+    advertise_interval: float | None,
+) -> None:
+    """Start real peers on 127.0.0.1 and wait until every peer holds every other peer's advert.
+
+    Exits 0 when the network converged, 1 when it did not. Options override the scenario file.
+    """
     import trio
 
     from p2pcompute.node import advert_table
-    from p2pcompute.testnet import TestnetConfig, run_testnet
+    from p2pcompute.testnet import load_scenario, run_testnet
 
-    config = TestnetConfig(
-        peers=peers, base_dir=base_dir, timeout_s=timeout, advertise_interval_s=advertise_interval
-    ).validate()
-    click.echo(f"starting {peers} peers on 127.0.0.1 ...")
+    config = load_scenario(
+        scenario,
+        {"peers": peers, "timeout": timeout, "advertise_interval": advertise_interval, "dir": base_dir},
+    )
+    click.echo(f"starting {config.peers} peers on 127.0.0.1 ...")
 
     def started(procs: list[Any]) -> None:
         click.echo(f"all {len(procs)} peers ready; bootstrap: {procs[0].addrs[0]}")
@@ -283,8 +297,11 @@ def testnet_cmd(peers: int, report: Path | None, timeout: float, base_dir: Path 
         report.write_text(json.dumps(result.to_json(), indent=2))
         click.echo(f"report: {report}")
     if not result.converged:
-        raise click.ClickException(f"not converged within {timeout:.0f} s: adverts per peer {counts}")
-    click.echo(f"converged: every peer holds all {peers} adverts, {result.convergence_s:.2f} s after the last peer was ready")
+        raise click.ClickException(f"not converged within {config.timeout_s:.0f} s: adverts per peer {counts}")
+    click.echo(
+        f"converged: every peer holds all {config.peers} adverts, "
+        f"{result.convergence_s:.2f} s after the last peer was ready"
+    )
 
 
 def print_table(rows: list[dict[str, str]]) -> None:

@@ -74,9 +74,9 @@ class _Metrics:
         self.adverts_published = prometheus_client.Counter(
             "p2pcompute_adverts_published", "Adverts this peer published", registry=r
         )
-        prometheus_client.Gauge(
-            "p2pcompute_connected_peers", "Peers with an open connection", registry=r
-        ).set_function(lambda: len(node.host.get_connected_peers()))
+        prometheus_client.Gauge("p2pcompute_connected_peers", "Peers with an open connection", registry=r).set_function(
+            lambda: len(node.host.get_connected_peers())
+        )
         prometheus_client.Gauge(
             "p2pcompute_market_adverts", "Unexpired adverts in the market view", registry=r
         ).set_function(lambda: len(node.market.adverts(now_ms())))

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,29 @@ class TestnetReport:
             "adverts_per_peer": self.adverts_per_peer,
             "peer_ids": self.peer_ids,
         }
+
+
+def load_scenario(path: Path | None, overrides: dict[str, Any]) -> TestnetConfig:
+    """A scenario TOML file (keys: peers, timeout, advertise_interval, dir), then overrides (None = unset)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            values = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise TestnetError(f"scenario {path}: {exc}") from exc
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = set(values) - {"peers", "timeout", "advertise_interval", "dir"}
+    if unknown:
+        raise TestnetError(f"scenario: unknown key(s) {', '.join(sorted(unknown))}")
+    try:
+        return TestnetConfig(
+            peers=int(values.get("peers", 5)),
+            timeout_s=float(values.get("timeout", 120.0)),
+            advertise_interval_s=float(values.get("advertise_interval", 10.0)),
+            base_dir=Path(values["dir"]) if "dir" in values else None,
+        ).validate()
+    except (TypeError, ValueError) as exc:
+        raise TestnetError(f"scenario: {exc}") from exc
 
 
 def _node_command(data_dir: Path, bootstrap: Sequence[str], config: TestnetConfig) -> list[str]:

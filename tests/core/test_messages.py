@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from p2pcompute.core import codec
 from p2pcompute.core.identity import KeyPair
 from p2pcompute.core.messages import (
-    GpuAdvert,
     DEFAULT_REGISTRY,
+    GpuAdvert,
     Message,
     MessageRegistry,
     PeerRecord,

@@ -6,6 +6,12 @@ machine-readable :class:`Reason` code (the codes are listed in ``specs/00-conven
     P2PComputeError                 base; .reason, .detail
     ├── ConfigError                 bad configuration or command-line values
     ├── KeyFileError                a key file is missing, unsafe, truncated, corrupt or of the wrong type
+    ├── NetworkError                listening, dialling, lookups or publishing failed
+    │   ├── HostStartError          cannot listen on an address (busy port, unbindable address)
+    │   ├── DialError               a dial failed, timed out, or the address is unusable
+    │   ├── DiscoveryError          a bad capability name
+    │   └── GossipError             a publish could not be made
+    │       └── MessageTooLarge     over the gossip message size cap
     ├── LocalProtocolError          *we* tried to do something the protocol forbids (a bug on our side)
     └── RemoteProtocolError         a *peer* sent something the protocol forbids; drop it, log it, carry on
         ├── FramingError            length prefix over the limit, truncated frame
@@ -21,13 +27,20 @@ peer's fault and must never crash a peer; a ``LocalProtocolError`` is ours.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import ClassVar
 
 __all__ = [
     "ConfigError",
     "DecodeError",
+    "DialError",
+    "DiscoveryError",
     "FramingError",
+    "GossipError",
+    "HostStartError",
     "KeyFileError",
     "LocalProtocolError",
+    "MessageTooLarge",
+    "NetworkError",
     "P2PComputeError",
     "Reason",
     "RemoteProtocolError",
@@ -84,6 +97,12 @@ class Reason(StrEnum):
     KEY_FILE_CORRUPT = "key_file_corrupt"
     # configuration
     BAD_CONFIG = "bad_config"
+    # network (local conditions, not protocol violations)
+    LISTEN_FAILED = "listen_failed"
+    DIAL_FAILED = "dial_failed"
+    BAD_CAPABILITY = "bad_capability"
+    PUBLISH_FAILED = "publish_failed"
+    MESSAGE_TOO_LARGE = "message_too_large"
 
 
 class P2PComputeError(Exception):
@@ -107,6 +126,45 @@ class ConfigError(P2PComputeError):
 
 class KeyFileError(P2PComputeError):
     """A key file cannot be used (missing, readable by others, truncated, corrupt, wrong key type)."""
+
+
+class NetworkError(P2PComputeError):
+    """A network operation failed: a local condition or an unreachable peer, not a protocol violation."""
+
+    REASON: ClassVar[Reason]
+
+    def __init__(self, detail: str, reason: Reason | None = None) -> None:
+        super().__init__(reason or self.REASON, detail)
+
+
+class HostStartError(NetworkError):
+    """The host could not listen on every requested address."""
+
+    REASON = Reason.LISTEN_FAILED
+
+
+class DialError(NetworkError):
+    """A dial failed, timed out, or the multiaddr was unusable."""
+
+    REASON = Reason.DIAL_FAILED
+
+
+class DiscoveryError(NetworkError):
+    """A DHT operation was asked with bad arguments (e.g. a capability name)."""
+
+    REASON = Reason.BAD_CAPABILITY
+
+
+class GossipError(NetworkError):
+    """A publish could not be made."""
+
+    REASON = Reason.PUBLISH_FAILED
+
+
+class MessageTooLarge(GossipError):
+    """A message is larger than the gossip size cap."""
+
+    REASON = Reason.MESSAGE_TOO_LARGE
 
 
 class LocalProtocolError(P2PComputeError):

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import h11
 import prometheus_client
@@ -36,6 +36,10 @@ from p2pcompute.net.discovery import Discovery, DiscoveryConfig
 from p2pcompute.net.gossip import Gossip, GossipConfig
 from p2pcompute.net.host import host_addrs, open_host
 from p2pcompute.net.protocols import ADVERTS_TOPIC
+
+if TYPE_CHECKING:
+    # trio-typing (a py-libp2p dependency) ships trio stubs that do not export TaskStatus.
+    from trio_typing import TaskStatus
 
 __all__ = ["Node", "NodeInfo", "advert_table", "serve"]
 
@@ -266,7 +270,7 @@ class Node:
             "market": market,
         }
 
-    async def _serve_status(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _serve_status(self, *, task_status: TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(self.config.status_port, host="127.0.0.1")
         port = listeners[0].socket.getsockname()[1]
         task_status.started(port)
@@ -290,7 +294,7 @@ class Node:
 
     # --- lifecycle ---
 
-    async def run(self, *, task_status: trio.TaskStatus[NodeInfo] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: TaskStatus[NodeInfo] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             # Pubsub must run before any connection is made (0.8.1 ignores earlier connections).
             await nursery.start(self.gossip.run)
@@ -337,7 +341,7 @@ def _write_node_info(data_dir: Path, info: NodeInfo) -> None:
     tmp.replace(path)
 
 
-async def serve(config: NodeConfig, *, task_status: trio.TaskStatus[NodeInfo] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve(config: NodeConfig, *, task_status: TaskStatus[NodeInfo] = trio.TASK_STATUS_IGNORED) -> None:
     """Run a peer with ``config`` until cancelled (the CLI cancels on SIGINT/SIGTERM)."""
     config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     keypair, created = load_or_create_key(config.key_path)

@@ -1,0 +1,49 @@
+"""Protocol ids spoken by a p2pcompute peer.
+
+Our own protocols are named ``/p2pcompute/<name>/<semver>``; a breaking change is a new version.
+The DHT speaks libp2p's own Kademlia protocol so that any libp2p tooling can inspect it.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from libp2p.custom_types import TProtocol
+from libp2p.kad_dht.common import PROTOCOL_ID as _KAD_PROTOCOL_ID
+from libp2p.pubsub.gossipsub import PROTOCOL_ID as _MESHSUB_V10
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11 as _MESHSUB_V11
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V12 as _MESHSUB_V12
+from libp2p.security.noise.transport import PROTOCOL_ID as _NOISE_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as _YAMUX_PROTOCOL_ID
+
+__all__ = [
+    "ADVERTS_TOPIC",
+    "CAPABILITY_KEY_PREFIX",
+    "GOSSIPSUB_PROTOCOLS",
+    "JOB_PROTOCOL",
+    "KAD_PROTOCOL",
+    "NOISE_PROTOCOL",
+    "YAMUX_PROTOCOL",
+]
+
+#: Gossipsub topic carrying signed GPU adverts.
+ADVERTS_TOPIC: Final = "/p2pcompute/adverts/1.0.0"
+
+#: Stream protocol for job negotiation (request / offer / accept / inputs / result / receipt).
+JOB_PROTOCOL: Final = TProtocol("/p2pcompute/job/1.0.0")
+
+#: Kademlia DHT: libp2p's own id (``/ipfs/kad/1.0.0``).
+KAD_PROTOCOL: Final = TProtocol(_KAD_PROTOCOL_ID)
+
+#: Namespace of DHT provider keys for capabilities: key = sha256(prefix + capability).
+CAPABILITY_KEY_PREFIX: Final = b"/p2pcompute/capability/1.0.0/"
+
+#: The only security transport we offer or accept.
+NOISE_PROTOCOL: Final = TProtocol(_NOISE_PROTOCOL_ID)
+
+#: The only stream multiplexer we offer or accept.
+YAMUX_PROTOCOL: Final = TProtocol(_YAMUX_PROTOCOL_ID)
+
+#: Gossipsub versions we speak, preferred first. 1.1 is the first with peer scoring; we stop at 1.2
+#: because 0.8.1's 1.3+ extensions (topic observation, extension control messages) are unneeded here.
+GOSSIPSUB_PROTOCOLS: Final = (TProtocol(_MESHSUB_V12), TProtocol(_MESHSUB_V11), TProtocol(_MESHSUB_V10))

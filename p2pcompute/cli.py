@@ -122,6 +122,7 @@ def node() -> None:
 @click.option("--advert-ttl", type=float, help="Seconds an advert stays valid.")
 @click.option("--status-port", type=int, help="Port of the status/metrics endpoint on 127.0.0.1 (0: any).")
 @click.option("--mdns/--no-mdns", default=None, help="Find peers on the local network with mDNS.")
+@click.option("--connections", type=(int, int), default=None, help="Connection watermarks LOW HIGH [default: 16 96].")
 @click.option("--no-benchmark", is_flag=True, default=None, help="Skip the matmul benchmark of the hardware probe.")
 @click.option("--json-events", is_flag=True, help="Also print machine-readable JSON lines (used by the testnet).")
 @click.pass_context
@@ -138,6 +139,7 @@ def node_run(
     advert_ttl: float | None,
     status_port: int | None,
     mdns: bool | None,
+    connections: tuple[int, int] | None,
     no_benchmark: bool | None,
     json_events: bool,
 ) -> None:
@@ -156,6 +158,8 @@ def node_run(
         "advert_ttl": advert_ttl,
         "status_port": status_port,
         "mdns": mdns,
+        "connections_low": connections[0] if connections else None,
+        "connections_high": connections[1] if connections else None,
         "probe_benchmark": False if no_benchmark else None,
         "log_level": ctx.obj["log_level"],
     }
@@ -261,7 +265,7 @@ def peers_cmd(url: str | None, data_dir: Path | None) -> None:
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Write a JSON report here.")
 @click.option("--timeout", type=float, help="Seconds to wait for convergence [default: 120].")
 @click.option("--dir", "base_dir", type=click.Path(file_okay=False, path_type=Path), help="Keep peer data here.")
-@click.option("--advertise-interval", type=float, help="Seconds between a peer's adverts [default: 10].")
+@click.option("--advertise-interval", type=float, help="Seconds between a peer's adverts [default: 30].")
 @_friendly_errors
 def testnet_cmd(
     peers: int | None,

@@ -12,6 +12,8 @@ Example ``node.toml`` (every key optional)::
     status_port = 8470       # status/metrics HTTP endpoint on 127.0.0.1 (0: any free port)
     log_level = "info"
     mdns = false
+    connections_low = 16     # the host dials known peers while it has fewer than (low + high) / 2
+    connections_high = 96    # ... and prunes connections above this
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ class NodeConfig:
     log_level: str = "info"
     mdns: bool = False
     probe_benchmark: bool = True
+    # Connection manager: below (low + high) / 2 connections the host dials known peers; above high it prunes.
+    connections_low: int = 16
+    connections_high: int = 96
 
     def validate(self) -> NodeConfig:
         if not self.listen:
@@ -82,6 +87,8 @@ class NodeConfig:
             raise ConfigError(
                 f"advert_ttl must be longer than advertise_interval and at most 600 s, got {self.advert_ttl}"
             )
+        if not 0 <= self.connections_low <= self.connections_high <= 1024:
+            raise ConfigError("need 0 <= connections_low <= connections_high <= 1024")
         if not 0 <= self.status_port <= 65535:
             raise ConfigError(f"status_port must be 0..65535, got {self.status_port}")
         if self.log_level not in LOG_LEVELS:
@@ -113,7 +120,7 @@ def _from_mapping(base: NodeConfig, values: dict[str, Any], where: str) -> NodeC
                 if isinstance(value, str):
                     value = [value]
                 changes[key] = tuple(str(v) for v in value)
-            elif key in ("slots", "status_port", "price_per_second"):
+            elif key in ("slots", "status_port", "price_per_second", "connections_low", "connections_high"):
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise ConfigError(f"{where}: {key} must be an integer")
                 changes[key] = value

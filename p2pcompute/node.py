@@ -7,9 +7,11 @@ The node decides nothing itself: advert validation and the market view are ``cor
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import random
 import secrets
 import time
 from collections.abc import Callable
@@ -20,22 +22,26 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import h11
 import prometheus_client
 import trio
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetStream
+from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
 
 from p2pcompute import __version__
 from p2pcompute.compute.gpu import HardwareReport, load_or_probe
 from p2pcompute.config import PROBE_TIMEOUT_S, STATUS_REQUEST_TIMEOUT_S, NodeConfig
-from p2pcompute.core.adverts import MarketView, validate_advert
+from p2pcompute.core import codec
+from p2pcompute.core.adverts import MarketView, SyncRequest, validate_advert
 from p2pcompute.core.envelope import seal
 from p2pcompute.core.identity import KeyPair, PeerId
 from p2pcompute.core.messages import GpuAdvert
+from p2pcompute.core.schema import from_wire, to_wire
 from p2pcompute.errors import P2PComputeError, Reason, RemoteProtocolError, ReplayError, SignatureError
 from p2pcompute.keys import load_or_create_key
 from p2pcompute.net.discovery import Discovery, DiscoveryConfig
 from p2pcompute.net.gossip import Gossip, GossipConfig
-from p2pcompute.net.host import host_addrs, open_host
-from p2pcompute.net.protocols import ADVERTS_TOPIC
+from p2pcompute.net.host import HostConfig, host_addrs, open_host
+from p2pcompute.net.protocols import ADVERTS_SYNC_PROTOCOL, ADVERTS_TOPIC
+from p2pcompute.net.stream import FramedStream
 
 if TYPE_CHECKING:
     # trio-typing (a py-libp2p dependency) ships trio stubs that do not export TaskStatus.
@@ -46,6 +52,14 @@ __all__ = ["Node", "NodeInfo", "advert_table", "serve"]
 log = logging.getLogger(__name__)
 
 NODE_INFO_FILE = "node.json"
+# Named timeouts and bounds of the node's own protocols (seconds unless noted).
+FIRST_ADVERT_WAIT_S = 10.0  # wait this long for a gossip peer before the first advert
+TOPIC_PEER_POLL_S = 0.1
+SYNC_TIMEOUT_S = 10.0  # one whole advert-sync exchange
+SYNC_PEERS = 3  # peers asked at start
+MIN_RESYNC_INTERVAL_S = 30.0
+MAX_CONCURRENT_SYNCS = 8  # sync requests served at once; more are reset
+SYNC_REQUEST_MAX_BYTES = 256
 # Adverts refused for these reasons are not the forwarder's fault (see Node._validate_gossip).
 _IGNORED = frozenset({Reason.REPLAYED, Reason.STALE_SEQUENCE})
 _MAX_STATUS_REQUEST_BYTES = 16 * 1024
@@ -119,6 +133,7 @@ class Node:
         self._seq = 0
         self._capacity_changed = trio.Event()
         self._gossip_seen = trio.Event()
+        self._sync_limiter = trio.CapacityLimiter(MAX_CONCURRENT_SYNCS)
         self._advert_id = hashlib.sha256(b"p2pcompute/advert-series" + keypair.peer_id.raw).digest()[:16]
 
     @property
@@ -189,6 +204,7 @@ class Node:
     def _notify_gossip(self) -> None:
         self._gossip_seen.set()
         self._gossip_seen = trio.Event()
+        self._sync_limiter = trio.CapacityLimiter(MAX_CONCURRENT_SYNCS)
 
     async def wait_for(self, predicate: Callable[[], bool]) -> None:
         """Wait until ``predicate()`` holds, re-checking after every advert received (put a timeout around it)."""
@@ -203,18 +219,85 @@ class Node:
         self.metrics.adverts_published.inc()
 
     async def _advertise(self) -> None:
-        # Right after start the mesh is still forming, so the first adverts go out at 1, 2, 4 ... s
-        # until the configured interval is reached; a change of free capacity re-advertises at once.
-        delay = min(1.0, self.config.advertise_interval)
+        # The first advert waits (briefly) for a gossip peer on the topic: published into an empty
+        # mesh it would reach nobody. Then one per interval, and one at once whenever free capacity
+        # changes. Peers that miss an advert catch up through advert sync, not through re-sends:
+        # on 0.8.1 every gossiped message costs each peer milliseconds of CPU.
+        if self.config.bootstrap:
+            with trio.move_on_after(FIRST_ADVERT_WAIT_S):
+                while not self.gossip.topic_peers(ADVERTS_TOPIC):
+                    await trio.sleep(TOPIC_PEER_POLL_S)
         while True:
             self._capacity_changed = trio.Event()
             try:
                 await self.publish_advert()
             except (P2PComputeError, trio.TooSlowError) as exc:
                 log.warning("could not publish advert: %s", exc)
-            with trio.move_on_after(delay):
+            with trio.move_on_after(self.config.advertise_interval):
                 await self._capacity_changed.wait()
-            delay = min(delay * 2, self.config.advertise_interval)
+
+    # --- advert sync: a joining peer catches up on the adverts others already hold ---
+
+    async def _handle_sync(self, stream: INetStream) -> None:
+        """Serve ``/p2pcompute/adverts-sync/1.0.0``: one request frame in, advert frames and an empty frame out."""
+        if self._sync_limiter.statistics().borrowed_tokens >= self._sync_limiter.total_tokens:
+            await stream.reset()  # bounded: never queue up work for a flood of sync requests
+            return
+        async with self._sync_limiter:
+            framed = FramedStream(stream, max_frame_size=SYNC_REQUEST_MAX_BYTES)
+            try:
+                with trio.fail_after(SYNC_TIMEOUT_S):
+                    frame = await framed.receive()
+                    if frame is None:
+                        return
+                    request = from_wire(SyncRequest, codec.unpack(frame))
+                    framed = FramedStream(stream)
+                    for entry in self.market.adverts(self.clock())[: request.max_adverts]:
+                        await framed.send(entry.opened.envelope)
+                    await framed.send(b"")
+            except (P2PComputeError, BaseLibp2pError, trio.TooSlowError, OSError) as exc:
+                log.info("advert sync request from %s failed: %s", stream.muxed_conn.peer_id, exc)
+            finally:
+                with trio.move_on_after(SYNC_TIMEOUT_S), contextlib.suppress(BaseLibp2pError):
+                    await stream.close()
+
+    async def sync_from(self, peer: ID) -> int:
+        """Fetch the adverts ``peer`` holds into our market; returns how many were new to us."""
+        accepted = 0
+        with trio.fail_after(SYNC_TIMEOUT_S):
+            stream = await self.host.new_stream(peer, [ADVERTS_SYNC_PROTOCOL])
+            try:
+                framed = FramedStream(stream)
+                await framed.send(codec.pack(to_wire(SyncRequest(max_adverts=self.market.policy.max_peers))))
+                for _ in range(self.market.policy.max_peers + 1):
+                    frame = await framed.receive()
+                    if not frame:  # empty frame: end of the list; None: the peer closed early
+                        break
+                    try:
+                        self.market.offer(frame, self.clock())
+                        accepted += 1
+                    except RemoteProtocolError as exc:
+                        if exc.reason not in _IGNORED:
+                            log.info("sync from %s: dropped an advert: %s", peer, exc)
+            finally:
+                await stream.close()
+        if accepted:
+            self._notify_gossip()
+        return accepted
+
+    async def _sync(self) -> None:
+        """Catch up from a few connected peers at start, then from one random peer now and then."""
+        while True:
+            peers = list(self.host.get_connected_peers())
+            random.shuffle(peers)
+            for peer in peers[:SYNC_PEERS]:
+                try:
+                    n = await self.sync_from(peer)
+                    log.debug("synced %d adverts from %s", n, peer)
+                except (P2PComputeError, BaseLibp2pError, trio.TooSlowError, OSError) as exc:
+                    # a peer that is still starting, gone, or speaks another version: try others later
+                    log.info("advert sync from %s failed: %s", peer, exc)
+            await trio.sleep(max(self.config.advertise_interval * 2, MIN_RESYNC_INTERVAL_S))
 
     async def _drain_gossip(self) -> None:
         # Validation already put adverts into the market; the channel only needs emptying.
@@ -299,11 +382,13 @@ class Node:
             # Pubsub must run before any connection is made (0.8.1 ignores earlier connections).
             await nursery.start(self.gossip.run)
             await self.gossip.subscribe(ADVERTS_TOPIC, self._validate_gossip)
+            self.host.set_stream_handler(ADVERTS_SYNC_PROTOCOL, self._handle_sync)  # before any dial
             await nursery.start(self.discovery.run)
             self.status_port = await nursery.start(self._serve_status)
             nursery.start_soon(self._drain_gossip)
             nursery.start_soon(self._expire_market)
             nursery.start_soon(self._advertise)
+            nursery.start_soon(self._sync)
             nursery.start_soon(self._provide)
             info = NodeInfo(
                 peer_id=str(self.peer_id),
@@ -350,7 +435,13 @@ async def serve(config: NodeConfig, *, task_status: TaskStatus[NodeInfo] = trio.
     hardware = await trio.to_thread.run_sync(
         lambda: load_or_probe(config.data_dir, benchmark=config.probe_benchmark, timeout=PROBE_TIMEOUT_S)
     )
-    async with open_host(keypair.seed, config.listen) as host:
+    host_config = HostConfig(
+        enable_mdns=config.mdns,
+        low_watermark=config.connections_low,
+        high_watermark=config.connections_high,
+        max_connections=max(config.connections_high, 1),
+    )
+    async with open_host(keypair.seed, config.listen, config=host_config) as host:
         node = Node(config, keypair, hardware, host)
         await node.run(task_status=task_status)
 

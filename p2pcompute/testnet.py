@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 60.0  # one peer process from spawn to "ready"
 STOP_TIMEOUT_S = 15.0  # SIGINT to exit, before SIGKILL
 POLL_INTERVAL_S = 0.25  # status polling while waiting for convergence
-START_CONCURRENCY = 4  # peer processes starting at once (each imports libp2p: CPU-bound)
+START_CONCURRENCY = 6  # peer processes starting at once (each imports libp2p: CPU-bound)
 
 
 class TestnetError(P2PComputeError):
@@ -50,7 +50,7 @@ class TestnetConfig:
     peers: int = 5
     base_dir: Path | None = None  # default: a temporary directory, removed afterwards
     timeout_s: float = 120.0  # convergence deadline, counted from the last peer being ready
-    advertise_interval_s: float = 10.0
+    advertise_interval_s: float = 30.0
     log_level: str = "warning"
     extra_args: tuple[str, ...] = ()  # passed to every `p2pcompute node run`
 
@@ -111,7 +111,7 @@ def load_scenario(path: Path | None, overrides: dict[str, Any]) -> TestnetConfig
         return TestnetConfig(
             peers=int(values.get("peers", 5)),
             timeout_s=float(values.get("timeout", 120.0)),
-            advertise_interval_s=float(values.get("advertise_interval", 10.0)),
+            advertise_interval_s=float(values.get("advertise_interval", 30.0)),
             base_dir=Path(values["dir"]) if "dir" in values else None,
         ).validate()
     except (TypeError, ValueError) as exc:
@@ -128,6 +128,11 @@ def _node_command(data_dir: Path, bootstrap: Sequence[str], config: TestnetConfi
         "--advertise-interval", str(config.advertise_interval_s),
         "--advert-ttl", str(max(config.advertise_interval_s * 3, 30.0)),
     ]  # fmt: skip
+    if bootstrap:
+        # Dozens of peer processes share two cores: the joiners keep their connections few (the
+        # library dials known peers up to (low + high) / 2); the bootstrap peer keeps its defaults,
+        # so it never prunes a joiner that knows nobody else yet.
+        command += ["--connections", "4", "24"]
     for addr in bootstrap:
         command += ["--bootstrap", addr]
     return command + list(config.extra_args)
@@ -155,10 +160,14 @@ async def _read_events(peer: PeerProcess) -> None:
 
 
 async def _read_stderr(peer: PeerProcess) -> None:
+    """Keep the last lines in memory (for error messages) and the whole log in the peer's data dir."""
     assert peer.process.stderr is not None
-    async for chunk in peer.process.stderr:
-        peer.stderr_tail.extend(chunk.decode(errors="replace").splitlines())
-        del peer.stderr_tail[:-20]
+    with open(peer.data_dir / "node.log", "ab") as log_file:
+        async for chunk in peer.process.stderr:
+            log_file.write(chunk)
+            log_file.flush()
+            peer.stderr_tail.extend(chunk.decode(errors="replace").splitlines())
+            del peer.stderr_tail[:-20]
 
 
 async def _start_peer(

@@ -10,13 +10,25 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Annotated
 
 from p2pcompute.core.envelope import Opened, open_envelope
 from p2pcompute.core.identity import PeerId
 from p2pcompute.core.messages import GpuAdvert
+from p2pcompute.core.schema import Range, Struct
 from p2pcompute.errors import DecodeError, Reason, ReplayError, SchemaError
 
-__all__ = ["AdvertPolicy", "MarketEntry", "MarketView", "validate_advert"]
+__all__ = ["MAX_SYNC_ADVERTS", "AdvertPolicy", "MarketEntry", "MarketView", "SyncRequest", "validate_advert"]
+
+MAX_SYNC_ADVERTS = 10_000
+
+
+@dataclass(frozen=True, kw_only=True)
+class SyncRequest(Struct):
+    """The one frame a client sends on ``/p2pcompute/adverts-sync/1.0.0``: how many adverts it wants."""
+
+    version: Annotated[int, Range(1, 1)] = 1
+    max_adverts: Annotated[int, Range(1, MAX_SYNC_ADVERTS)]
 
 
 @dataclass(frozen=True, slots=True)

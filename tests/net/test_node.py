@@ -53,7 +53,9 @@ async def _run_node(
 
 
 @asynccontextmanager
-async def open_peers(name: str, n: int, tmp_path: Path, **overrides: Any) -> AsyncIterator[list[Node]]:
+async def open_peers(
+    name: str, n: int, tmp_path: Path, *, bootstrap: Sequence[str] = (), **overrides: Any
+) -> AsyncIterator[list[Node]]:
     """n peers: peer 0 first, the others bootstrapping from it (as `p2pcompute node run` would)."""
     stop = trio.Event()
     nodes: list[Node] = []
@@ -67,8 +69,8 @@ async def open_peers(name: str, n: int, tmp_path: Path, **overrides: Any) -> Asy
     async with trio.open_nursery() as nursery:
         try:
             for i in range(n):
-                (tmp_path / f"peer-{i}").mkdir()
-                boot = host_addrs(nodes[0].host)[:1] if nodes else []
+                (tmp_path / f"peer-{i}").mkdir(parents=True)
+                boot = host_addrs(nodes[0].host)[:1] if nodes else bootstrap
                 nodes.append(await nursery.start(_run_node, _seed(name, i), config(i, boot), stop))
             yield nodes
         finally:
@@ -98,6 +100,35 @@ async def test_adverts_reach_every_peer(tmp_path: Path) -> None:
             await nodes[3].wait_for(
                 lambda: (e := nodes[3].market.get(nodes[1].peer_id)) is not None and e.advert.slots_free == 0
             )
+
+
+async def test_a_late_joiner_catches_up_through_advert_sync(tmp_path: Path) -> None:
+    """Peers re-advertise only every 30 s here; a newcomer gets the existing adverts by asking (sync)."""
+    async with open_peers("late", 3, tmp_path) as nodes:
+        with trio.fail_after(WAIT_S):
+            for node in nodes:
+                await node.wait_for(lambda node=node: len(node.market) == 3)
+        before = {n.peer_id: n.metrics.registry.get_sample_value("p2pcompute_adverts_published_total") for n in nodes}
+        async with open_peers("late-joiner", 1, tmp_path / "joiner", bootstrap=host_addrs(nodes[0].host)[:1]) as (
+            joiner,
+        ):
+            with trio.fail_after(WAIT_S):
+                await joiner.wait_for(lambda: len(joiner.market) == 4)
+                for node in nodes:
+                    await node.wait_for(lambda node=node: joiner.peer_id in node.market)
+            # Nobody re-published to make that happen.
+            assert {
+                n.peer_id: n.metrics.registry.get_sample_value("p2pcompute_adverts_published_total") for n in nodes
+            } == before
+
+
+async def test_sync_serves_the_market(tmp_path: Path) -> None:
+    async with open_peers("sync", 2, tmp_path) as (a, b):
+        with trio.fail_after(WAIT_S):
+            await a.wait_for(lambda: len(a.market) == 2)
+            assert await b.sync_from(a.host.get_id()) == 0  # b already holds both: nothing new
+        held = {e.peer_id for e in a.market}
+        assert held == {a.peer_id, b.peer_id}
 
 
 def _advert(pair: KeyPair, now: int, **changes: Any) -> GpuAdvert:

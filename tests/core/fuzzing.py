@@ -10,7 +10,7 @@ from p2pcompute.core import codec
 from p2pcompute.core.envelope import open_envelope, seal
 from p2pcompute.core.identity import KeyPair
 from p2pcompute.core.messages import PeerRecord, decode_message, encode_message
-from tests.core.strategies import TEST_REGISTRY, Colour, Inner, Kitchen
+from tests.core.strategies import TEST_REGISTRY, Colour, Inner, Kitchen, sample_kitchen
 
 
 def _frames(data: bytes) -> list[bytes]:
@@ -38,20 +38,11 @@ def seed_corpus(pair: KeyPair) -> list[bytes]:
         seq=2,
         addrs=("/ip4/127.0.0.1/tcp/4001", "/ip4/10.0.0.1/tcp/4001"),
     )
-    kitchen = Kitchen(
-        id=b"\x02" * 16,
-        nonce=1,
-        expires_at=5,
-        sender=pair.peer_id,
-        count=1,
-        delta=-5,
-        ratio=0.5,
-        flag=True,
-        label="ok",
+    kitchen = sample_kitchen(
+        pair.peer_id,
         blob=b"\x00\x01",
         maybe=3,
         colour=Colour.GREEN,
-        inner=Inner(name="a", weight=1.0),
         items=(Inner(name="b", weight=2.0),),
         tags=("x", "y"),
     )

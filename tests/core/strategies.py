@@ -9,7 +9,9 @@ from typing import Annotated, Any, ClassVar
 
 from hypothesis import strategies as st
 
-from p2pcompute.core.identity import PeerId
+from p2pcompute.core import codec
+from p2pcompute.core.envelope import Envelope, signing_bytes
+from p2pcompute.core.identity import KeyPair, PeerId
 from p2pcompute.core.messages import DEFAULT_REGISTRY, U64, Message, MessageRegistry
 from p2pcompute.core.schema import (
     FieldType,
@@ -27,6 +29,7 @@ from p2pcompute.core.schema import (
     TStruct,
     TTuple,
     fields_of,
+    to_wire,
 )
 
 
@@ -64,6 +67,25 @@ class Kitchen(Message):
 
 
 TEST_REGISTRY: MessageRegistry = DEFAULT_REGISTRY.with_types(Kitchen)
+
+
+def sample_kitchen(sender: PeerId, **changes: Any) -> Kitchen:
+    """A fixed, valid Kitchen message."""
+    fields: dict[str, Any] = dict(
+        id=b"\x02" * 16, nonce=1, expires_at=5, sender=sender, count=1, delta=-5, ratio=0.5, flag=True, label="ok",
+        blob=b"", maybe=None, colour=Colour.RED, inner=Inner(name="a", weight=1.0), items=(), tags=(),
+    )  # fmt: skip
+    fields.update(changes)
+    return Kitchen(**fields)
+
+
+def sign_raw(pair: KeyPair, cls: type[Message], payload: bytes) -> bytes:
+    """Envelope bytes for ``payload`` signed by ``pair`` under ``cls``'s domain, with no checks at all:
+    how an attacker (or a buggy peer) can build what :func:`seal` refuses to."""
+    signature = pair.sign(signing_bytes(cls.DOMAIN, cls.TYPE, payload))
+    env = Envelope(public_key=pair.public_key, payload_type=cls.TYPE, payload=payload, signature=signature)
+    return codec.pack(to_wire(env))
+
 
 _CAP = 64  # keep generated sizes small
 

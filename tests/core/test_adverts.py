@@ -9,11 +9,12 @@ import pytest
 
 from p2pcompute.core import codec
 from p2pcompute.core.adverts import AdvertPolicy, MarketView, validate_advert
-from p2pcompute.core.envelope import Envelope, seal, signing_bytes
+from p2pcompute.core.envelope import Envelope, seal
 from p2pcompute.core.identity import KeyPair
 from p2pcompute.core.messages import Device, DeviceKind, GpuAdvert, PeerRecord, Software
 from p2pcompute.core.schema import to_wire
 from p2pcompute.errors import LocalProtocolError, Reason, RemoteProtocolError
+from tests.core.strategies import sign_raw
 
 NOW = 1_800_000_000_000
 WORKER = KeyPair.from_seed(b"\x11" * 32)
@@ -78,14 +79,7 @@ def test_unsigned_advert_is_rejected() -> None:
 
 def test_advert_signed_by_another_peer() -> None:
     # OTHER signs an advert that claims to be WORKER's.
-    payload = codec.pack(to_wire(advert()))
-    env = Envelope(
-        public_key=OTHER.public_key,
-        payload_type=GpuAdvert.TYPE,
-        payload=payload,
-        signature=OTHER.sign(signing_bytes(GpuAdvert.DOMAIN, GpuAdvert.TYPE, payload)),
-    )
-    assert reason(codec.pack(to_wire(env))) is Reason.SIGNER_MISMATCH
+    assert reason(sign_raw(OTHER, GpuAdvert, codec.pack(to_wire(advert())))) is Reason.SIGNER_MISMATCH
 
 
 def test_other_message_type_is_not_an_advert() -> None:

@@ -15,7 +15,7 @@ from p2pcompute.core.identity import KeyPair
 from p2pcompute.core.messages import DEFAULT_REGISTRY, PeerRecord, encode_message
 from p2pcompute.core.schema import to_wire
 from p2pcompute.errors import LocalProtocolError, Reason, RemoteProtocolError, SignatureError
-from tests.core.strategies import TEST_REGISTRY, Kitchen, structs
+from tests.core.strategies import TEST_REGISTRY, Kitchen, sample_kitchen, sign_raw, structs
 
 ALICE = KeyPair.from_seed(b"\x01" * 32)
 MALLORY = KeyPair.from_seed(b"\x02" * 32)
@@ -111,25 +111,7 @@ def test_relabelled_payload_type_is_wrong_domain() -> None:
 
 
 def _kitchen() -> Kitchen:
-    from tests.core.strategies import Colour, Inner
-
-    return Kitchen(
-        id=b"\x02" * 16,
-        nonce=1,
-        expires_at=5,
-        sender=ALICE.peer_id,
-        count=1,
-        delta=-5,
-        ratio=0.5,
-        flag=True,
-        label="ok",
-        blob=b"",
-        maybe=None,
-        colour=Colour.RED,
-        inner=Inner(name="a", weight=1.0),
-        items=(),
-        tags=(),
-    )
+    return sample_kitchen(ALICE.peer_id)
 
 
 def test_unknown_payload_type() -> None:
@@ -155,15 +137,8 @@ def test_truncated_and_trailing_bytes() -> None:
 
 def test_signer_different_from_claimed_peer_id() -> None:
     # Mallory signs a record that claims to be Alice's.
-    record = _record(peer_id=ALICE.peer_id)
-    payload = encode_message(record)
-    env = Envelope(
-        public_key=MALLORY.public_key,
-        payload_type=PeerRecord.TYPE,
-        payload=payload,
-        signature=MALLORY.sign(signing_bytes(PeerRecord.DOMAIN, PeerRecord.TYPE, payload)),
-    )
-    assert _reason(codec.pack(to_wire(env))) is Reason.SIGNER_MISMATCH
+    forged = sign_raw(MALLORY, PeerRecord, encode_message(_record(peer_id=ALICE.peer_id)))
+    assert _reason(forged) is Reason.SIGNER_MISMATCH
 
 
 def test_expected_signer() -> None:
@@ -180,14 +155,8 @@ def test_seal_refuses_to_sign_for_another_peer() -> None:
 
 def test_payload_schema_errors_surface_after_signature() -> None:
     # A correctly signed payload that is not a valid PeerRecord: schema error, not a crash.
-    payload = codec.pack({**to_wire(_record()), "extra": 1})
-    env = Envelope(
-        public_key=ALICE.public_key,
-        payload_type=PeerRecord.TYPE,
-        payload=payload,
-        signature=ALICE.sign(signing_bytes(PeerRecord.DOMAIN, PeerRecord.TYPE, payload)),
-    )
-    assert _reason(codec.pack(to_wire(env))) is Reason.UNKNOWN_FIELD
+    data = sign_raw(ALICE, PeerRecord, codec.pack({**to_wire(_record()), "extra": 1}))
+    assert _reason(data) is Reason.UNKNOWN_FIELD
 
 
 def test_every_single_bit_flip_is_rejected() -> None:

@@ -21,7 +21,7 @@ from p2pcompute.core.messages import (
 )
 from p2pcompute.core.schema import fields_of, to_wire
 from p2pcompute.errors import LocalProtocolError, Reason, RemoteProtocolError, SchemaError
-from tests.core.strategies import TEST_REGISTRY, Colour, Inner, Kitchen, structs
+from tests.core.strategies import TEST_REGISTRY, Kitchen, sample_kitchen, structs
 
 
 @pytest.mark.parametrize("payload_type", sorted(TEST_REGISTRY))
@@ -138,23 +138,7 @@ def test_unsupported_version_is_reported_before_field_differences() -> None:
 
 
 def _kitchen_wire(**changes: Any) -> dict[str, Any]:
-    kitchen = Kitchen(
-        id=b"\x02" * 16,
-        nonce=1,
-        expires_at=5,
-        sender=PAIR.peer_id,
-        count=1,
-        delta=-5,
-        ratio=0.5,
-        flag=True,
-        label="ok",
-        blob=b"",
-        maybe=None,
-        colour=Colour.RED,
-        inner=Inner(name="a", weight=1.0),
-        items=(),
-        tags=(),
-    )
+    kitchen = sample_kitchen(PAIR.peer_id)
     wire = to_wire(kitchen)
     wire.update(changes)
     return wire

@@ -75,7 +75,7 @@ class NodeConfig:
             if not addr.startswith("/"):
                 raise ConfigError(f"{addr!r} is not a multiaddr (e.g. /ip4/127.0.0.1/tcp/4001)")
         for addr in self.bootstrap:
-            if "/p2p/" not in addr:
+            if "/p2p/" not in addr or "/" in addr.rsplit("/p2p/", 1)[1]:
                 raise ConfigError(f"bootstrap address {addr!r} must end in /p2p/<peer id>")
         if not 1 <= self.slots <= 1024:
             raise ConfigError(f"slots must be 1..1024, got {self.slots}")

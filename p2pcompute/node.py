@@ -60,6 +60,7 @@ SYNC_PEERS = 3  # peers asked at start
 MIN_RESYNC_INTERVAL_S = 30.0
 MAX_CONCURRENT_SYNCS = 8  # sync requests served at once; more are reset
 SYNC_REQUEST_MAX_BYTES = 256
+CONNECTION_HEADROOM = 32
 # Adverts refused for these reasons are not the forwarder's fault (see Node._validate_gossip).
 _IGNORED = frozenset({Reason.REPLAYED, Reason.STALE_SEQUENCE})
 _MAX_STATUS_REQUEST_BYTES = 16 * 1024
@@ -439,7 +440,8 @@ async def serve(config: NodeConfig, *, task_status: TaskStatus[NodeInfo] = trio.
         enable_mdns=config.mdns,
         low_watermark=config.connections_low,
         high_watermark=config.connections_high,
-        max_connections=max(config.connections_high, 1),
+        # Headroom above the pruning threshold: at max_connections the swarm refuses every new connection.
+        max_connections=config.connections_high + CONNECTION_HEADROOM,
     )
     async with open_host(keypair.seed, config.listen, config=host_config) as host:
         node = Node(config, keypair, hardware, host)

@@ -42,6 +42,7 @@ def test_file_then_overrides(tmp_path: Path) -> None:
         ('slots = "two"', "integer"),
         ("nonsense = 1", "unknown key"),
         ('bootstrap = ["/ip4/1.2.3.4/tcp/1"]', "/p2p/"),
+        ('bootstrap = ["/ip4/1.2.3.4/p2p/12D3KooWA4Xop1JaT3MHxwYMkCepYsv4iPVopMXwCz5iHYdBfeSB/tcp/1"]', "/p2p/"),
         ('listen = ["127.0.0.1:4001"]', "multiaddr"),
         ("price = -1", "price"),
         ('price = "abc"', "not a number"),

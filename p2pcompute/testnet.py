@@ -32,7 +32,8 @@ __all__ = ["PeerProcess", "TestnetConfig", "TestnetError", "TestnetReport", "run
 
 log = logging.getLogger(__name__)
 
-READY_TIMEOUT_S = 60.0  # one peer process from spawn to "ready"
+READY_TIMEOUT_S = 60.0  # one peer process from spawn to "ready" ...
+READY_TIMEOUT_PER_PEER_S = 2.0  # ... plus this much per peer of the testnet
 STOP_TIMEOUT_S = 15.0  # SIGINT to exit, before SIGKILL
 POLL_INTERVAL_S = 0.25  # status polling while waiting for convergence
 START_CONCURRENCY = 6  # peer processes starting at once (each imports libp2p: CPU-bound)
@@ -186,7 +187,8 @@ async def _start_peer(
     peer = PeerProcess(index=index, data_dir=data_dir, process=process)
     nursery.start_soon(_read_events, peer)
     nursery.start_soon(_read_stderr, peer)
-    with trio.move_on_after(READY_TIMEOUT_S):
+    # Start-up competes for the CPU with every peer already running: allow more time in larger testnets.
+    with trio.move_on_after(READY_TIMEOUT_S + READY_TIMEOUT_PER_PEER_S * config.peers):
         async with trio.open_nursery() as waiter:
 
             async def exited() -> None:
@@ -200,6 +202,7 @@ async def _start_peer(
             waiter.start_soon(exited)
             waiter.start_soon(ready)
     if not peer.ready.is_set():
+        await _stop_peers([peer])
         await trio.sleep(0.2)  # let the stderr reader catch the last lines
         tail = "\n    ".join(peer.stderr_tail[-8:])
         raise TestnetError(f"peer {index} did not become ready (exit code {process.returncode}):\n    {tail}")
@@ -249,6 +252,8 @@ async def run_testnet(config: TestnetConfig, *, on_started: Any = None) -> Testn
         await trio.to_thread.run_sync(lambda: load_or_probe(shared))
         hardware = shared / CACHE_FILE
         start = trio.current_time()
+        failure: TestnetError | None = None
+        report: TestnetReport | None = None
         async with trio.open_nursery() as nursery:
             try:
                 first = await _start_peer(nursery, 0, base, (), config, hardware)
@@ -273,9 +278,14 @@ async def run_testnet(config: TestnetConfig, *, on_started: Any = None) -> Testn
                 if on_started is not None:
                     on_started(peers)
                 report = await _await_convergence(config, peers, startup_s)
+            except TestnetError as exc:
+                failure = exc  # raised below, outside the nursery, as itself rather than in an ExceptionGroup
             finally:
                 await _stop_peers(peers)
                 nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        assert report is not None
         return report
     finally:
         if owned_dir:

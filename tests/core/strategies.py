@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from p2pcompute.core import codec
 from p2pcompute.core.envelope import Envelope, signing_bytes
 from p2pcompute.core.identity import KeyPair, PeerId
-from p2pcompute.core.messages import DEFAULT_REGISTRY, U64, Message, MessageRegistry
+from p2pcompute.core.messages import DEFAULT_REGISTRY, U64, Message, MessageRegistry, PeerRecord
 from p2pcompute.core.schema import (
     FieldType,
     Range,
@@ -67,6 +67,16 @@ class Kitchen(Message):
 
 
 TEST_REGISTRY: MessageRegistry = DEFAULT_REGISTRY.with_types(Kitchen)
+
+
+def sample_record(pair: KeyPair, **changes: Any) -> PeerRecord:
+    """A fixed, valid PeerRecord of ``pair``."""
+    fields: dict[str, Any] = dict(
+        id=b"\x01" * 16, nonce=7, expires_at=1_700_000_000_000, peer_id=pair.peer_id, seq=3,
+        addrs=("/ip4/127.0.0.1/tcp/4001",),
+    )  # fmt: skip
+    fields.update(changes)
+    return PeerRecord(**fields)
 
 
 def sample_kitchen(sender: PeerId, **changes: Any) -> Kitchen:

@@ -15,23 +15,14 @@ from p2pcompute.core.identity import KeyPair
 from p2pcompute.core.messages import DEFAULT_REGISTRY, PeerRecord, encode_message
 from p2pcompute.core.schema import to_wire
 from p2pcompute.errors import LocalProtocolError, Reason, RemoteProtocolError, SignatureError
-from tests.core.strategies import TEST_REGISTRY, Kitchen, sample_kitchen, sign_raw, structs
+from tests.core.strategies import TEST_REGISTRY, Kitchen, sample_kitchen, sample_record, sign_raw, structs
 
 ALICE = KeyPair.from_seed(b"\x01" * 32)
 MALLORY = KeyPair.from_seed(b"\x02" * 32)
 
 
 def _record(pair: KeyPair = ALICE, **changes: Any) -> PeerRecord:
-    fields: dict[str, Any] = dict(
-        id=b"\x01" * 16,
-        nonce=7,
-        expires_at=1_700_000_000_000,
-        peer_id=pair.peer_id,
-        seq=3,
-        addrs=("/ip4/127.0.0.1/tcp/4001",),
-    )
-    fields.update(changes)
-    return PeerRecord(**fields)
+    return sample_record(pair, **changes)
 
 
 def _envelope(**changes: Any) -> bytes:

@@ -21,7 +21,7 @@ from p2pcompute.core.messages import (
 )
 from p2pcompute.core.schema import fields_of, to_wire
 from p2pcompute.errors import LocalProtocolError, Reason, RemoteProtocolError, SchemaError
-from tests.core.strategies import TEST_REGISTRY, Kitchen, sample_kitchen, structs
+from tests.core.strategies import TEST_REGISTRY, Kitchen, sample_kitchen, sample_record, structs
 
 
 @pytest.mark.parametrize("payload_type", sorted(TEST_REGISTRY))
@@ -64,16 +64,7 @@ PAIR = KeyPair.from_seed(bytes(range(32)))
 
 
 def _record(**changes: Any) -> PeerRecord:
-    fields: dict[str, Any] = dict(
-        id=b"\x01" * 16,
-        nonce=7,
-        expires_at=1_700_000_000_000,
-        peer_id=PAIR.peer_id,
-        seq=3,
-        addrs=("/ip4/127.0.0.1/tcp/4001",),
-    )
-    fields.update(changes)
-    return PeerRecord(**fields)
+    return sample_record(PAIR, **changes)
 
 
 def _wire(**changes: Any) -> dict[str, Any]:

@@ -30,7 +30,7 @@ def test_testnet_of_five_converges(tmp_path: Path) -> None:
     data = json.loads(report.read_text())
     assert data["peers"] == 5
     assert data["converged"] is True
-    assert data["convergence_seconds"] >= 0
+    assert isinstance(data["convergence_seconds"], float)
     assert len(data["peer_ids"]) == 5
     assert sorted(data["adverts_per_peer"].values()) == [5] * 5
     for peer_id in data["peer_ids"]:  # the table lists every peer (by the tail of its id)

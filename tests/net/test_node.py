@@ -63,7 +63,8 @@ async def open_peers(
     def config(i: int, bootstrap: Sequence[str]) -> NodeConfig:
         return NodeConfig(
             data_dir=tmp_path / f"peer-{i}", listen=LOOPBACK, bootstrap=tuple(bootstrap), status_port=0,
-            advertise_interval=overrides.get("advertise_interval", 30.0), advert_ttl=60.0, slots=2,
+            advertise_interval=overrides.get("advertise_interval", 30.0),
+            advert_ttl=overrides.get("advert_ttl", 60.0), slots=2,
         ).validate()  # fmt: skip
 
     async with trio.open_nursery() as nursery:
@@ -104,14 +105,20 @@ async def test_adverts_reach_every_peer(tmp_path: Path) -> None:
 
 async def test_a_late_joiner_catches_up_through_advert_sync(tmp_path: Path) -> None:
     """Peers re-advertise only every 30 s here; a newcomer gets the existing adverts by asking (sync)."""
-    async with open_peers("late", 3, tmp_path) as nodes:
+    # Re-advertising every 300 s: within the test, every advert after the first must come through sync.
+    async with open_peers("late", 3, tmp_path, advertise_interval=300.0, advert_ttl=600.0) as nodes:
         with trio.fail_after(WAIT_S):
             for node in nodes:
                 await node.wait_for(lambda node=node: len(node.market) == 3)
         before = {n.peer_id: n.metrics.registry.get_sample_value("p2pcompute_adverts_published_total") for n in nodes}
-        async with open_peers("late-joiner", 1, tmp_path / "joiner", bootstrap=host_addrs(nodes[0].host)[:1]) as (
-            joiner,
-        ):
+        async with open_peers(
+            "late-joiner",
+            1,
+            tmp_path / "joiner",
+            bootstrap=host_addrs(nodes[0].host)[:1],
+            advertise_interval=300.0,
+            advert_ttl=600.0,
+        ) as (joiner,):
             with trio.fail_after(WAIT_S):
                 await joiner.wait_for(lambda: len(joiner.market) == 4)
                 for node in nodes:

@@ -30,7 +30,8 @@ def test_testnet_of_five_converges(tmp_path: Path) -> None:
     data = json.loads(report.read_text())
     assert data["peers"] == 5
     assert data["converged"] is True
-    assert isinstance(data["convergence_seconds"], float)
+    convergence = data["convergence_seconds"]  # a figure for the report, not a limit the test judges
+    assert isinstance(convergence, float)
     assert len(data["peer_ids"]) == 5
     assert sorted(data["adverts_per_peer"].values()) == [5] * 5
     for peer_id in data["peer_ids"]:  # the table lists every peer (by the tail of its id)

@@ -180,7 +180,7 @@ class Node:
             opened = validate_advert(data, now, self.market.policy)
             if opened.signer.raw != origin.to_bytes():
                 raise SignatureError(Reason.SIGNER_MISMATCH, "advert re-published by a peer other than its signer")
-            self.market.offer(data, now)
+            self.market.admit(opened, now)
         except ReplayError as exc:
             if exc.reason not in _IGNORED:
                 self._reject(origin, exc)

@@ -113,7 +113,13 @@ class MarketView:
         Raises :class:`RemoteProtocolError`; besides :func:`validate_advert`'s reasons, ``replayed``
         (the same sequence number again) and ``stale_sequence`` (older than the one held).
         """
-        opened = validate_advert(data, now, self.policy)
+        return self.admit(validate_advert(data, now, self.policy), now)
+
+    def admit(self, opened: Opened[GpuAdvert], now: int) -> MarketEntry:
+        """Keep an advert already checked by :func:`validate_advert` if it is its peer's newest.
+
+        Raises :class:`ReplayError` ``replayed`` or ``stale_sequence``.
+        """
         advert = opened.message
         peer = opened.signer
         held = self._entries.get(peer)

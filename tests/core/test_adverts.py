@@ -188,3 +188,12 @@ def test_adverts_are_newest_first() -> None:
     market.offer(sealed(seq=1, issued_at=NOW - 5000), NOW)
     market.offer(sealed(OTHER, seq=1, issued_at=NOW - 1000), NOW)
     assert [e.peer_id for e in market.adverts(NOW)] == [OTHER.peer_id, WORKER.peer_id]
+
+
+def test_admit_takes_an_already_validated_advert() -> None:
+    market = MarketView()
+    opened = validate_advert(sealed(seq=3), NOW)
+    assert market.admit(opened, NOW).advert.seq == 3
+    with pytest.raises(RemoteProtocolError) as info:
+        market.admit(validate_advert(sealed(seq=2), NOW), NOW)
+    assert info.value.reason is Reason.STALE_SEQUENCE

@@ -12,13 +12,21 @@ machine-readable :class:`Reason` code (the codes are listed in ``specs/00-conven
     │   ├── DiscoveryError          a bad capability name
     │   └── GossipError             a publish could not be made
     │       └── MessageTooLarge     over the gossip message size cap
+    ├── JobError                    a job could not be run, negotiated or verified (the client's view)
+    │   ├── ExecutionError          the executor could not finish a job (wall time, memory, crash)
+    │   ├── NegotiationFailed       a worker declined, failed, timed out, or broke the protocol
+    │   ├── NoWorkersError          no advertised worker fits the job's requirements
+    │   └── VerificationError       results disagree and no quorum was reached
+    ├── StoreError                  the SQLite store or the ledger is unusable or tampered with
     ├── LocalProtocolError          *we* tried to do something the protocol forbids (a bug on our side)
     └── RemoteProtocolError         a *peer* sent something the protocol forbids; drop it, log it, carry on
         ├── FramingError            length prefix over the limit, truncated frame
         ├── DecodeError             not canonical msgpack within limits (malformed, trailing bytes, too deep, ...)
         ├── SchemaError             decoded fine, but not a valid message (unknown/missing field, wrong type, ...)
         ├── SignatureError          envelope signature, domain, key or signer does not check out
-        └── ReplayError             replayed, expired or too-far-future message
+        ├── ReplayError             replayed, expired or too-far-future message
+        ├── JobFormatError          a job spec or tensor breaks the job format or its limits (hostile payloads)
+        └── TransferError           a data-channel transfer broke (bad token, hash/size mismatch, cut short)
 
 The split between local and remote protocol errors follows h11: a ``RemoteProtocolError`` is the
 peer's fault and must never crash a peer; a ``LocalProtocolError`` is ours.
@@ -31,6 +39,14 @@ from typing import ClassVar
 
 __all__ = [
     "ConfigError",
+    "ExecutionError",
+    "JobError",
+    "JobFormatError",
+    "NegotiationFailed",
+    "NoWorkersError",
+    "StoreError",
+    "TransferError",
+    "VerificationError",
     "DecodeError",
     "DialError",
     "DiscoveryError",
@@ -103,6 +119,44 @@ class Reason(StrEnum):
     BAD_CAPABILITY = "bad_capability"
     PUBLISH_FAILED = "publish_failed"
     MESSAGE_TOO_LARGE = "message_too_large"
+    # job format and safety (specs/job-format.md)
+    UNKNOWN_OP = "unknown_op"
+    BAD_ARGUMENT = "bad_argument"
+    BAD_GRAPH = "bad_graph"
+    TOO_MANY_OPS = "too_many_ops"
+    TENSOR_TOO_LARGE = "tensor_too_large"
+    MEMORY_LIMIT = "memory_limit"
+    OUTPUT_TOO_LARGE = "output_too_large"
+    BAD_DTYPE = "bad_dtype"
+    HASH_MISMATCH = "hash_mismatch"
+    SHAPE_MISMATCH = "shape_mismatch"
+    MISSING_TENSOR = "missing_tensor"
+    NOT_EXPORTABLE = "not_exportable"
+    # execution (compute/executor.py)
+    WALL_TIME = "wall_time"
+    WORKER_CRASHED = "worker_crashed"
+    EXECUTION_FAILED = "execution_failed"
+    EXECUTOR_CLOSED = "executor_closed"
+    # negotiation (specs/negotiation.md)
+    BAD_TRANSITION = "bad_transition"
+    UNEXPECTED_MESSAGE = "unexpected_message"
+    CHAIN_MISMATCH = "chain_mismatch"
+    TERMS_MISMATCH = "terms_mismatch"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+    DECLINED = "declined"
+    JOB_FAILED = "job_failed"
+    # tensor transfer (specs/negotiation.md §Data channel)
+    BAD_TOKEN = "bad_token"
+    TRANSFER_FAILED = "transfer_failed"
+    # client (p2pcompute/client.py)
+    NO_WORKERS = "no_workers"
+    ALL_ATTEMPTS_FAILED = "all_attempts_failed"
+    # verification, reputation and ledger (specs/verification.md, specs/ledger.md)
+    NO_QUORUM = "no_quorum"
+    BAD_EVIDENCE = "bad_evidence"
+    CHAIN_BROKEN = "chain_broken"
+    STORE_FAILED = "store_failed"
 
 
 class P2PComputeError(Exception):
@@ -193,3 +247,35 @@ class SignatureError(RemoteProtocolError):
 
 class ReplayError(RemoteProtocolError):
     """A message was seen before, has expired, or claims an expiry too far ahead."""
+
+
+class JobFormatError(RemoteProtocolError):
+    """A job spec or a tensor breaks the job format or its limits (specs/job-format.md)."""
+
+
+class TransferError(RemoteProtocolError):
+    """A data-channel transfer failed its checks: bad token, size or hash mismatch, cut short."""
+
+
+class JobError(P2PComputeError):
+    """A job could not be run, negotiated or verified."""
+
+
+class ExecutionError(JobError):
+    """The executor could not finish a job: wall time, memory limit, a crash or a failing op."""
+
+
+class NegotiationFailed(JobError):
+    """A negotiation with one worker ended without a usable result (declined, failed, timed out, broke protocol)."""
+
+
+class NoWorkersError(JobError):
+    """No advertised worker fits the job's requirements (or every fitting worker was tried)."""
+
+
+class VerificationError(JobError):
+    """Redundant results disagree and no quorum was reached within the escalation bound."""
+
+
+class StoreError(P2PComputeError):
+    """The SQLite store or the ledger is unusable, or a hash chain does not check out."""

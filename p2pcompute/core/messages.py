@@ -25,10 +25,23 @@ from typing import Annotated, ClassVar, TypeVar
 from p2pcompute.core import codec
 from p2pcompute.core.identity import PeerId
 from p2pcompute.core.schema import U32_MAX, U64_MAX, Range, Size, Struct, from_wire, to_wire
+from p2pcompute.core.tensors import Digest, TensorMeta
 from p2pcompute.errors import LocalProtocolError, Reason, SchemaError
 
 __all__ = [
     "DEFAULT_REGISTRY",
+    "JOB_MESSAGES",
+    "DeclineReason",
+    "JobAccept",
+    "JobDecline",
+    "JobFailed",
+    "JobOffer",
+    "JobReceipt",
+    "JobRejection",
+    "JobRequest",
+    "JobResult",
+    "Requirements",
+    "Timings",
     "MESSAGE_ID_SIZE",
     "Device",
     "DeviceKind",
@@ -197,4 +210,191 @@ class MessageRegistry(Mapping[str, type[Message]]):
         return MessageRegistry(*self._by_type.values(), *classes)
 
 
-DEFAULT_REGISTRY = MessageRegistry(PeerRecord, GpuAdvert)
+# --- job negotiation (specs/negotiation.md) -------------------------------------------------------------------
+#
+# One negotiation between a client and a worker is named by ``id`` (16 random bytes chosen by the client);
+# every message after the request names the SHA-256 of the envelope before it (``*_hash``), so the whole
+# exchange can be checked offline. Prices are micro-credits for the whole job (1 credit = 1,000,000).
+
+HardwareClass = Annotated[str, Size(1, 256)]
+ReasonText = Annotated[str, Size(1, 64)]
+DetailText = Annotated[str, Size(0, 512)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Requirements(Struct):
+    """What a job needs from a worker, as the client measured it (dry run on the meta device)."""
+
+    device_kind: DeviceKind | None
+    memory_bytes: U64
+    input_bytes: U64
+    output_bytes: U64
+    op_count: U32
+    flops: U64
+
+
+@dataclass(frozen=True, kw_only=True)
+class Timings(Struct):
+    """Where a job's time went on the worker, in milliseconds."""
+
+    queue_ms: U32
+    load_ms: U32
+    exec_ms: U32
+    total_ms: U32
+
+
+class DeclineReason(StrEnum):
+    BUSY = "busy"
+    PRICE_TOO_LOW = "price_too_low"
+    UNSUPPORTED = "unsupported"
+    TOO_LARGE = "too_large"
+    DEADLINE = "deadline"
+    CLIENT_OWES = "client_owes"
+    BAD_JOB = "bad_job"
+    SHUTTING_DOWN = "shutting_down"
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobRequest(Message):
+    """Client → worker: run the job whose spec hashes to ``job_digest`` for at most ``max_price``, by ``deadline``."""
+
+    TYPE: ClassVar[str] = "p2pcompute/job-request"
+    DOMAIN: ClassVar[str] = "p2pcompute/job-request/v1"
+    SIGNER_FIELD: ClassVar[str] = "client"
+
+    client: PeerId
+    worker: PeerId
+    job_digest: Digest
+    spec_size: U32
+    requirements: Requirements
+    max_price: U64
+    deadline: U64
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobOffer(Message):
+    """Worker → client: the worker will run the job for ``price``, expecting to take ``expected_ms``."""
+
+    TYPE: ClassVar[str] = "p2pcompute/job-offer"
+    DOMAIN: ClassVar[str] = "p2pcompute/job-offer/v1"
+    SIGNER_FIELD: ClassVar[str] = "worker"
+
+    worker: PeerId
+    client: PeerId
+    request_hash: Digest
+    job_digest: Digest
+    price: U64
+    expected_ms: U32
+    hardware_class: HardwareClass
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobDecline(Message):
+    """Worker → client: the worker will not run the job, and why."""
+
+    TYPE: ClassVar[str] = "p2pcompute/job-decline"
+    DOMAIN: ClassVar[str] = "p2pcompute/job-decline/v1"
+    SIGNER_FIELD: ClassVar[str] = "worker"
+
+    worker: PeerId
+    client: PeerId
+    request_hash: Digest
+    reason: DeclineReason
+    detail: DetailText
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobAccept(Message):
+    """Client → worker: agreement to the offer; names the request and the offer, and repeats the terms."""
+
+    TYPE: ClassVar[str] = "p2pcompute/job-accept"
+    DOMAIN: ClassVar[str] = "p2pcompute/job-accept/v1"
+    SIGNER_FIELD: ClassVar[str] = "client"
+
+    client: PeerId
+    worker: PeerId
+    request_hash: Digest
+    offer_hash: Digest
+    job_digest: Digest
+    price: U64
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobResult(Message):
+    """Worker → client: the worker's signed attestation of the outputs it computed (the evidence unit)."""
+
+    TYPE: ClassVar[str] = "p2pcompute/job-result"
+    DOMAIN: ClassVar[str] = "p2pcompute/job-result/v1"
+    SIGNER_FIELD: ClassVar[str] = "worker"
+
+    worker: PeerId
+    client: PeerId
+    accept_hash: Digest
+    job_digest: Digest
+    output_digest: Digest
+    outputs: Annotated[tuple[TensorMeta, ...], Size(0, 64)]
+    hardware_class: HardwareClass
+    timings: Timings
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobFailed(Message):
+    """Worker → client: the accepted job could not be finished (wall time, memory, a failing op ...)."""
+
+    TYPE: ClassVar[str] = "p2pcompute/job-failed"
+    DOMAIN: ClassVar[str] = "p2pcompute/job-failed/v1"
+    SIGNER_FIELD: ClassVar[str] = "worker"
+
+    worker: PeerId
+    client: PeerId
+    accept_hash: Digest
+    job_digest: Digest
+    reason: ReasonText
+    detail: DetailText
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobReceipt(Message):
+    """Client → worker: payment acknowledgement for a result that passed verification."""
+
+    TYPE: ClassVar[str] = "p2pcompute/job-receipt"
+    DOMAIN: ClassVar[str] = "p2pcompute/job-receipt/v1"
+    SIGNER_FIELD: ClassVar[str] = "client"
+
+    client: PeerId
+    worker: PeerId
+    result_hash: Digest
+    job_digest: Digest
+    output_digest: Digest
+    price: U64
+    issued_at: U64
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobRejection(Message):
+    """Client → worker: the result was not accepted (failed its checks or verification); nothing is owed."""
+
+    TYPE: ClassVar[str] = "p2pcompute/job-rejection"
+    DOMAIN: ClassVar[str] = "p2pcompute/job-rejection/v1"
+    SIGNER_FIELD: ClassVar[str] = "client"
+
+    client: PeerId
+    worker: PeerId
+    result_hash: Digest
+    job_digest: Digest
+    reason: ReasonText
+    detail: DetailText
+
+
+JOB_MESSAGES: tuple[type[Message], ...] = (
+    JobRequest,
+    JobOffer,
+    JobDecline,
+    JobAccept,
+    JobResult,
+    JobFailed,
+    JobReceipt,
+    JobRejection,
+)
+
+DEFAULT_REGISTRY = MessageRegistry(PeerRecord, GpuAdvert, *JOB_MESSAGES)

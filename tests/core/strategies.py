@@ -12,7 +12,17 @@ from hypothesis import strategies as st
 from p2pcompute.core import codec
 from p2pcompute.core.envelope import Envelope, signing_bytes
 from p2pcompute.core.identity import KeyPair, PeerId
-from p2pcompute.core.messages import DEFAULT_REGISTRY, U64, Message, MessageRegistry, PeerRecord
+from p2pcompute.core.messages import (
+    DEFAULT_REGISTRY,
+    U64,
+    Device,
+    DeviceKind,
+    GpuAdvert,
+    Message,
+    MessageRegistry,
+    PeerRecord,
+    Software,
+)
 from p2pcompute.core.schema import (
     FieldType,
     Range,
@@ -77,6 +87,38 @@ def sample_record(pair: KeyPair, **changes: Any) -> PeerRecord:
     )  # fmt: skip
     fields.update(changes)
     return PeerRecord(**fields)
+
+
+SAMPLE_DEVICE = Device(
+    kind=DeviceKind.CUDA,
+    name="NVIDIA H100 80GB HBM3",
+    memory_bytes=80 * 2**30,
+    free_memory_bytes=79 * 2**30,
+    tflops=51.2,
+    compute_capability="9.0",
+    cores=132,
+)
+SAMPLE_SOFTWARE = Software(p2pcompute="0.1.0", torch="2.13.0", cuda="12.8", python="3.11.7")
+
+
+def sample_advert(pair: KeyPair, now: int, **changes: Any) -> GpuAdvert:
+    """A fixed, valid GpuAdvert of ``pair`` issued at ``now``."""
+    fields: dict[str, Any] = dict(
+        id=b"\x0a" * 16,
+        nonce=1,
+        expires_at=now + 60_000,
+        peer_id=pair.peer_id,
+        seq=100,
+        issued_at=now,
+        addrs=("/ip4/127.0.0.1/tcp/4001",),
+        devices=(SAMPLE_DEVICE,),
+        price_per_second=2000,
+        slots_total=4,
+        slots_free=3,
+        software=SAMPLE_SOFTWARE,
+    )
+    fields.update(changes)
+    return GpuAdvert(**fields)
 
 
 def sample_kitchen(sender: PeerId, **changes: Any) -> Kitchen:

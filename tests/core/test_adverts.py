@@ -11,44 +11,21 @@ from p2pcompute.core import codec
 from p2pcompute.core.adverts import AdvertPolicy, MarketView, validate_advert
 from p2pcompute.core.envelope import Envelope, seal
 from p2pcompute.core.identity import KeyPair
-from p2pcompute.core.messages import Device, DeviceKind, GpuAdvert, PeerRecord, Software
+from p2pcompute.core.messages import GpuAdvert, PeerRecord
 from p2pcompute.core.schema import to_wire
 from p2pcompute.errors import LocalProtocolError, Reason, RemoteProtocolError
-from tests.core.strategies import sign_raw
+from tests.core.strategies import SAMPLE_DEVICE, SAMPLE_SOFTWARE, sample_advert, sign_raw
 
 NOW = 1_800_000_000_000
 WORKER = KeyPair.from_seed(b"\x11" * 32)
 OTHER = KeyPair.from_seed(b"\x12" * 32)
 
-DEVICE = Device(
-    kind=DeviceKind.CUDA,
-    name="NVIDIA H100 80GB HBM3",
-    memory_bytes=80 * 2**30,
-    free_memory_bytes=79 * 2**30,
-    tflops=51.2,
-    compute_capability="9.0",
-    cores=132,
-)
-SOFTWARE = Software(p2pcompute="0.1.0", torch="2.13.0", cuda="12.8", python="3.11.7")
+DEVICE = SAMPLE_DEVICE
+SOFTWARE = SAMPLE_SOFTWARE
 
 
 def advert(pair: KeyPair = WORKER, **changes: Any) -> GpuAdvert:
-    fields: dict[str, Any] = dict(
-        id=b"\x0a" * 16,
-        nonce=1,
-        expires_at=NOW + 60_000,
-        peer_id=pair.peer_id,
-        seq=100,
-        issued_at=NOW,
-        addrs=("/ip4/127.0.0.1/tcp/4001",),
-        devices=(DEVICE,),
-        price_per_second=2000,
-        slots_total=4,
-        slots_free=3,
-        software=SOFTWARE,
-    )
-    fields.update(changes)
-    return GpuAdvert(**fields)
+    return sample_advert(pair, NOW, **changes)
 
 
 def sealed(pair: KeyPair = WORKER, **changes: Any) -> bytes:

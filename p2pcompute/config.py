@@ -14,6 +14,8 @@ Example ``node.toml`` (every key optional)::
     mdns = false
     connections_low = 16     # the host dials known peers while it has fewer than (low + high) / 2
     connections_high = 96    # ... and prunes connections above this
+    serve_jobs = true        # run jobs for others (false: a bootstrap/relay-only peer)
+    job_memory_bytes = 4294967296  # the most memory one job may use
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ class NodeConfig:
     # Connection manager: below (low + high) / 2 connections the host dials known peers; above high it prunes.
     connections_low: int = 16
     connections_high: int = 96
+    serve_jobs: bool = True  # run jobs for others (a worker); false: a relay/bootstrap-only peer
+    job_memory_bytes: int = 4 * 1024**3  # the most memory one job may use on this worker
 
     def validate(self) -> NodeConfig:
         if not self.listen:
@@ -89,6 +93,8 @@ class NodeConfig:
             )
         if not 0 <= self.connections_low <= self.connections_high <= 1024:
             raise ConfigError("need 0 <= connections_low <= connections_high <= 1024")
+        if self.job_memory_bytes < 1024**2:
+            raise ConfigError(f"job_memory_bytes must be at least 1 MiB, got {self.job_memory_bytes}")
         if not 0 <= self.status_port <= 65535:
             raise ConfigError(f"status_port must be 0..65535, got {self.status_port}")
         if self.log_level not in LOG_LEVELS:
@@ -120,13 +126,20 @@ def _from_mapping(base: NodeConfig, values: dict[str, Any], where: str) -> NodeC
                 if isinstance(value, str):
                     value = [value]
                 changes[key] = tuple(str(v) for v in value)
-            elif key in ("slots", "status_port", "price_per_second", "connections_low", "connections_high"):
+            elif key in (
+                "slots",
+                "status_port",
+                "price_per_second",
+                "connections_low",
+                "connections_high",
+                "job_memory_bytes",
+            ):
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise ConfigError(f"{where}: {key} must be an integer")
                 changes[key] = value
             elif key in ("advertise_interval", "advert_ttl"):
                 changes[key] = float(value)
-            elif key in ("mdns", "probe_benchmark"):
+            elif key in ("mdns", "probe_benchmark", "serve_jobs"):
                 if not isinstance(value, bool):
                     raise ConfigError(f"{where}: {key} must be true or false")
                 changes[key] = value

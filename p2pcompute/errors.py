@@ -146,9 +146,11 @@ class Reason(StrEnum):
     CANCELLED = "cancelled"
     DECLINED = "declined"
     JOB_FAILED = "job_failed"
+    STREAM_CLOSED = "stream_closed"
     # tensor transfer (specs/negotiation.md §Data channel)
     BAD_TOKEN = "bad_token"
     TRANSFER_FAILED = "transfer_failed"
+    UNEXPECTED_BLOB = "unexpected_blob"
     # client (p2pcompute/client.py)
     NO_WORKERS = "no_workers"
     ALL_ATTEMPTS_FAILED = "all_attempts_failed"

@@ -35,17 +35,26 @@ from p2pcompute.core.envelope import seal
 from p2pcompute.core.identity import KeyPair, PeerId
 from p2pcompute.core.messages import GpuAdvert
 from p2pcompute.core.schema import from_wire, to_wire
-from p2pcompute.errors import P2PComputeError, Reason, RemoteProtocolError, ReplayError, SignatureError
+from p2pcompute.errors import (
+    LocalProtocolError,
+    P2PComputeError,
+    Reason,
+    RemoteProtocolError,
+    ReplayError,
+    SignatureError,
+)
 from p2pcompute.keys import load_or_create_key
 from p2pcompute.net.discovery import Discovery, DiscoveryConfig
 from p2pcompute.net.gossip import Gossip, GossipConfig
 from p2pcompute.net.host import HostConfig, host_addrs, open_host
-from p2pcompute.net.protocols import ADVERTS_SYNC_PROTOCOL, ADVERTS_TOPIC
+from p2pcompute.net.protocols import ADVERTS_SYNC_PROTOCOL, ADVERTS_TOPIC, JOB_PROTOCOL
 from p2pcompute.net.stream import FramedStream
 
 if TYPE_CHECKING:
     # trio-typing (a py-libp2p dependency) ships trio stubs that do not export TaskStatus.
     from trio_typing import TaskStatus
+
+    from p2pcompute.worker import Worker
 
 __all__ = ["Node", "NodeInfo", "advert_table", "serve"]
 
@@ -61,6 +70,7 @@ MIN_RESYNC_INTERVAL_S = 30.0
 MAX_CONCURRENT_SYNCS = 8  # sync requests served at once; more are reset
 SYNC_REQUEST_MAX_BYTES = 256
 CONNECTION_HEADROOM = 32
+MIN_CAPACITY_ADVERT_S = 2.0  # least time between adverts caused by capacity changes
 # Adverts refused for these reasons are not the forwarder's fault (see Node._validate_gossip).
 _IGNORED = frozenset({Reason.REPLAYED, Reason.STALE_SEQUENCE})
 _MAX_STATUS_REQUEST_BYTES = 16 * 1024
@@ -114,7 +124,7 @@ class Node:
         self,
         config: NodeConfig,
         keypair: KeyPair,
-        hardware: HardwareReport,
+        hardware: HardwareReport | None,
         host: IHost,
         *,
         clock: Callable[[], int] = now_ms,
@@ -131,6 +141,8 @@ class Node:
         self.free_slots = config.slots
         self.started_at = time.time()
         self.status_port: int | None = None
+        self.worker: Worker | None = None
+        self._last_capacity_advert = 0.0
         self._seq = 0
         self._capacity_changed = trio.Event()
         self._gossip_seen = trio.Event()
@@ -144,6 +156,9 @@ class Node:
     # --- adverts ---
 
     def capabilities(self) -> list[str]:
+        """Device kinds this peer offers (none for a client-only peer, which has no hardware report)."""
+        if self.hardware is None:
+            return []
         return sorted({d.kind.value for d in self.hardware.devices})
 
     def set_free_slots(self, free: int) -> None:
@@ -153,6 +168,8 @@ class Node:
             self._capacity_changed.set()
 
     def make_advert(self, now: int) -> bytes:
+        if self.hardware is None:
+            raise LocalProtocolError(Reason.INCONSISTENT, "a client-only peer has no hardware to advertise")
         self._seq = max(self._seq + 1, now)  # seq = issue time in ms, strictly increasing across restarts
         advert = GpuAdvert(
             id=self._advert_id,
@@ -236,6 +253,9 @@ class Node:
                 log.warning("could not publish advert: %s", exc)
             with trio.move_on_after(self.config.advertise_interval):
                 await self._capacity_changed.wait()
+                # Capacity can change with every job: re-advertise at most every MIN_CAPACITY_ADVERT_S
+                # (each gossiped advert costs every peer CPU); the newest capacity goes out then.
+                await trio.sleep(MIN_CAPACITY_ADVERT_S)
 
     # --- advert sync: a joining peer catches up on the adverts others already hold ---
 
@@ -351,6 +371,7 @@ class Node:
             "routing_table_peers": len(self.discovery.routing_table_peers()),
             "capabilities": self.capabilities(),
             "free_slots": self.free_slots,
+            "jobs": self.worker.status() if self.worker is not None else None,
             "market": market,
         }
 
@@ -378,25 +399,38 @@ class Node:
 
     # --- lifecycle ---
 
-    async def run(self, *, task_status: TaskStatus[NodeInfo] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self,
+        *,
+        advertise: bool = True,
+        serve_status: bool = True,
+        task_status: TaskStatus[NodeInfo] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run every service; a client-only peer runs with ``advertise=False`` (it reads the market only)."""
         async with trio.open_nursery() as nursery:
             # Pubsub must run before any connection is made (0.8.1 ignores earlier connections).
             await nursery.start(self.gossip.run)
             await self.gossip.subscribe(ADVERTS_TOPIC, self._validate_gossip)
             self.host.set_stream_handler(ADVERTS_SYNC_PROTOCOL, self._handle_sync)  # before any dial
+            if self.worker is not None:
+                self.host.set_stream_handler(JOB_PROTOCOL, self.worker.handle_stream)
+                await nursery.start(self.worker.data.serve)
             await nursery.start(self.discovery.run)
-            self.status_port = await nursery.start(self._serve_status)
+            if serve_status:
+                self.status_port = await nursery.start(self._serve_status)
             nursery.start_soon(self._drain_gossip)
             nursery.start_soon(self._expire_market)
-            nursery.start_soon(self._advertise)
             nursery.start_soon(self._sync)
-            nursery.start_soon(self._provide)
+            if advertise:
+                nursery.start_soon(self._advertise)
+                nursery.start_soon(self._provide)
             info = NodeInfo(
                 peer_id=str(self.peer_id),
                 addrs=tuple(host_addrs(self.host)),
-                status_url=f"http://127.0.0.1:{self.status_port}/status",
+                status_url=f"http://127.0.0.1:{self.status_port}/status" if serve_status else "",
             )
-            _write_node_info(self.config.data_dir, info)
+            if serve_status:
+                _write_node_info(self.config.data_dir, info)
             task_status.started(info)
 
 
@@ -428,7 +462,16 @@ def _write_node_info(data_dir: Path, info: NodeInfo) -> None:
 
 
 async def serve(config: NodeConfig, *, task_status: TaskStatus[NodeInfo] = trio.TASK_STATUS_IGNORED) -> None:
-    """Run a peer with ``config`` until cancelled (the CLI cancels on SIGINT/SIGTERM)."""
+    """Run a peer with ``config`` until cancelled (the CLI cancels on SIGINT/SIGTERM).
+
+    With ``config.serve_jobs`` the peer is a worker: a warm executor pool (one child per slot), a data-channel
+    listener and the job protocol handler; accepted jobs are persisted in ``<data_dir>/store.sqlite3``.
+    """
+    from p2pcompute.compute.executor import open_executor
+    from p2pcompute.net.transfer import DataServer
+    from p2pcompute.store import STORE_FILE, open_store
+    from p2pcompute.worker import Worker, WorkerSettings
+
     config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     keypair, created = load_or_create_key(config.key_path)
     if created:
@@ -443,9 +486,41 @@ async def serve(config: NodeConfig, *, task_status: TaskStatus[NodeInfo] = trio.
         # Headroom above the pruning threshold: at max_connections the swarm refuses every new connection.
         max_connections=config.connections_high + CONNECTION_HEADROOM,
     )
-    async with open_host(keypair.seed, config.listen, config=host_config) as host:
-        node = Node(config, keypair, hardware, host)
-        await node.run(task_status=task_status)
+    store = open_store(config.data_dir / STORE_FILE)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            executor = None
+            if config.serve_jobs:
+                executor = await stack.enter_async_context(open_executor(workers=config.slots))
+            host = await stack.enter_async_context(open_host(keypair.seed, config.listen, config=host_config))
+            node = Node(config, keypair, hardware, host)
+            if executor is not None:
+                devices = hardware.devices
+                node.worker = Worker(
+                    keypair=keypair,
+                    executor=executor,
+                    store=store,
+                    data=DataServer(_listen_ip(config.listen)),
+                    settings=WorkerSettings(
+                        price_per_second=config.price_per_second,
+                        slots=config.slots,
+                        memory_bytes=min(config.job_memory_bytes, max(d.free_memory_bytes for d in devices)),
+                        device_kinds=frozenset(d.kind for d in devices),
+                        tflops=max(d.tflops for d in devices),
+                    ),
+                    clock=node.clock,
+                    on_capacity=node.set_free_slots,
+                )
+                node.worker.recover()
+            await node.run(task_status=task_status)
+    finally:
+        store.close()
+
+
+def _listen_ip(listen: tuple[str, ...]) -> str:
+    """The IP of the first listen address (where the data channel listens too)."""
+    parts = listen[0].split("/")
+    return parts[2] if len(parts) > 2 and parts[1] in ("ip4", "ip6") else "0.0.0.0"
 
 
 def advert_table(status: dict[str, Any]) -> list[dict[str, str]]:

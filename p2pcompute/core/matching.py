@@ -20,7 +20,8 @@ from p2pcompute.core.identity import PeerId
 from p2pcompute.core.messages import Device, GpuAdvert, Requirements
 
 __all__ = [
-    "MIN_JOB_PRICE",
+    "DEFAULT_MIN_PRICE",
+    "DEFAULT_OVERHEAD_MS",
     "Candidate",
     "MatchPolicy",
     "Rng",
@@ -30,9 +31,11 @@ __all__ = [
     "estimate_ms",
     "job_price",
     "requirements_fit",
+    "run_estimate_ms",
 ]
 
-MIN_JOB_PRICE = 1  # micro-credits: a job is never free, so a receipt always records a payment
+DEFAULT_MIN_PRICE = 1000  # micro-credits: the least a job costs (a worker may set its own floor)
+DEFAULT_OVERHEAD_MS = 200  # fixed per-job cost a worker charges for: loading, transfer set-up
 
 
 class Rng(Protocol):
@@ -43,9 +46,9 @@ class Rng(Protocol):
 class MatchPolicy:
     """Constants of the estimate: what a job costs beyond its FLOPs (figures in specs/negotiation.md)."""
 
-    overhead_ms: int = 50  # negotiation round trips and executor hand-over
+    overhead_ms: int = DEFAULT_OVERHEAD_MS  # what workers are assumed to charge for besides FLOPs
+    min_price: int = DEFAULT_MIN_PRICE  # the price floor workers are assumed to have
     bytes_per_ms: int = 200_000  # ~200 MB/s: the data channel on a LAN, conservatively
-    efficiency: float = 0.25  # fraction of the advertised matmul TFLOPS a general graph reaches
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,17 +93,25 @@ def _advert_group(advert: GpuAdvert) -> str:
     return address_group(advert.addrs[0])
 
 
+def run_estimate_ms(flops: int, tflops: float, overhead_ms: int = DEFAULT_OVERHEAD_MS) -> int:
+    """What a worker charges time for: the overhead plus ``flops`` at its measured TFLOPS (unknown: overhead only).
+
+    Client and worker use this one estimate, so the client can predict the price a worker will offer.
+    """
+    if tflops <= 0:
+        return overhead_ms
+    return overhead_ms + math.ceil(flops / (tflops * 1e9))
+
+
+def job_price(run_ms: int, price_per_second: int, min_price: int = DEFAULT_MIN_PRICE) -> int:
+    """Price of a job in micro-credits: the worker's rate times the run estimate, rounded up, never below the floor."""
+    return max(min_price, -(-run_ms * price_per_second // 1000))
+
+
 def estimate_ms(requirements: Requirements, device: Device, policy: MatchPolicy = MatchPolicy()) -> int:
-    """Expected wall time of a job on ``device``: compute at a fraction of its measured TFLOPS plus transfer."""
-    flops_per_ms = max(device.tflops, 1e-6) * 1e9 * policy.efficiency
-    compute = requirements.flops / flops_per_ms
+    """Expected wall time of a job on ``device`` as the client sees it: the run estimate plus the transfers."""
     transfer = (requirements.input_bytes + requirements.output_bytes) / policy.bytes_per_ms
-    return math.ceil(policy.overhead_ms + compute + transfer)
-
-
-def job_price(expected_ms: int, price_per_second: int) -> int:
-    """Price of a job in micro-credits: the worker's rate times the expected time, never below the minimum."""
-    return max(MIN_JOB_PRICE, -(-expected_ms * price_per_second // 1000))
+    return run_estimate_ms(requirements.flops, device.tflops, policy.overhead_ms) + math.ceil(transfer)
 
 
 def _fits(device: Device, requirements: Requirements) -> bool:
@@ -133,7 +144,8 @@ def eligible(
         if best is None:
             continue
         expected, device = best
-        price = job_price(expected, advert.price_per_second)
+        run_ms = run_estimate_ms(requirements.flops, device.tflops, policy.overhead_ms)
+        price = job_price(run_ms, advert.price_per_second, policy.min_price)
         if price > max_price:
             continue
         out.append(

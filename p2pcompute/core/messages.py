@@ -31,6 +31,8 @@ from p2pcompute.errors import LocalProtocolError, Reason, SchemaError
 __all__ = [
     "DEFAULT_REGISTRY",
     "JOB_MESSAGES",
+    "CheatingEvidence",
+    "ComparisonMode",
     "DeclineReason",
     "JobAccept",
     "JobDecline",
@@ -42,6 +44,8 @@ __all__ = [
     "JobResult",
     "Requirements",
     "Timings",
+    "MAX_EVIDENCE_RESULTS",
+    "MAX_RESULT_ENVELOPE_SIZE",
     "MESSAGE_ID_SIZE",
     "Device",
     "DeviceKind",
@@ -386,6 +390,39 @@ class JobRejection(Message):
     detail: DetailText
 
 
+class ComparisonMode(StrEnum):
+    """How redundant results of a job are compared (specs/verification.md §3)."""
+
+    EXACT = "exact"
+    TOLERANCE = "tolerance"
+
+
+MAX_EVIDENCE_RESULTS = 8
+MAX_RESULT_ENVELOPE_SIZE = 12_288  # a JobResult at its schema bounds seals to ~9.5 KiB
+ResultEnvelope = Annotated[bytes, Size(1, MAX_RESULT_ENVELOPE_SIZE)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheatingEvidence(Message):
+    """Reporter → anyone (gossip): ``accused`` signed a result for ``job_digest`` that other workers contradict.
+
+    Carries the accused's signed ``JobResult`` envelope and those of at least two agreeing workers, exactly as
+    received, so any peer can check every signature (specs/verification.md §5).
+    """
+
+    TYPE: ClassVar[str] = "p2pcompute/cheating-evidence"
+    DOMAIN: ClassVar[str] = "p2pcompute/cheating-evidence/v1"
+    SIGNER_FIELD: ClassVar[str] = "reporter"
+
+    reporter: PeerId
+    accused: PeerId
+    job_digest: Digest
+    comparison: ComparisonMode
+    accepted_output_digest: Digest
+    accused_result: ResultEnvelope
+    agreeing_results: Annotated[tuple[ResultEnvelope, ...], Size(2, MAX_EVIDENCE_RESULTS)]
+
+
 JOB_MESSAGES: tuple[type[Message], ...] = (
     JobRequest,
     JobOffer,
@@ -397,4 +434,4 @@ JOB_MESSAGES: tuple[type[Message], ...] = (
     JobRejection,
 )
 
-DEFAULT_REGISTRY = MessageRegistry(PeerRecord, GpuAdvert, *JOB_MESSAGES)
+DEFAULT_REGISTRY = MessageRegistry(PeerRecord, GpuAdvert, *JOB_MESSAGES, CheatingEvidence)

@@ -9,13 +9,15 @@ import pytest
 
 from p2pcompute.core.identity import KeyPair
 from p2pcompute.core.matching import (
-    MIN_JOB_PRICE,
+    DEFAULT_MIN_PRICE,
+    DEFAULT_OVERHEAD_MS,
     MatchPolicy,
     address_group,
     choose,
     eligible,
     estimate_ms,
     job_price,
+    run_estimate_ms,
 )
 from p2pcompute.core.messages import DeviceKind, GpuAdvert, Requirements
 from tests.core.strategies import SAMPLE_DEVICE, sample_advert
@@ -50,11 +52,18 @@ def test_address_groups(addr: str, group: str) -> None:
     assert address_group(addr) == group
 
 
-def test_price_is_rate_times_time_rounded_up_and_never_free() -> None:
+def test_price_is_rate_times_time_rounded_up_and_never_below_the_floor() -> None:
     assert job_price(1500, 2000) == 3000
-    assert job_price(1, 1) == 1
-    assert job_price(0, 0) == MIN_JOB_PRICE
-    assert job_price(333, 1000) == 333
+    assert job_price(1, 1, min_price=1) == 1
+    assert job_price(0, 0) == DEFAULT_MIN_PRICE
+    assert job_price(3333, 1000, min_price=0) == 3333
+    assert job_price(1, 999, min_price=0) == 1  # rounded up: a job is never free unless the rate is zero
+
+
+def test_run_estimate_is_overhead_plus_flops_at_the_measured_rate() -> None:
+    assert run_estimate_ms(10**12, 1.0) == DEFAULT_OVERHEAD_MS + 1000
+    assert run_estimate_ms(1, 1.0, overhead_ms=0) == 1
+    assert run_estimate_ms(10**15, 0.0) == DEFAULT_OVERHEAD_MS  # unmeasured throughput: overhead only
 
 
 def test_estimate_grows_with_flops_and_bytes() -> None:
@@ -77,7 +86,8 @@ def test_eligibility_rules() -> None:
     assert [c.peer for c in cuda_only] == [ok.peer_id]
     assert eligible([ok, cpu], REQ, max_price=10**6, now=NOW, exclude=[ok.peer_id])[0].peer == cpu.peer_id
     [candidate] = eligible([ok], REQ, max_price=10**6, now=NOW)
-    assert candidate.price == job_price(candidate.expected_ms, ok.price_per_second)
+    assert candidate.price == job_price(run_estimate_ms(REQ.flops, SAMPLE_DEVICE.tflops), ok.price_per_second)
+    assert candidate.expected_ms > run_estimate_ms(REQ.flops, SAMPLE_DEVICE.tflops)  # plus the transfers
 
 
 def test_a_worker_runs_on_its_fastest_fitting_device() -> None:

@@ -13,6 +13,7 @@ from p2pcompute.core.identity import KeyPair
 from p2pcompute.core.messages import (
     DEFAULT_REGISTRY,
     JOB_MESSAGES,
+    CheatingEvidence,
     GpuAdvert,
     Message,
     MessageRegistry,
@@ -37,7 +38,9 @@ def test_every_message_type_round_trips(payload_type: str, data: st.DataObject) 
 
 
 def test_default_registry_holds_the_protocol_types() -> None:
-    assert set(DEFAULT_REGISTRY) == {PeerRecord.TYPE, GpuAdvert.TYPE} | {cls.TYPE for cls in JOB_MESSAGES}
+    assert set(DEFAULT_REGISTRY) == {PeerRecord.TYPE, GpuAdvert.TYPE, CheatingEvidence.TYPE} | {
+        c.TYPE for c in JOB_MESSAGES
+    }
     assert DEFAULT_REGISTRY[PeerRecord.TYPE] is PeerRecord
     assert DEFAULT_REGISTRY[GpuAdvert.TYPE] is GpuAdvert
 

@@ -1,0 +1,309 @@
+"""Bulk transfer on loopback, side by side: raw TCP, a py-libp2p Noise+yamux stream, and the data channel.
+
+    .venv/bin/python -m benchmarks.transfer [--mib 256] [--libp2p-mib 64] [--repeats 3]
+
+Everything runs in this one trio process (both ends share one thread, as in the network tests), so each
+figure is the best of ``--repeats`` runs and the ratio to raw TCP is what to compare. Also printed: the
+single-core speed of the primitives (SHA-256, ChaCha20-Poly1305 from cryptography/OpenSSL and from PyNaCl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from multiprocessing.connection import Connection
+
+import trio
+from libp2p.abc import INetStream
+from libp2p.custom_types import TProtocol
+
+from p2pcompute.net.host import connect, host_addrs, open_host
+from p2pcompute.net.transfer import CHUNK_SIZE, DataChannelConfig, DataServer, download, upload
+
+MIB = 1 << 20
+LOOPBACK = "127.0.0.1"
+BENCH_PROTOCOL = TProtocol("/p2pcompute/bench-transfer/1.0.0")
+LIBP2P_WRITE = 1 * MIB
+LIBP2P_READ = 1 * MIB
+BLOBS = 4
+
+
+async def bench_raw_tcp(total: int, *, fresh: bool = False) -> float:
+    """Seconds to move ``total`` bytes over one trio TCP connection in 1 MiB writes.
+
+    The receiver reads with ``recv_into``: into one reused 1 MiB buffer (``fresh=False``: the wire alone), or
+    into a buffer of ``total`` bytes allocated inside the timed region (``fresh=True``: what any receiver that
+    keeps the bytes pays, the data channel included).
+    """
+    data = os.urandom(CHUNK_SIZE)
+    done = trio.Event()
+
+    async def receive(stream: trio.SocketStream) -> None:
+        buffer = memoryview(bytearray(total if fresh else CHUNK_SIZE))
+        got = 0
+        while got < total:
+            n = await stream.socket.recv_into(buffer[got:] if fresh else buffer)
+            if n == 0:
+                break
+            got += n
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, receive, 0, host=LOOPBACK))
+        port = listeners[0].socket.getsockname()[1]
+        start = time.perf_counter()
+        stream = await trio.open_tcp_stream(LOOPBACK, port)
+        async with stream:
+            sent = 0
+            while sent < total:
+                piece = memoryview(data)[: min(CHUNK_SIZE, total - sent)]
+                await stream.send_all(piece)
+                sent += len(piece)
+            await done.wait()
+        elapsed = time.perf_counter() - start
+        nursery.cancel_scope.cancel()
+    return elapsed
+
+
+async def bench_libp2p(total: int) -> float:
+    """Seconds to move ``total`` bytes over one Noise+yamux stream between two hosts."""
+    data = os.urandom(LIBP2P_WRITE)
+    done = trio.Event()
+
+    async def handler(stream: INetStream) -> None:
+        got = 0
+        while got < total:
+            chunk = await stream.read(LIBP2P_READ)
+            if not chunk:
+                break
+            got += len(chunk)
+        done.set()
+        await stream.close()
+
+    async with (
+        open_host(hashlib.sha256(b"bench-transfer/a").digest(), [f"/ip4/{LOOPBACK}/tcp/0"]) as a,
+        open_host(hashlib.sha256(b"bench-transfer/b").digest(), [f"/ip4/{LOOPBACK}/tcp/0"]) as b,
+    ):
+        b.set_stream_handler(BENCH_PROTOCOL, handler)
+        peer = await connect(a, host_addrs(b)[0])
+        stream = await a.new_stream(peer, [BENCH_PROTOCOL])
+        start = time.perf_counter()
+        sent = 0
+        while sent < total:
+            piece = data[: min(LIBP2P_WRITE, total - sent)]
+            await stream.write(piece)
+            sent += len(piece)
+        with trio.fail_after(600):
+            await done.wait()
+        elapsed = time.perf_counter() - start
+        await stream.close()
+    return elapsed
+
+
+def _blobs(total: int) -> dict[bytes, bytes]:
+    sizes = [total // BLOBS] * (BLOBS - 1) + [total - (total // BLOBS) * (BLOBS - 1)]
+    blobs = [os.urandom(size) for size in sizes]
+    return {hashlib.sha256(blob).digest(): blob for blob in blobs}
+
+
+async def bench_data_channel(blobs: dict[bytes, bytes], *, encrypt: bool, direction: str) -> float:
+    """Seconds for one upload (or download) of ``blobs`` through a DataServer on loopback."""
+    config = DataChannelConfig(encrypt=encrypt, max_ticket_bytes=sum(map(len, blobs.values())))
+    server = DataServer(LOOPBACK, config=config)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.serve)
+        start = time.perf_counter()
+        if direction == "upload":
+            ticket = server.expect_upload((digest, len(data)) for digest, data in blobs.items())
+            nursery.start_soon(upload, LOOPBACK, port, ticket.token, ticket.key, blobs)
+            received = await server.receive_upload(ticket)
+        else:
+            ticket = server.offer_download(blobs)
+            received = await download(LOOPBACK, port, ticket.token, ticket.key, ticket.blobs, config=config)
+        elapsed = time.perf_counter() - start
+        assert received.keys() == blobs.keys()
+        nursery.cancel_scope.cancel()
+    return elapsed
+
+
+# -- the same, with each end in its own process (as in a deployment: the two ends never share a core) ----------------
+
+
+def _child_main(conn: Connection, kind: str, encrypt: bool) -> None:
+    """The receiving (or, for a download, serving) end, in a child process; talks to the parent over ``conn``."""
+    trio.run(_child, conn, kind, encrypt)
+
+
+async def _child(conn: Connection, kind: str, encrypt: bool) -> None:
+    job = conn.recv()
+    if kind == "raw":
+        total = job
+        done = trio.Event()
+
+        async def receive(stream: trio.SocketStream) -> None:
+            buffer = memoryview(bytearray(CHUNK_SIZE))
+            got = 0
+            while got < total:
+                n = await stream.socket.recv_into(buffer)
+                if n == 0:
+                    break
+                got += n
+            await stream.send_all(b"\x01")
+            done.set()
+
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, receive, 0, host=LOOPBACK))
+            conn.send(listeners[0].socket.getsockname()[1])
+            await done.wait()
+            nursery.cancel_scope.cancel()
+        return
+    config = DataChannelConfig(encrypt=encrypt, max_ticket_bytes=1 << 40)
+    server = DataServer(LOOPBACK, config=config)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.serve)
+        if kind == "upload":
+            ticket = server.expect_upload(job)
+            conn.send((port, ticket.token, ticket.key, ticket.blobs))
+            await server.receive_upload(ticket)
+        else:
+            ticket = server.offer_download(job)
+            conn.send((port, ticket.token, ticket.key, ticket.blobs))
+        await trio.to_thread.run_sync(conn.recv)  # the parent has its answer
+        nursery.cancel_scope.cancel()
+
+
+def two_processes(kind: str, blobs: dict[bytes, bytes], *, encrypt: bool = False) -> float:
+    """Seconds for the parent's end of one transfer (dial to last check) with the other end in a child process."""
+    parent, child = multiprocessing.get_context("spawn").Pipe()
+    process = multiprocessing.get_context("spawn").Process(target=_child_main, args=(child, kind, encrypt))
+    process.start()
+    total = sum(map(len, blobs.values()))
+    try:
+        if kind == "raw":
+            parent.send(total)
+        elif kind == "upload":
+            parent.send([(digest, len(data)) for digest, data in blobs.items()])
+        else:
+            parent.send(blobs)
+        answer = parent.recv()
+        return trio.run(_parent, kind, answer, blobs, total)
+    finally:
+        parent.send("done")
+        process.join(60)
+
+
+async def _parent(
+    kind: str,
+    answer: tuple[int, bytes, bytes | None, list[tuple[bytes, int]]] | int,
+    blobs: dict[bytes, bytes],
+    total: int,
+) -> float:
+    start = time.perf_counter()
+    if isinstance(answer, int):
+        data = memoryview(os.urandom(CHUNK_SIZE))
+        async with await trio.open_tcp_stream(LOOPBACK, answer) as stream:
+            start = time.perf_counter()
+            sent = 0
+            while sent < total:
+                piece = data[: min(CHUNK_SIZE, total - sent)]
+                await stream.send_all(piece)
+                sent += len(piece)
+            assert await stream.receive_some(1) == b"\x01"
+    elif kind == "upload":
+        port, token, key, _ = answer
+        await upload(LOOPBACK, port, token, key, blobs)
+    else:
+        port, token, key, specs = answer
+        received = await download(LOOPBACK, port, token, key, specs)
+        assert received.keys() == blobs.keys()
+    return time.perf_counter() - start
+
+
+def primitives() -> list[tuple[str, float]]:
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+    from nacl.bindings import crypto_aead_chacha20poly1305_ietf_encrypt
+
+    data = os.urandom(CHUNK_SIZE)
+    key, nonce = os.urandom(32), bytes(12)
+    aead = ChaCha20Poly1305(key)
+    cases: list[tuple[str, Callable[[], object]]] = [
+        ("SHA-256 (hashlib)", lambda: hashlib.sha256(data).digest()),
+        ("ChaCha20-Poly1305 seal (cryptography)", lambda: aead.encrypt(nonce, data, None)),
+        ("ChaCha20-Poly1305 seal (PyNaCl)", lambda: crypto_aead_chacha20poly1305_ietf_encrypt(data, None, nonce, key)),
+    ]
+    rows = []
+    for name, fn in cases:
+        fn()
+        n = 64
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        rows.append((name, n / (time.perf_counter() - start)))
+    return rows
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.ERROR)
+    logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mib", type=int, default=256, help="MiB per raw TCP / data channel run")
+    parser.add_argument("--libp2p-mib", type=int, default=64, help="MiB per libp2p run (it is ~10x slower)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-libp2p", action="store_true")
+    parser.add_argument("--two-processes", action="store_true", help="also: each end in its own process")
+    args = parser.parse_args()
+    total = args.mib * MIB
+    blobs = _blobs(total)
+    cases: list[tuple[str, int, Callable[[], float]]] = [
+        (
+            "raw trio TCP, into a reused 1 MiB buffer",
+            total,
+            lambda: trio.run(partial(bench_raw_tcp, total, fresh=False)),
+        ),
+        ("raw trio TCP, into a fresh bytearray", total, lambda: trio.run(partial(bench_raw_tcp, total, fresh=True))),
+    ]
+    if not args.skip_libp2p:
+        libp2p_total = args.libp2p_mib * MIB
+        cases.append(("py-libp2p Noise+yamux stream", libp2p_total, lambda: trio.run(bench_libp2p, libp2p_total)))
+    for direction in ("upload", "download"):
+        for encrypt in (False, True):
+            name = f"data channel {direction}, {'ChaCha20-Poly1305 + ' if encrypt else ''}SHA-256"
+            bench = partial(bench_data_channel, blobs, encrypt=encrypt, direction=direction)
+            cases.append((name, total, partial(trio.run, bench)))
+    if args.two_processes:
+        cases.append(("2 processes: raw trio TCP, reused buffer", total, partial(two_processes, "raw", blobs)))
+        for direction in ("upload", "download"):
+            for encrypt in (False, True):
+                name = f"2 processes: data channel {direction}, {'ChaCha20-Poly1305 + ' if encrypt else ''}SHA-256"
+                cases.append((name, total, partial(two_processes, direction, blobs, encrypt=encrypt)))
+    # Round-robin, best of the repeats: on a shared machine a burst of load hits one round, not one case.
+    best = [float("inf")] * len(cases)
+    for round_ in range(args.repeats):
+        for i, (name, _, fn) in enumerate(cases):
+            print(f"round {round_ + 1}/{args.repeats}: {name} ...", flush=True)
+            best[i] = min(best[i], fn())
+    print(f"\nloopback, best of {args.repeats} rounds; ratios to the raw TCP of the same setting")
+    print(f"{'path':<60} {'MiB':>5} {'MiB/s':>7} {'x raw (reused)':>15} {'x raw (fresh)':>14}")
+    wire = fresh = 0.0
+    for (name, nbytes, _), seconds in zip(cases, best, strict=True):
+        rate = nbytes / seconds
+        if name.startswith("raw") or name.startswith("2 processes: raw"):
+            wire = rate if "reused" in name else wire
+            fresh = rate if "fresh" in name else (0.0 if name.startswith("2 processes") else fresh)
+        ratio_fresh = f"{rate / fresh:>14.2f}" if fresh else f"{'-':>14}"
+        print(f"{name:<60} {nbytes // MIB:>5} {rate / MIB:>7.0f} {rate / wire:>15.2f} {ratio_fresh}")
+    print("\nprimitives, one core, 1 MiB buffers")
+    for name, per_s in primitives():
+        print(f"{name:<52} {per_s:>15.0f} MiB/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Tolerance comparison of output tensors (specs/verification.md §3), the torch side of verification.
+
+Rules: shapes and dtypes must match exactly. Integer and bool tensors must be equal. Floating tensors agree
+when every element satisfies the *symmetric* test ``|a - b| <= atol + rtol * max(|a|, |b|)`` (computed in
+float64), so ``agree(a, b) == agree(b, a)``. NaN agrees only with NaN at the same position; ±inf agrees only
+with the same infinity. The callback for :class:`p2pcompute.core.verification.Verifier` is built by
+:func:`make_agree`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import TypeVar, cast
+
+import torch
+
+from p2pcompute.core.tensors import TensorMeta, check_blob
+from p2pcompute.core.verification import KnownAnswer, ResultClaim
+from p2pcompute.errors import JobFormatError, Reason
+
+K = TypeVar("K", bound=Hashable)
+
+__all__ = ["TORCH_DTYPES", "blobs_agree", "first_disagreement", "make_agree", "tensors_agree", "to_tensor"]
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "int8": torch.int8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+
+
+def first_disagreement(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], rtol: float, atol: float) -> str | None:
+    """Describe the first output that differs beyond the tolerance, or ``None`` when all agree."""
+    if rtol < 0 or atol < 0:
+        raise ValueError("rtol and atol must not be negative")
+    if len(a) != len(b):
+        return f"{len(a)} outputs against {len(b)}"
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        if x.dtype != y.dtype:
+            return f"output {i}: dtype {x.dtype} against {y.dtype}"
+        if x.shape != y.shape:
+            return f"output {i}: shape {list(x.shape)} against {list(y.shape)}"
+        x, y = x.detach().cpu(), y.detach().cpu()
+        if not x.is_floating_point():
+            if not torch.equal(x, y):
+                return f"output {i}: {int((x != y).sum())} of {x.numel()} elements differ"
+            continue
+        x64, y64 = x.to(torch.float64), y.to(torch.float64)
+        x_nan, y_nan = torch.isnan(x64), torch.isnan(y64)
+        if not torch.equal(x_nan, y_nan):
+            return f"output {i}: NaN at different positions"
+        x_inf, y_inf = torch.isinf(x64), torch.isinf(y64)
+        if not torch.equal(x_inf, y_inf) or not torch.equal(x64[x_inf], y64[y_inf]):
+            return f"output {i}: infinities differ"
+        finite = ~(x_nan | x_inf)
+        xf, yf = x64[finite], y64[finite]
+        diff = (xf - yf).abs()
+        bound = atol + rtol * torch.maximum(xf.abs(), yf.abs())
+        bad = diff > bound
+        if bool(bad.any()):
+            worst = float((diff - bound).max())
+            return f"output {i}: {int(bad.sum())} of {x.numel()} elements beyond tolerance (worst by {worst:.3g})"
+    return None
+
+
+def tensors_agree(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], rtol: float, atol: float) -> bool:
+    """Do two output lists agree within the tolerance (module docstring)?"""
+    return first_disagreement(a, b, rtol, atol) is None
+
+
+def to_tensor(meta: TensorMeta, blob: bytes) -> torch.Tensor:
+    """Check a raw blob against its meta (length, hash) and view it as a tensor (a copy; the blob stays intact)."""
+    dtype = TORCH_DTYPES.get(meta.dtype)
+    if dtype is None:
+        raise JobFormatError(Reason.BAD_DTYPE, f"dtype {meta.dtype[:16]!r} is not one of {sorted(TORCH_DTYPES)}")
+    check_blob(meta, blob)
+    if meta.numel == 0:
+        return torch.empty(meta.shape, dtype=dtype)
+    return torch.frombuffer(bytearray(blob), dtype=dtype).reshape(meta.shape)
+
+
+def blobs_agree(
+    metas_a: Sequence[TensorMeta],
+    blobs_a: Sequence[bytes],
+    metas_b: Sequence[TensorMeta],
+    blobs_b: Sequence[bytes],
+    rtol: float,
+    atol: float,
+) -> bool:
+    """:func:`tensors_agree` over raw blobs named by metas (each blob checked against its meta first)."""
+    if len(metas_a) != len(blobs_a) or len(metas_b) != len(blobs_b):
+        raise JobFormatError(Reason.MISSING_TENSOR, "a blob is missing for an output meta")
+    if [(m.dtype, m.shape) for m in metas_a] != [(m.dtype, m.shape) for m in metas_b]:
+        return False
+    a = [to_tensor(m, blob) for m, blob in zip(metas_a, blobs_a, strict=True)]
+    b = [to_tensor(m, blob) for m, blob in zip(metas_b, blobs_b, strict=True)]
+    return tensors_agree(a, b, rtol, atol)
+
+
+def make_agree(
+    blobs: Mapping[K, Sequence[bytes]], rtol: float, atol: float
+) -> Callable[[ResultClaim | KnownAnswer, ResultClaim | KnownAnswer], bool]:
+    """The ``agree`` callback for a Verifier: claims' ``key`` looks up their output blobs in ``blobs``.
+
+    A result whose blobs are not there (or do not match its metas) agrees with nothing.
+    """
+
+    def agree(x: ResultClaim | KnownAnswer, y: ResultClaim | KnownAnswer) -> bool:
+        bx, by = blobs.get(cast(K, x.key)), blobs.get(cast(K, y.key))
+        if bx is None or by is None:
+            return False
+        try:
+            return blobs_agree(x.outputs, bx, y.outputs, by, rtol, atol)
+        except JobFormatError:
+            return False
+
+    return agree

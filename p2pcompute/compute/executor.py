@@ -1,0 +1,492 @@
+"""The sandboxed executor: run job specs in a warm pool of killable worker processes.
+
+A peer's network process never imports torch (~200 MB, seconds). :func:`open_executor` starts ``workers``
+child processes (``python -m p2pcompute.compute._child``); each imports torch once, fixes the deterministic
+settings (``torch.use_deterministic_algorithms(True)``, ``CUBLAS_WORKSPACE_CONFIG=:4096:8``, cuDNN benchmark
+and TF32 off, a fixed intra-op thread count) and reports ``ready`` with its hardware class, e.g.
+``cpu:<model>|torch 2.13.0|cuda none|threads 2``; the dtype of each job is appended to it in the result
+(``...|float32``), so two results with equal hardware classes are expected to have equal digests.
+
+Parent and child talk over the child's stdin/stdout: 8-byte length-prefixed frames, canonical msgpack headers
+and raw tensor bytes (see :mod:`p2pcompute.compute._child`); nothing is pickled. Idle children wait in a
+channel whose capacity is the pool size, so at most ``workers`` jobs run at once and the wait for a child is
+the job's ``queue_ms``.
+
+Limits: the parent decodes the spec (pure :mod:`p2pcompute.core.jobspec`) and kills the child when the job
+passes ``limits.wall_time_ms`` (``ExecutionError(wall_time)``); the child runs the meta-device dry run
+(``check_memory``) against the job's ``memory_bytes`` (capped by the executor's ``memory_limit``) and, for a
+CPU job, lowers ``RLIMIT_AS`` to its baseline plus the job's memory and outputs while it runs; the parent
+refuses outputs past ``max_output_bytes`` before reading them. A child that dies (``worker_crashed``), passes
+its wall time, is cancelled mid-job or hits its memory ceiling is killed and replaced by a fresh one started
+in the pool's nursery; a rejected job (``JobFormatError``) or a failing op (``execution_failed``) leaves the
+child in the pool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from p2pcompute.compute._child import FRAME_PREFIX, MAX_HEADER_SIZE
+from p2pcompute.core import codec
+from p2pcompute.core.jobspec import DEFAULT_JOB_LIMITS, decode_job, tighter
+from p2pcompute.core.messages import Timings
+from p2pcompute.core.schema import from_wire
+from p2pcompute.core.tensors import TensorMeta, outputs_digest
+from p2pcompute.errors import (
+    ConfigError,
+    DecodeError,
+    ExecutionError,
+    JobFormatError,
+    P2PComputeError,
+    Reason,
+    SchemaError,
+)
+
+__all__ = ["ExecResult", "Executor", "open_executor"]
+
+log = logging.getLogger(__name__)
+
+CHILD_START_TIMEOUT_S = 120.0  # python start + import torch + warm-up, on a loaded machine
+KILL_WAIT_S = 5.0  # how long to wait for a SIGKILLed child to be reaped
+RESPAWN_ATTEMPTS = 3  # consecutive failed starts before a pool slot is given up
+RESPAWN_BACKOFF_S = 1.0
+READ_CHUNK = 1 << 20
+PIPE_BUFFER_SIZE = 1 << 20  # Linux's default cap for unprivileged processes (/proc/sys/fs/pipe-max-size)
+_CHILD_MODULE = "p2pcompute.compute._child"
+_U32_MAX = (1 << 32) - 1
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class ExecResult:
+    """What a finished job produced, and where its time went."""
+
+    outputs: list[tuple[TensorMeta, bytes]]
+    output_digest: bytes
+    hardware_class: str
+    timings: Timings
+
+
+class _ChildDied(Exception):
+    """The child's stdout ended or broke."""
+
+
+class _FrameReader:
+    """Read exact frames from a child's stdout."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self._stream = stream
+        self._buffer = bytearray()
+
+    async def read_exactly(self, n: int) -> bytes:
+        parts = []
+        have = min(n, len(self._buffer))
+        if have:
+            parts.append(bytes(self._buffer[:have]))
+            del self._buffer[:have]
+        while have < n:
+            try:
+                chunk = await self._stream.receive_some(min(n - have, READ_CHUNK))
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise _ChildDied from exc
+            if not chunk:
+                raise _ChildDied
+            need = n - have
+            if len(chunk) > need:
+                self._buffer += chunk[need:]
+                chunk = chunk[:need]
+            parts.append(chunk)
+            have += len(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def read_frame(self, cap: int) -> bytes:
+        (length,) = FRAME_PREFIX.unpack(await self.read_exactly(FRAME_PREFIX.size))
+        if length > cap:
+            raise _ChildDied(f"frame of {length} bytes, cap {cap}")
+        return await self.read_exactly(length)
+
+    async def read_header(self) -> dict[str, Any]:
+        try:
+            header = codec.unpack(await self.read_frame(MAX_HEADER_SIZE))
+        except DecodeError as exc:
+            raise _ChildDied(f"bad header from child: {exc}") from exc
+        if not isinstance(header, dict) or not isinstance(header.get("type"), str):
+            raise _ChildDied("child header is not a typed map")
+        return header
+
+
+@dataclass(eq=False)
+class _Child:
+    process: trio.Process
+    reader: _FrameReader
+    hardware_class: str
+    device_kind: str
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def send_job(self, spec_bytes: bytes, blobs: Mapping[bytes, bytes]) -> None:
+        stdin = self.process.stdin
+        assert stdin is not None
+        digests = list(blobs)
+        header = codec.pack({"type": "job", "blobs": digests})
+        try:
+            await stdin.send_all(FRAME_PREFIX.pack(len(header)) + header)
+            await stdin.send_all(FRAME_PREFIX.pack(len(spec_bytes)) + spec_bytes)
+            for digest in digests:
+                blob = blobs[digest]
+                await stdin.send_all(FRAME_PREFIX.pack(len(blob)))
+                await stdin.send_all(blob)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise _ChildDied from exc
+
+
+@dataclass(frozen=True, slots=True)
+class _ChildArgs:
+    device: str
+    threads: int
+    memory_limit: int | None
+
+    def argv(self) -> list[str]:
+        argv = [sys.executable, "-m", _CHILD_MODULE, "--device", self.device, "--threads", str(self.threads)]
+        if self.memory_limit is not None:
+            argv += ["--memory-limit", str(self.memory_limit)]
+        return argv
+
+
+def _child_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+    env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[name] = str(threads)
+    return env
+
+
+async def _spawn(args: _ChildArgs) -> _Child:
+    """Start one child and wait for its ``ready``; raises ConfigError or ExecutionError(worker_crashed)."""
+    process = await trio.lowlevel.open_process(
+        args.argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_child_env(args.threads)
+    )
+    assert process.stdout is not None and process.stdin is not None
+    _widen_pipe(process.stdin)
+    _widen_pipe(process.stdout)
+    reader = _FrameReader(process.stdout)
+    try:
+        with trio.fail_after(CHILD_START_TIMEOUT_S):
+            header = await reader.read_header()
+    except BaseException as exc:
+        process.kill()
+        with trio.CancelScope(shield=True), trio.move_on_after(KILL_WAIT_S):
+            await process.wait()
+        if isinstance(exc, trio.TooSlowError):
+            raise ExecutionError(Reason.WORKER_CRASHED, f"worker not ready in {CHILD_START_TIMEOUT_S} s") from exc
+        if isinstance(exc, _ChildDied):
+            raise ExecutionError(Reason.WORKER_CRASHED, f"worker exited while starting ({process.returncode})") from exc
+        raise
+    kind = header.get("type")
+    if kind == "ready":
+        hardware_class, device_kind = header.get("hardware_class"), header.get("device_kind")
+        if isinstance(hardware_class, str) and device_kind in ("cpu", "cuda"):
+            return _Child(process, reader, hardware_class, str(device_kind))
+    process.kill()
+    with trio.CancelScope(shield=True), trio.move_on_after(KILL_WAIT_S):
+        await process.wait()
+    if kind == "fatal":
+        raise ConfigError(str(header.get("detail", "worker cannot use the device")))
+    raise ExecutionError(Reason.WORKER_CRASHED, f"unexpected first message {kind!r} from worker")
+
+
+def _widen_pipe(stream: trio.abc.Stream | trio.abc.SendStream | trio.abc.ReceiveStream) -> None:
+    """Best effort: a bigger pipe buffer (Linux) moves tensors in fewer, larger reads and writes."""
+    fileno = getattr(stream, "fileno", None)
+    if fileno is None or not hasattr(fcntl, "F_SETPIPE_SZ"):
+        return
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fileno(), fcntl.F_SETPIPE_SZ, PIPE_BUFFER_SIZE)
+
+
+def _ms(seconds: float) -> int:
+    return max(0, min(_U32_MAX, round(seconds * 1000)))
+
+
+def _no_progress(stage: str) -> None:
+    pass
+
+
+@dataclass(eq=False)
+class Executor:
+    """A warm pool of worker processes. Make one with :func:`open_executor`."""
+
+    hardware_class_base: str
+    device_kind: str
+    _args: _ChildArgs
+    _nursery: trio.Nursery
+    _idle_send: trio.MemorySendChannel[_Child]
+    _idle_recv: trio.MemoryReceiveChannel[_Child]
+    _children: set[_Child] = field(default_factory=set)
+    _dying: set[trio.Process] = field(default_factory=set)
+    _slots: int = 0
+    _closed: bool = False
+
+    @property
+    def worker_pids(self) -> tuple[int, ...]:
+        """Process ids of the live workers (for monitoring, and for tests that kill one)."""
+        return tuple(sorted(child.pid for child in self._children))
+
+    async def run(
+        self, spec_bytes: bytes, blobs: Mapping[bytes, bytes], *, progress: Progress | None = None
+    ) -> ExecResult:
+        """Run one job in a warm worker.
+
+        ``blobs`` maps digests to the raw bytes of the job's inputs and constants. ``progress`` is called with
+        ``"queued"``, ``"sent to worker <pid>"``, ``"running"`` (the job passed its checks) and ``"done"``.
+        Raises :class:`JobFormatError` (the spec or its tensors break the job format or its limits) or
+        :class:`ExecutionError` with ``wall_time``, ``memory_limit``, ``worker_crashed``, ``execution_failed``
+        or ``executor_closed``. The wall time counts from handing the job to a worker to its last output byte.
+        """
+        start = trio.current_time()
+        report = progress or _no_progress
+        if self._closed:
+            raise ExecutionError(Reason.EXECUTOR_CLOSED, "the executor is closed")
+        limits = tighter(decode_job(spec_bytes).limits, DEFAULT_JOB_LIMITS)
+        report("queued")
+        try:
+            child = await self._idle_recv.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError) as exc:
+            raise ExecutionError(Reason.EXECUTOR_CLOSED, "the executor is closed") from exc
+        dequeued = trio.current_time()
+        keep = False
+        try:
+            report(f"sent to worker {child.pid}")
+            with trio.move_on_after(limits.wall_time_ms / 1000) as scope:
+                header, outputs = await self._exchange(child, spec_bytes, blobs, limits.max_output_bytes, report)
+            if scope.cancelled_caught:
+                raise ExecutionError(Reason.WALL_TIME, f"job passed its wall time of {limits.wall_time_ms} ms")
+            keep = not header.get("recycle", False)
+            if header["type"] == "error":
+                raise _child_error(header)
+        except _ChildDied as exc:
+            if self._closed:
+                raise ExecutionError(Reason.EXECUTOR_CLOSED, "the executor closed during the job") from exc
+            detail = str(exc) or f"worker {child.pid} died during the job"
+            raise ExecutionError(Reason.WORKER_CRASHED, detail) from exc
+        finally:
+            if keep:
+                self._release(child)
+            else:
+                self._replace(child)
+        finished = trio.current_time()
+        dtype = header.get("dtype")
+        timings = Timings(
+            queue_ms=_ms(dequeued - start),
+            load_ms=_ms(_int(header.get("load_ms")) / 1000),
+            exec_ms=_ms(_int(header.get("exec_ms")) / 1000),
+            total_ms=_ms(finished - start),
+        )
+        report("done")
+        return ExecResult(
+            outputs=outputs,
+            output_digest=outputs_digest(meta for meta, _ in outputs),
+            hardware_class=f"{child.hardware_class}|{dtype if isinstance(dtype, str) else 'none'}",
+            timings=timings,
+        )
+
+    async def _exchange(
+        self, child: _Child, spec_bytes: bytes, blobs: Mapping[bytes, bytes], max_output: int, report: Progress
+    ) -> tuple[dict[str, Any], list[tuple[TensorMeta, bytes]]]:
+        await child.send_job(spec_bytes, blobs)
+        while True:
+            header = await child.reader.read_header()
+            kind = header["type"]
+            if kind == "progress":
+                report(str(header.get("stage", "")))
+            elif kind == "error":
+                return header, []
+            elif kind == "result":
+                return header, await self._read_outputs(child, header, max_output)
+            else:
+                raise _ChildDied(f"unexpected message {kind!r} from worker {child.pid}")
+
+    @staticmethod
+    async def _read_outputs(child: _Child, header: dict[str, Any], max_output: int) -> list[tuple[TensorMeta, bytes]]:
+        wire = header.get("outputs")
+        if not isinstance(wire, list):
+            raise _ChildDied("result without an output list")
+        try:
+            metas = [from_wire(TensorMeta, item) for item in wire]
+            sizes = [meta.nbytes for meta in metas]
+        except (SchemaError, JobFormatError) as exc:
+            raise _ChildDied(f"bad output metadata from worker: {exc}") from exc
+        if sum(sizes) > max_output:
+            raise _ChildDied(f"worker announced {sum(sizes)} output bytes, limit {max_output}")
+        outputs = []
+        for meta, size in zip(metas, sizes, strict=True):
+            data = await child.reader.read_frame(size)
+            if len(data) != size:
+                raise _ChildDied("output frame length does not match its metadata")
+            outputs.append((meta, data))
+        return outputs
+
+    def _release(self, child: _Child) -> None:
+        try:
+            self._idle_send.send_nowait(child)
+        except (trio.ClosedResourceError, trio.BrokenResourceError, trio.WouldBlock):
+            self._kill(child)
+
+    def _kill(self, child: _Child) -> None:
+        self._children.discard(child)
+        if child.process.returncode is None:
+            child.process.kill()
+            self._dying.add(child.process)
+
+    def _replace(self, child: _Child) -> None:
+        """Kill ``child`` and start a fresh worker for its slot in the pool's nursery."""
+        self._kill(child)
+        self._nursery.start_soon(self._respawn, child)
+
+    async def _respawn(self, old: _Child) -> None:
+        with trio.move_on_after(KILL_WAIT_S):
+            await old.process.wait()
+            self._dying.discard(old.process)
+        for attempt in range(1, RESPAWN_ATTEMPTS + 1):
+            if self._closed:
+                return
+            try:
+                child = await _spawn(self._args)
+            except P2PComputeError as exc:
+                log.warning("worker start failed (attempt %d/%d): %s", attempt, RESPAWN_ATTEMPTS, exc)
+                await trio.sleep(RESPAWN_BACKOFF_S * attempt)
+                continue
+            self._children.add(child)
+            self._release(child)
+            return
+        self._slots -= 1
+        log.error("a worker slot is given up; %d left", self._slots)
+        if self._slots == 0:
+            self._idle_send.close()
+
+    async def _start(self, workers: int) -> None:
+        async def one() -> None:
+            child = await _spawn(self._args)
+            self._children.add(child)
+            self._slots += 1
+            self._release(child)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(workers):
+                    nursery.start_soon(one)
+        except BaseExceptionGroup as group:
+            failed, _ = group.split(P2PComputeError)
+            if failed is None:
+                raise
+            first: BaseException = failed
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
+        classes = {child.hardware_class for child in self._children}
+        if len(classes) != 1:
+            raise ExecutionError(Reason.WORKER_CRASHED, f"workers disagree on their hardware class: {classes}")
+        child = next(iter(self._children))
+        self.hardware_class_base, self.device_kind = child.hardware_class, child.device_kind
+
+    def _close(self) -> None:
+        self._closed = True
+        self._idle_send.close()
+        for child in list(self._children):
+            self._kill(child)
+
+    async def _reap(self) -> None:
+        """Wait (bounded, shielded) for every killed worker to exit."""
+        with trio.CancelScope(shield=True), trio.move_on_after(KILL_WAIT_S):
+            for process in list(self._dying):
+                await process.wait()
+                self._dying.discard(process)
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _child_error(header: dict[str, Any]) -> P2PComputeError:
+    detail = str(header.get("detail", ""))
+    try:
+        reason = Reason(str(header.get("reason")))
+    except ValueError:
+        return ExecutionError(Reason.EXECUTION_FAILED, detail)
+    if header.get("kind") == "job_format":
+        return JobFormatError(reason, detail)
+    return ExecutionError(reason, detail)
+
+
+def _default_threads(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+@asynccontextmanager
+async def open_executor(
+    *, workers: int = 1, device: str = "auto", memory_limit: int | None = None, threads: int | None = None
+) -> AsyncIterator[Executor]:
+    """Start a warm pool of ``workers`` worker processes; kill them all on exit.
+
+    ``device`` is ``"auto"`` (CUDA when torch sees it, else CPU), ``"cuda"`` or ``"cpu"``. ``memory_limit``
+    caps every job's memory below its own ``memory_bytes``. ``threads`` is each worker's intra-op thread
+    count (part of the hardware class); by default the CPU count divided among the workers.
+    Raises :class:`ConfigError` for bad arguments or an unusable device.
+    """
+    if workers < 1:
+        raise ConfigError(f"workers must be at least 1, not {workers}")
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda', not {device!r}")
+    if memory_limit is not None and memory_limit < 1:
+        raise ConfigError(f"memory_limit must be positive, not {memory_limit}")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"threads must be at least 1, not {threads}")
+    args = _ChildArgs(device, threads or _default_threads(workers), memory_limit)
+    idle_send, idle_recv = trio.open_memory_channel[_Child](workers)
+    body_exc: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            executor = Executor("", "", args, nursery, idle_send, idle_recv)
+            try:
+                await executor._start(workers)
+                try:
+                    yield executor
+                except BaseException as exc:
+                    body_exc = exc
+                    raise
+            finally:
+                executor._close()
+                nursery.cancel_scope.cancel()
+                await executor._reap()
+    except BaseExceptionGroup as group:
+        # The nursery wraps whatever the body raised: hand it back as is.
+        leaf = _sole_leaf(group)
+        if leaf is not None and (leaf is body_exc or isinstance(leaf, P2PComputeError)):
+            raise leaf from None
+        raise
+
+
+def _sole_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        if len(exc.exceptions) != 1:
+            return None
+        exc = exc.exceptions[0]
+    return exc

@@ -1,0 +1,251 @@
+"""Turn a PyTorch function or module into a job: ``torch.export``, core ATen decompositions, then the op graph.
+
+The client side of specs/job-format.md: the exported program's parameters, buffers and lifted constants become the
+job's constants, the example inputs its inputs, every call of an allow-listed ATen overload a :class:`Node`.
+Anything the job format cannot say (an op outside the allow-list, dynamic shapes, non-tensor inputs or outputs,
+in-place state updates) raises :class:`JobError` with reason ``not_exportable``.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.export.graph_signature import InputKind, OutputKind
+
+from p2pcompute.compute.interpreter import NAME_BY_DTYPE, tensor_to_blob
+from p2pcompute.core.jobspec import (
+    ALLOWED_OPS,
+    DEFAULT_JOB_LIMITS,
+    TUPLE_OPS,
+    Arg,
+    Comparison,
+    ConstRef,
+    Device,
+    DType,
+    InputRef,
+    JobLimits,
+    JobSpec,
+    Layout,
+    MemoryFormat,
+    Node,
+    NodeRef,
+    TensorRef,
+    encode_bundle,
+    encode_job,
+    job_digest,
+)
+from p2pcompute.core.tensors import TensorMeta
+from p2pcompute.errors import JobError, P2PComputeError, Reason
+
+__all__ = ["ExportedJob", "export_job"]
+
+_SKIPPED_OPS = frozenset({"aten._assert_tensor_metadata.default", "aten._assert_scalar.default"})
+_MEMORY_FORMAT_NAMES = {
+    torch.contiguous_format: "contiguous_format",
+    torch.preserve_format: "preserve_format",
+    torch.channels_last: "channels_last",
+}
+
+
+@dataclass(frozen=True)
+class ExportedJob:
+    """An exported job: the spec, its canonical bytes and digest, and the blob of every input and constant."""
+
+    spec: JobSpec
+    spec_bytes: bytes
+    digest: bytes
+    blobs: dict[bytes, bytes]
+
+    def bundle(self) -> bytes:
+        """The job as one self-contained file (specs/job-format.md §9)."""
+        return encode_bundle(self.spec_bytes, self.blobs)
+
+    def with_inputs(self, *inputs: torch.Tensor) -> ExportedJob:
+        """The same graph and constants run on other inputs of the same dtypes and shapes."""
+        if len(inputs) != len(self.spec.inputs):
+            raise JobError(Reason.NOT_EXPORTABLE, f"{len(inputs)} inputs, the job takes {len(self.spec.inputs)}")
+        metas, blobs = [], {meta.digest: self.blobs[meta.digest] for meta in self.spec.constants}
+        for i, (tensor, old) in enumerate(zip(inputs, self.spec.inputs, strict=True)):
+            meta, blob = _blob(tensor, f"input {i}")
+            if (meta.dtype, meta.shape) != (old.dtype, old.shape):
+                raise JobError(
+                    Reason.NOT_EXPORTABLE,
+                    f"input {i} is {meta.dtype}{list(meta.shape)}, the job takes {old.dtype}{list(old.shape)}",
+                )
+            metas.append(meta)
+            blobs[meta.digest] = blob
+        return _finish(replace(self.spec, inputs=tuple(metas)), blobs)
+
+
+class _Wrapped(nn.Module):
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        return self.fn(*args)
+
+
+def export_job(
+    fn_or_module: nn.Module | Callable[..., Any],
+    example_inputs: tuple[torch.Tensor, ...],
+    *,
+    compare: Comparison | None = None,
+    limits: JobLimits = DEFAULT_JOB_LIMITS,
+) -> ExportedJob:
+    """Export ``fn_or_module`` called on ``example_inputs`` as a job (static shapes; a module runs in its mode)."""
+    module = fn_or_module if isinstance(fn_or_module, nn.Module) else _Wrapped(fn_or_module)
+    if not all(isinstance(t, torch.Tensor) for t in example_inputs):
+        raise JobError(Reason.NOT_EXPORTABLE, "every example input must be a tensor")
+    try:
+        program = torch.export.export(module, tuple(example_inputs)).run_decompositions()
+    except P2PComputeError:
+        raise
+    except Exception as exc:  # torch.export raises many types (UserError, Unsupported, RuntimeError ...)
+        raise JobError(Reason.NOT_EXPORTABLE, f"torch.export failed: {str(exc)[:500]}") from exc
+    return _Builder(program, example_inputs).build(compare or Comparison(), limits)
+
+
+class _Builder:
+    def __init__(self, program: torch.export.ExportedProgram, example_inputs: tuple[torch.Tensor, ...]) -> None:
+        self.program = program
+        self.example_inputs = example_inputs
+        self.refs: dict[fx.Node, TensorRef] = {}
+        self.nodes: list[Node] = []
+        self.blobs: dict[bytes, bytes] = {}
+
+    def build(self, compare: Comparison, limits: JobLimits) -> ExportedJob:
+        for output in self.program.graph_signature.output_specs:
+            if output.kind != OutputKind.USER_OUTPUT:
+                raise JobError(
+                    Reason.NOT_EXPORTABLE,
+                    f"the program updates state ({output.kind.name}); export the module in eval()",
+                )
+        inputs, constants = self._placeholders()
+        outputs: tuple[TensorRef, ...] = ()
+        for fx_node in self.program.graph.nodes:
+            if fx_node.op == "call_function":
+                self._call(fx_node)
+            elif fx_node.op == "output":
+                outputs = self._outputs(fx_node)
+            elif fx_node.op != "placeholder":
+                raise JobError(Reason.NOT_EXPORTABLE, f"graph node kind {fx_node.op!r} is not supported")
+        spec = JobSpec(
+            inputs=inputs,
+            constants=constants,
+            nodes=tuple(self.nodes),
+            outputs=outputs,
+            limits=limits,
+            compare=compare,
+        )
+        return _finish(spec, self.blobs)
+
+    def _placeholders(self) -> tuple[tuple[TensorMeta, ...], tuple[TensorMeta, ...]]:
+        signature = self.program.graph_signature
+        placeholders = [n for n in self.program.graph.nodes if n.op == "placeholder"]
+        inputs: list[TensorMeta] = []
+        constants: list[TensorMeta] = []
+        user = iter(self.example_inputs)
+        for fx_node, spec in zip(placeholders, signature.input_specs, strict=True):
+            if spec.kind == InputKind.USER_INPUT:
+                tensor = next(user, None)
+                if tensor is None:  # pragma: no cover - torch.export keeps the inputs it was given
+                    raise JobError(Reason.NOT_EXPORTABLE, "the program takes more inputs than were given")
+                meta, blob = _blob(tensor, f"input {len(inputs)}")
+                self.refs[fx_node] = InputRef(len(inputs))
+                inputs.append(meta)
+            elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+                assert spec.target is not None
+                if spec.target in self.program.state_dict:
+                    tensor = self.program.state_dict[spec.target]
+                else:
+                    tensor = self.program.constants[spec.target]
+                if not isinstance(tensor, torch.Tensor):
+                    raise JobError(Reason.NOT_EXPORTABLE, f"constant {spec.target!r} is not a tensor")
+                meta, blob = _blob(tensor, f"constant {spec.target!r}")
+                self.refs[fx_node] = ConstRef(len(constants))
+                constants.append(meta)
+            else:
+                raise JobError(Reason.NOT_EXPORTABLE, f"input kind {spec.kind.name} is not supported")
+            self.blobs[meta.digest] = blob
+        return tuple(inputs), tuple(constants)
+
+    def _call(self, fx_node: fx.Node) -> None:
+        target = fx_node.target
+        if target is operator.getitem:
+            source, item = fx_node.args
+            base = self.refs.get(source) if isinstance(source, fx.Node) else None
+            if not (isinstance(base, NodeRef) and base.item is None and isinstance(item, int)):
+                raise JobError(Reason.NOT_EXPORTABLE, f"unsupported getitem {fx_node.format_node()}")
+            self.refs[fx_node] = NodeRef(base.node, item)
+            return
+        if not isinstance(target, torch._ops.OpOverload):
+            raise JobError(Reason.NOT_EXPORTABLE, f"call of {target!r} is not an ATen op")
+        name = str(target)
+        if name in _SKIPPED_OPS and not fx_node.users:
+            return
+        if name not in ALLOWED_OPS:
+            raise JobError(Reason.NOT_EXPORTABLE, f"op {name} is not in the job format's allow-list")
+        args = tuple(self._arg(a, fx_node) for a in fx_node.args)
+        kwargs = tuple(sorted((key, self._arg(value, fx_node)) for key, value in fx_node.kwargs.items()))
+        self.refs[fx_node] = NodeRef(len(self.nodes))
+        self.nodes.append(Node(op=name, args=args, kwargs=kwargs))  # tuple outputs are reached through getitem
+
+    def _arg(self, value: Any, where: fx.Node, *, in_list: bool = False) -> Arg:
+        if isinstance(value, fx.Node):
+            ref = self.refs.get(value)
+            if ref is None:
+                raise JobError(Reason.NOT_EXPORTABLE, f"{where.name}: argument {value.name} is not a tensor value")
+            return ref
+        if value is None or isinstance(value, (bool, int, float)):
+            return value
+        if isinstance(value, (list, tuple)) and not in_list:
+            items = tuple(self._arg(v, where, in_list=True) for v in value)
+            return items  # type: ignore[return-value]
+        if isinstance(value, torch.dtype) and not in_list:
+            name = NAME_BY_DTYPE.get(value)
+            if name is None:
+                raise JobError(Reason.NOT_EXPORTABLE, f"{where.name}: dtype {value} is not supported")
+            return DType(name)
+        if isinstance(value, torch.device) and not in_list:
+            return Device()
+        if isinstance(value, torch.layout) and value == torch.strided and not in_list:
+            return Layout("strided")
+        if isinstance(value, torch.memory_format) and value in _MEMORY_FORMAT_NAMES and not in_list:
+            return MemoryFormat(_MEMORY_FORMAT_NAMES[value])
+        if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            raise JobError(Reason.NOT_EXPORTABLE, f"{where.name}: dynamic shapes are not supported")
+        raise JobError(Reason.NOT_EXPORTABLE, f"{where.name}: argument {value!r:.80} is not supported")
+
+    def _outputs(self, fx_node: fx.Node) -> tuple[TensorRef, ...]:
+        values = fx_node.args[0]
+        if not isinstance(values, (tuple, list)):  # pragma: no cover - torch.export always returns a tuple
+            raise JobError(Reason.NOT_EXPORTABLE, "the program's outputs are not a tuple")
+        refs = []
+        for value in values:
+            ref = self.refs.get(value) if isinstance(value, fx.Node) else None
+            if ref is None or (isinstance(ref, NodeRef) and ref.item is None and self.nodes[ref.node].op in TUPLE_OPS):
+                raise JobError(Reason.NOT_EXPORTABLE, f"output {value!r:.80} is not a tensor")
+            refs.append(ref)
+        return tuple(refs)
+
+
+def _blob(tensor: torch.Tensor, what: str) -> tuple[TensorMeta, bytes]:
+    if tensor.dtype not in NAME_BY_DTYPE:
+        raise JobError(Reason.NOT_EXPORTABLE, f"{what}: dtype {tensor.dtype} is not supported")
+    if tensor.layout != torch.strided or tensor.is_meta:
+        raise JobError(Reason.NOT_EXPORTABLE, f"{what}: only dense tensors with data are supported")
+    return tensor_to_blob(tensor)
+
+
+def _finish(spec: JobSpec, blobs: Mapping[bytes, bytes]) -> ExportedJob:
+    try:
+        spec_bytes = encode_job(spec)
+    except P2PComputeError as exc:
+        raise JobError(Reason.NOT_EXPORTABLE, f"{exc.reason.value}: {exc.detail}") from exc
+    return ExportedJob(spec=spec, spec_bytes=spec_bytes, digest=job_digest(spec_bytes), blobs=dict(blobs))

@@ -1,0 +1,623 @@
+"""The job format: a graph of allow-listed core ATen ops over content-addressed tensors (specs/job-format.md).
+
+A job is data, never code. A :class:`JobSpec` names its tensors by :class:`TensorMeta` (inputs, then constants) and
+lists :class:`Node` s, each an op name from :data:`ALLOWED_OPS` with typed arguments (:data:`Arg`). Arguments refer to
+tensors only backwards: an input, a constant, or the output of an earlier node (an element of it for ops that return
+tuples). :func:`encode_job` gives the one canonical msgpack encoding; :func:`decode_job` checks untrusted bytes and
+raises only :class:`JobFormatError` with a specific reason. Pure: no torch here (``compute/interpreter.py`` runs it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Annotated, Any, TypeVar
+
+from p2pcompute.core import codec
+from p2pcompute.core.schema import U32_MAX, U64_MAX, Range, Struct, from_wire, to_wire
+from p2pcompute.core.tensors import DIGEST_SIZE, DTYPES, TensorMeta, check_blob
+from p2pcompute.errors import JobFormatError, LocalProtocolError, P2PComputeError, Reason
+
+__all__ = [
+    "ALLOWED_OPS",
+    "BUNDLE_FORMAT",
+    "DEFAULT_JOB_LIMITS",
+    "JOB_FORMAT_VERSION",
+    "LAYOUTS",
+    "MAX_CONSTANTS",
+    "MAX_INPUTS",
+    "MAX_LIST_LEN",
+    "MAX_OUTPUTS",
+    "MAX_SPEC_SIZE",
+    "MEMORY_FORMATS",
+    "TUPLE_OPS",
+    "Arg",
+    "CompareMode",
+    "Comparison",
+    "ConstRef",
+    "DType",
+    "Device",
+    "InputRef",
+    "JobLimits",
+    "JobSpec",
+    "JobSummary",
+    "Layout",
+    "MemoryFormat",
+    "Node",
+    "NodeRef",
+    "TensorRef",
+    "decode_bundle",
+    "decode_job",
+    "encode_bundle",
+    "encode_job",
+    "job_digest",
+    "summary",
+    "tighter",
+]
+
+JOB_FORMAT_VERSION = 1
+MAX_SPEC_SIZE = 16 << 20
+"""Largest encoded job spec accepted (bytes). Tensor data never travels inside the spec."""
+MAX_INPUTS = 256
+MAX_CONSTANTS = 16384
+MAX_OUTPUTS = 64  # = the outputs bound of JobResult
+MAX_LIST_LEN = 1024
+MAX_KWARGS = 16
+MAX_NAME_LEN = 64
+GIB = 1 << 30
+
+BUNDLE_FORMAT = "p2pcompute/job-bundle"
+BUNDLE_VERSION = 1
+
+U32 = Annotated[int, Range(0, U32_MAX)]
+U64 = Annotated[int, Range(0, U64_MAX)]
+I64_MIN = -(1 << 63)
+I64_MAX = (1 << 63) - 1
+_S = TypeVar("_S", bound=Struct)
+
+# --- the allow-list --------------------------------------------------------------------------------------------------
+
+TUPLE_OPS: Mapping[str, int] = {
+    "aten.native_layer_norm.default": 3,
+    "aten._native_batch_norm_legit_no_training.default": 3,
+    "aten.native_group_norm.default": 3,
+    "aten.max_pool2d_with_indices.default": 2,
+    "aten.max.dim": 2,
+    "aten.min.dim": 2,
+    "aten.var_mean.correction": 2,
+    "aten.sort.default": 2,
+    "aten.topk.default": 2,
+    "aten.split_with_sizes.default": -1,
+    "aten.split.Tensor": -1,
+    "aten.unbind.int": -1,
+}
+"""Ops that return a tuple or list of tensors: the number of elements, or -1 when it depends on the arguments."""
+
+_SINGLE_OPS = (
+    # matrix products and convolution
+    "mm.default addmm.default bmm.default convolution.default "
+    # elementwise arithmetic
+    "add.Tensor add.Scalar sub.Tensor sub.Scalar mul.Tensor mul.Scalar div.Tensor div.Scalar div.Tensor_mode "
+    "pow.Tensor_Scalar pow.Tensor_Tensor pow.Scalar maximum.default minimum.default remainder.Scalar "
+    "remainder.Tensor fmod.Scalar fmod.Tensor neg.default abs.default reciprocal.default sign.default "
+    "clamp.default clamp.Tensor floor.default ceil.default round.default trunc.default "
+    # elementwise functions
+    "relu.default gelu.default tanh.default sigmoid.default exp.default expm1.default log.default log1p.default "
+    "log2.default sqrt.default rsqrt.default sin.default cos.default erf.default hardtanh.default "
+    "leaky_relu.default _softmax.default _log_softmax.default "
+    # comparisons and logic
+    "eq.Scalar eq.Tensor ne.Scalar ne.Tensor lt.Scalar lt.Tensor le.Scalar le.Tensor gt.Scalar gt.Tensor "
+    "ge.Scalar ge.Tensor logical_not.default logical_and.default logical_or.default logical_xor.default "
+    "isnan.default where.self "
+    # reductions
+    "sum.dim_IntList sum.default mean.dim mean.default amax.default amin.default argmax.default argmin.default "
+    "any.dim any.dims any.default prod.default prod.dim_int var.correction cumsum.default "
+    "linalg_vector_norm.default "
+    # shapes and indexing
+    "view.default _unsafe_view.default permute.default expand.default unsqueeze.default squeeze.dim "
+    "squeeze.dims squeeze.default slice.Tensor select.int cat.default clone.default alias.default "
+    "index.Tensor index_select.default gather.default embedding.default constant_pad_nd.default flip.default "
+    "repeat.default tril.default triu.default _to_copy.default "
+    # pooling
+    "avg_pool2d.default _adaptive_avg_pool2d.default "
+    # creation (memory-checked before running)
+    "full.default full_like.default empty.memory_format empty_like.default arange.default arange.start "
+    "arange.start_step scalar_tensor.default zeros_like.default ones_like.default"
+)
+
+ALLOWED_OPS: frozenset[str] = frozenset(f"aten.{name}" for name in _SINGLE_OPS.split()) | frozenset(TUPLE_OPS)
+"""Core ATen overloads a worker runs: pure, deterministic given their inputs, no I/O, no randomness."""
+
+LAYOUTS: frozenset[str] = frozenset({"strided"})
+MEMORY_FORMATS: frozenset[str] = frozenset({"contiguous_format", "preserve_format", "channels_last"})
+_DEVICE_WIRE = "default"
+
+# --- arguments -------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class InputRef:
+    """The job's input tensor number ``index``."""
+
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConstRef:
+    """The job's constant tensor number ``index`` (a parameter, buffer or lifted constant)."""
+
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRef:
+    """The output of node ``node``; with ``item``, element ``item`` of a node that returns a tuple."""
+
+    node: int
+    item: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DType:
+    """A dtype, by its name in :data:`DTYPES`."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """The device the worker executes on (jobs never name a device themselves)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """A tensor layout; only ``strided``."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryFormat:
+    """A memory format, one of :data:`MEMORY_FORMATS`."""
+
+    name: str
+
+
+TensorRef = InputRef | ConstRef | NodeRef
+Scalar = None | bool | int | float
+Arg = Scalar | TensorRef | DType | Device | Layout | MemoryFormat | tuple[Scalar | TensorRef, ...]
+"""An op argument. Lists hold scalars and tensor references only (int[], float[], Tensor[], Tensor?[])."""
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """One op application. ``kwargs`` is sorted by name."""
+
+    op: str
+    args: tuple[Arg, ...] = ()
+    kwargs: tuple[tuple[str, Arg], ...] = ()
+
+
+# --- limits, comparison, the spec ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobLimits(Struct):
+    """Resource limits: a job declares its own; a worker applies the tighter of those and its own (:func:`tighter`)."""
+
+    max_ops: Annotated[int, Range(1, 1_000_000)] = 10_000
+    max_tensor_bytes: U64 = 1 * GIB
+    max_output_bytes: U64 = 1 * GIB
+    memory_bytes: U64 = 4 * GIB
+    wall_time_ms: U32 = 60_000
+
+
+DEFAULT_JOB_LIMITS = JobLimits()
+
+
+def tighter(a: JobLimits, b: JobLimits) -> JobLimits:
+    """The field-by-field minimum of two limit sets."""
+    return JobLimits(
+        max_ops=min(a.max_ops, b.max_ops),
+        max_tensor_bytes=min(a.max_tensor_bytes, b.max_tensor_bytes),
+        max_output_bytes=min(a.max_output_bytes, b.max_output_bytes),
+        memory_bytes=min(a.memory_bytes, b.memory_bytes),
+        wall_time_ms=min(a.wall_time_ms, b.wall_time_ms),
+    )
+
+
+class CompareMode(StrEnum):
+    EXACT = "exact"
+    TOLERANCE = "tolerance"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Comparison(Struct):
+    """How redundant results are compared: bit for bit, or ``|a - b| <= atol + rtol * |b|`` elementwise."""
+
+    mode: CompareMode = CompareMode.TOLERANCE
+    rtol: Annotated[float, Range(0.0, 1.0)] = 1e-4
+    atol: Annotated[float, Range(0.0, 1e6)] = 1e-5
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobSpec:
+    """A job: tensors by content hash, a graph of allow-listed ops, outputs, limits and the comparison rule."""
+
+    version: int = JOB_FORMAT_VERSION
+    inputs: tuple[TensorMeta, ...]
+    constants: tuple[TensorMeta, ...] = ()
+    nodes: tuple[Node, ...]
+    outputs: tuple[TensorRef, ...]
+    limits: JobLimits = field(default_factory=JobLimits)
+    compare: Comparison = field(default_factory=Comparison)
+
+
+@dataclass(frozen=True, slots=True)
+class JobSummary:
+    """Sizes known from the spec alone (output sizes need a dry run: ``compute.interpreter.dry_run``)."""
+
+    op_count: int
+    input_bytes: int
+    constant_bytes: int
+    tensor_count: int
+
+
+def summary(spec: JobSpec) -> JobSummary:
+    return JobSummary(
+        op_count=len(spec.nodes),
+        input_bytes=sum(meta.nbytes for meta in spec.inputs),
+        constant_bytes=sum(meta.nbytes for meta in spec.constants),
+        tensor_count=len(spec.inputs) + len(spec.constants),
+    )
+
+
+# --- encoding --------------------------------------------------------------------------------------------------------
+
+
+def encode_job(spec: JobSpec) -> bytes:
+    """The canonical encoding of ``spec``; checks it first and raises :class:`LocalProtocolError` when invalid."""
+    try:
+        wire = _spec_to_wire(spec)
+        # Checking the wire form with the decoder's rules keeps encode and decode from drifting apart.
+        _spec_from_wire(wire, spec.limits)
+    except JobFormatError as exc:
+        raise LocalProtocolError(exc.reason, exc.detail) from exc
+    return codec.pack(wire)
+
+
+def job_digest(spec_bytes: bytes) -> bytes:
+    """SHA-256 of a job's canonical encoding: the job's name in every message."""
+    return hashlib.sha256(spec_bytes).digest()
+
+
+def _spec_to_wire(spec: JobSpec) -> dict[str, Any]:
+    try:
+        return {
+            "version": spec.version,
+            "inputs": [to_wire(meta) for meta in spec.inputs],
+            "constants": [to_wire(meta) for meta in spec.constants],
+            "nodes": [_node_to_wire(node) for node in spec.nodes],
+            "outputs": [_arg_to_wire(ref) for ref in spec.outputs],
+            "limits": to_wire(spec.limits),
+            "compare": to_wire(spec.compare),
+        }
+    except LocalProtocolError as exc:
+        raise JobFormatError(exc.reason, exc.detail) from exc
+
+
+def _node_to_wire(node: Node) -> dict[str, Any]:
+    return {
+        "op": node.op,
+        "args": [_arg_to_wire(arg) for arg in node.args],
+        "kwargs": {name: _arg_to_wire(arg) for name, arg in node.kwargs},
+    }
+
+
+def _arg_to_wire(arg: object) -> Any:
+    match arg:
+        case None | bool() | int() | float():
+            return arg
+        case InputRef(index=index):
+            return {"input": index}
+        case ConstRef(index=index):
+            return {"const": index}
+        case NodeRef(node=node, item=None):
+            return {"node": node}
+        case NodeRef(node=node, item=item):
+            return {"item": [node, item]}
+        case DType(name=name):
+            return {"dtype": name}
+        case Device():
+            return {"device": _DEVICE_WIRE}
+        case Layout(name=name):
+            return {"layout": name}
+        case MemoryFormat(name=name):
+            return {"memory_format": name}
+        case tuple():
+            return [_arg_to_wire(item) for item in arg]
+    raise JobFormatError(Reason.BAD_ARGUMENT, f"{type(arg).__name__} is not a job argument")
+
+
+# --- decoding --------------------------------------------------------------------------------------------------------
+
+_SPEC_KEYS = frozenset({"version", "inputs", "constants", "nodes", "outputs", "limits", "compare"})
+_NODE_KEYS = frozenset({"op", "args", "kwargs"})
+
+
+def decode_job(data: bytes, limits: JobLimits = DEFAULT_JOB_LIMITS) -> JobSpec:
+    """Check untrusted job bytes and build the spec, applying the tighter of the job's and the receiver's ``limits``.
+
+    Raises :class:`JobFormatError` only: the codec's and schema's reasons (``malformed``, ``non_canonical``,
+    ``missing_field`` ...) or ``unsupported_version``, ``unknown_op``, ``bad_argument``, ``bad_graph``,
+    ``too_many_ops``, ``tensor_too_large``, ``bad_dtype``.
+    """
+    if len(data) > MAX_SPEC_SIZE:
+        raise JobFormatError(Reason.TOO_LARGE, f"job spec of {len(data)} bytes, limit {MAX_SPEC_SIZE}")
+    decode_limits = codec.DecodeLimits(
+        max_bytes=MAX_SPEC_SIZE,
+        max_str_len=256,
+        max_bin_len=2 * DIGEST_SIZE,
+        max_array_len=max(16, len(data)),  # an element takes at least one byte
+        max_map_len=64,
+        max_depth=8,
+    )
+    try:
+        wire = codec.unpack(data, decode_limits)
+    except P2PComputeError as exc:
+        raise JobFormatError(exc.reason, f"job spec: {exc.detail}") from exc
+    return _spec_from_wire(wire, limits)
+
+
+def _spec_from_wire(wire: object, receiver: JobLimits) -> JobSpec:
+    top = _exact_map(wire, _SPEC_KEYS, "job")
+    if type(top["version"]) is not int or top["version"] != JOB_FORMAT_VERSION:
+        raise JobFormatError(Reason.UNSUPPORTED_VERSION, f"job format version {str(top['version'])[:32]}")
+    job_limits = _struct(JobLimits, top["limits"], "job.limits")
+    compare = _struct(Comparison, top["compare"], "job.compare")
+    limits = tighter(job_limits, receiver)
+    inputs = _metas(top["inputs"], MAX_INPUTS, limits, "job.inputs")
+    constants = _metas(top["constants"], MAX_CONSTANTS, limits, "job.constants")
+    raw_nodes = _list(top["nodes"], "job.nodes")
+    if len(raw_nodes) > limits.max_ops:
+        raise JobFormatError(Reason.TOO_MANY_OPS, f"{len(raw_nodes)} ops, limit {limits.max_ops}")
+    graph = _Graph(len(inputs), len(constants))
+    nodes = tuple(graph.node(raw, i) for i, raw in enumerate(raw_nodes))
+    raw_outputs = _list(top["outputs"], "job.outputs")
+    if not 1 <= len(raw_outputs) <= MAX_OUTPUTS:
+        raise JobFormatError(Reason.BAD_GRAPH, f"{len(raw_outputs)} outputs, must be 1 to {MAX_OUTPUTS}")
+    outputs = tuple(graph.tensor_ref(raw, len(nodes), f"job.outputs[{i}]") for i, raw in enumerate(raw_outputs))
+    return JobSpec(
+        version=JOB_FORMAT_VERSION,
+        inputs=inputs,
+        constants=constants,
+        nodes=nodes,
+        outputs=outputs,
+        limits=job_limits,
+        compare=compare,
+    )
+
+
+class _Graph:
+    """Decodes nodes in order, so a reference can only point backwards."""
+
+    def __init__(self, n_inputs: int, n_constants: int) -> None:
+        self.n_inputs = n_inputs
+        self.n_constants = n_constants
+        self.ops: list[str] = []
+
+    def node(self, raw: object, index: int) -> Node:
+        path = f"job.nodes[{index}]"
+        fields = _exact_map(raw, _NODE_KEYS, path)
+        op = fields["op"]
+        if not isinstance(op, str):
+            raise JobFormatError(Reason.WRONG_TYPE, f"{path}.op: expected str")
+        if op not in ALLOWED_OPS:
+            raise JobFormatError(Reason.UNKNOWN_OP, f"{path}: op {op[:80]!r} is not allowed")
+        raw_args = _list(fields["args"], f"{path}.args")
+        if len(raw_args) > MAX_KWARGS * 2:
+            raise JobFormatError(Reason.BAD_ARGUMENT, f"{path}: {len(raw_args)} arguments")
+        args = tuple(self.arg(a, index, f"{path}.args[{i}]") for i, a in enumerate(raw_args))
+        raw_kwargs = fields["kwargs"]
+        if not isinstance(raw_kwargs, dict):
+            raise JobFormatError(Reason.WRONG_TYPE, f"{path}.kwargs: expected a map")
+        if len(raw_kwargs) > MAX_KWARGS:
+            raise JobFormatError(Reason.BAD_ARGUMENT, f"{path}: {len(raw_kwargs)} keyword arguments")
+        kwargs = []
+        for name in sorted(raw_kwargs):
+            if not (0 < len(name) <= MAX_NAME_LEN and name.isidentifier()):
+                raise JobFormatError(Reason.BAD_ARGUMENT, f"{path}.kwargs: bad name {name[:MAX_NAME_LEN]!r}")
+            kwargs.append((name, self.arg(raw_kwargs[name], index, f"{path}.kwargs.{name}")))
+        self.ops.append(op)
+        return Node(op=op, args=args, kwargs=tuple(kwargs))
+
+    def arg(self, raw: object, before: int, path: str, *, in_list: bool = False) -> Arg:
+        if raw is None or isinstance(raw, bool):
+            return raw
+        if isinstance(raw, int):
+            if not I64_MIN <= raw <= I64_MAX:
+                raise JobFormatError(Reason.BAD_ARGUMENT, f"{path}: integer outside int64")
+            return raw
+        if isinstance(raw, float):
+            if math.isnan(raw):
+                raise JobFormatError(Reason.BAD_ARGUMENT, f"{path}: NaN is not a job argument")
+            return raw
+        if isinstance(raw, list):
+            if in_list:
+                raise JobFormatError(Reason.BAD_ARGUMENT, f"{path}: lists do not nest")
+            if len(raw) > MAX_LIST_LEN:
+                raise JobFormatError(Reason.BAD_ARGUMENT, f"{path}: list of {len(raw)}, limit {MAX_LIST_LEN}")
+            items: list[Scalar | TensorRef] = []
+            for i, item in enumerate(raw):
+                value = self.arg(item, before, f"{path}[{i}]", in_list=True)
+                if isinstance(value, (DType, Device, Layout, MemoryFormat, tuple)):
+                    raise JobFormatError(Reason.BAD_ARGUMENT, f"{path}[{i}]: only scalars and tensors in lists")
+                items.append(value)
+            return tuple(items)
+        if isinstance(raw, dict) and len(raw) == 1:
+            ((tag, value),) = raw.items()
+            if tag in ("input", "const", "node", "item"):
+                return self.tensor_ref(raw, before, path)
+            if not isinstance(value, str):
+                raise JobFormatError(Reason.BAD_ARGUMENT, f"{path}: the value of {str(tag)[:32]!r} must be a str")
+            if tag == "dtype":
+                if value not in DTYPES:
+                    raise JobFormatError(Reason.BAD_DTYPE, f"{path}: dtype {value[:16]!r} is not one of the DTYPES")
+                return DType(value)
+            if tag == "device" and value == _DEVICE_WIRE:
+                return Device()
+            if tag == "layout" and value in LAYOUTS:
+                return Layout(value)
+            if tag == "memory_format" and value in MEMORY_FORMATS:
+                return MemoryFormat(value)
+            raise JobFormatError(Reason.BAD_ARGUMENT, f"{path}: unknown tagged value {str(tag)[:32]!r}")
+        raise JobFormatError(Reason.BAD_ARGUMENT, f"{path}: {type(raw).__name__} is not a job argument")
+
+    def tensor_ref(self, raw: object, before: int, path: str) -> TensorRef:
+        if not isinstance(raw, dict) or len(raw) != 1:
+            raise JobFormatError(Reason.BAD_GRAPH, f"{path}: expected a tensor reference")
+        ((tag, value),) = raw.items()
+        if tag == "item":
+            if not (isinstance(value, list) and len(value) == 2 and all(_is_index(v) for v in value)):
+                raise JobFormatError(Reason.BAD_GRAPH, f"{path}: item reference must be [node, index]")
+            node, item = value
+            self._check_node(node, before, path, tuple_wanted=True)
+            arity = TUPLE_OPS[self.ops[node]]
+            if arity >= 0 and item >= arity:
+                raise JobFormatError(Reason.BAD_GRAPH, f"{path}: {self.ops[node]} has {arity} outputs, not {item + 1}")
+            return NodeRef(node, item)
+        if not _is_index(value):
+            raise JobFormatError(Reason.BAD_GRAPH, f"{path}: reference index must be a non-negative int")
+        assert isinstance(value, int)
+        if tag == "input":
+            if value >= self.n_inputs:
+                raise JobFormatError(Reason.BAD_GRAPH, f"{path}: input {value} of {self.n_inputs}")
+            return InputRef(value)
+        if tag == "const":
+            if value >= self.n_constants:
+                raise JobFormatError(Reason.BAD_GRAPH, f"{path}: constant {value} of {self.n_constants}")
+            return ConstRef(value)
+        if tag == "node":
+            self._check_node(value, before, path, tuple_wanted=False)
+            return NodeRef(value)
+        raise JobFormatError(Reason.BAD_GRAPH, f"{path}: expected a tensor reference, got {str(tag)[:32]!r}")
+
+    def _check_node(self, node: int, before: int, path: str, *, tuple_wanted: bool) -> None:
+        if node >= before:
+            raise JobFormatError(Reason.BAD_GRAPH, f"{path}: node {node} is not before node {before}")
+        returns_tuple = self.ops[node] in TUPLE_OPS
+        if returns_tuple != tuple_wanted:
+            want = "an item reference" if returns_tuple else "a plain node reference"
+            raise JobFormatError(Reason.BAD_GRAPH, f"{path}: {self.ops[node]} (node {node}) needs {want}")
+
+
+def _is_index(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= U32_MAX
+
+
+def _exact_map(value: object, keys: frozenset[str], path: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise JobFormatError(Reason.NOT_A_MAP, f"{path}: expected a map, got {type(value).__name__}")
+    for key in value:
+        if key not in keys:
+            raise JobFormatError(Reason.UNKNOWN_FIELD, f"{path}: unknown field {str(key)[:64]!r}")
+    for key in sorted(keys):
+        if key not in value:
+            raise JobFormatError(Reason.MISSING_FIELD, f"{path}: missing field {key!r}")
+    return value
+
+
+def _list(value: object, path: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise JobFormatError(Reason.WRONG_TYPE, f"{path}: expected an array, got {type(value).__name__}")
+    return value
+
+
+def _struct(cls: type[_S], value: object, path: str) -> _S:
+    try:
+        return from_wire(cls, value, path)
+    except P2PComputeError as exc:
+        raise JobFormatError(exc.reason, exc.detail) from exc
+
+
+def _metas(value: object, most: int, limits: JobLimits, path: str) -> tuple[TensorMeta, ...]:
+    items = _list(value, path)
+    if len(items) > most:
+        raise JobFormatError(Reason.TOO_LONG, f"{path}: {len(items)} tensors, limit {most}")
+    metas = []
+    for i, item in enumerate(items):
+        meta = _struct(TensorMeta, item, f"{path}[{i}]")
+        if meta.nbytes > limits.max_tensor_bytes:  # nbytes raises bad_dtype for an unknown dtype
+            raise JobFormatError(
+                Reason.TENSOR_TOO_LARGE, f"{path}[{i}]: {meta.nbytes} bytes, limit {limits.max_tensor_bytes}"
+            )
+        metas.append(meta)
+    return tuple(metas)
+
+
+# --- bundles ---------------------------------------------------------------------------------------------------------
+
+_BUNDLE_KEYS = frozenset({"format", "version", "spec", "blobs"})
+
+
+def encode_bundle(spec_bytes: bytes, blobs: Mapping[bytes, bytes]) -> bytes:
+    """A self-contained job file: the spec bytes and the blob of every input and constant, sorted by digest."""
+    return codec.pack(
+        {
+            "format": BUNDLE_FORMAT,
+            "version": BUNDLE_VERSION,
+            "spec": spec_bytes,
+            "blobs": [[digest, bytes(blobs[digest])] for digest in sorted(blobs)],
+        }
+    )
+
+
+def decode_bundle(data: bytes, limits: JobLimits = DEFAULT_JOB_LIMITS) -> tuple[bytes, dict[bytes, bytes]]:
+    """Check a job bundle: the spec decodes, every tensor it names is present once and matches its meta.
+
+    Raises :class:`JobFormatError`: the codec's reasons, ``bad_argument`` (not a bundle), the spec's reasons,
+    ``missing_tensor``, ``inconsistent`` (a blob the spec does not name, or out of order), ``shape_mismatch``,
+    ``hash_mismatch``.
+    """
+    decode_limits = codec.DecodeLimits(
+        max_bytes=len(data),
+        max_str_len=256,
+        max_bin_len=max(len(data), 1),
+        max_array_len=max(16, len(data)),
+        max_map_len=16,
+        max_depth=4,
+    )
+    try:
+        wire = codec.unpack(data, decode_limits)
+    except P2PComputeError as exc:
+        raise JobFormatError(exc.reason, f"job bundle: {exc.detail}") from exc
+    top = _exact_map(wire, _BUNDLE_KEYS, "bundle")
+    if top["format"] != BUNDLE_FORMAT or not isinstance(top["spec"], bytes):
+        raise JobFormatError(Reason.BAD_ARGUMENT, "not a p2pcompute job bundle")
+    if type(top["version"]) is not int or top["version"] != BUNDLE_VERSION:
+        raise JobFormatError(Reason.UNSUPPORTED_VERSION, f"bundle version {str(top['version'])[:32]}")
+    spec_bytes: bytes = top["spec"]
+    spec = decode_job(spec_bytes, limits)
+    blobs: dict[bytes, bytes] = {}
+    last = b""
+    for i, pair in enumerate(_list(top["blobs"], "bundle.blobs")):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, bytes) for p in pair)):
+            raise JobFormatError(Reason.WRONG_TYPE, f"bundle.blobs[{i}]: expected [digest, bytes]")
+        digest, blob = pair
+        if digest <= last:
+            raise JobFormatError(Reason.INCONSISTENT, f"bundle.blobs[{i}]: digests not sorted or repeated")
+        blobs[digest] = blob
+        last = digest
+    metas = spec.inputs + spec.constants
+    named = {meta.digest for meta in metas}
+    for digest in blobs:
+        if digest not in named:
+            raise JobFormatError(Reason.INCONSISTENT, f"blob {digest.hex()[:16]} is not named by the job")
+    for meta in metas:
+        if meta.digest not in blobs:
+            raise JobFormatError(Reason.MISSING_TENSOR, f"tensor {meta.digest.hex()[:16]} is not in the bundle")
+        check_blob(meta, blobs[meta.digest])
+    return spec_bytes, blobs

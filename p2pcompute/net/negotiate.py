@@ -1,0 +1,450 @@
+"""Drive the pure negotiation machines (``core.negotiation``) over ``/p2pcompute/job/1.0.0`` streams.
+
+The adapter moves bytes and time only: it reads a frame, turns it into an event (opening envelopes with the
+signer pinned to the Noise-authenticated remote peer), passes signed messages through the seen cache, and feeds
+the machine, which decides. Every wait is bounded by the machine's own phase deadline (``timeout_at``) or a
+named transfer timeout; on a timeout, cancellation or any protocol error the adapter tells the machine, sends a
+best-effort ``abort`` frame and resets the stream.
+
+:class:`Conversation` is shared by both roles. :class:`ClientSession` is the client's side of one negotiation
+with one worker; the stream stays open after the result so the client can verify before it signs a receipt
+(or a rejection). The worker's side lives in :mod:`p2pcompute.worker`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar, overload
+
+import multiaddr
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.exceptions import BaseLibp2pError
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+
+from p2pcompute.core.envelope import Opened
+from p2pcompute.core.identity import KeyPair, PeerId
+from p2pcompute.core.messages import (
+    JobDecline,
+    JobFailed,
+    JobOffer,
+    JobReceipt,
+    JobRequest,
+    JobResult,
+    Message,
+    Requirements,
+)
+from p2pcompute.core.negotiation import (
+    Abort,
+    Accept,
+    BlobAssembler,
+    Blobs,
+    ClientNegotiation,
+    Decline,
+    Event,
+    Failed,
+    Offer,
+    Progress,
+    Receipt,
+    Rejection,
+    Request,
+    Result,
+    State,
+    Ticket,
+    TicketDirection,
+    TicketFrame,
+    WorkerNegotiation,
+    abort_frame,
+    blob_frames,
+    decode_frame_payload,
+    encode_frame_payload,
+    event_from_frame,
+    frame_of,
+    seal_opened,
+)
+from p2pcompute.core.replay import SeenCache
+from p2pcompute.core.tensors import TensorMeta
+from p2pcompute.errors import (
+    DialError,
+    NegotiationFailed,
+    P2PComputeError,
+    Reason,
+    TransferError,
+)
+from p2pcompute.net.protocols import JOB_PROTOCOL
+from p2pcompute.net.stream import FramedStream
+from p2pcompute.net.transfer import download, upload
+
+__all__ = [
+    "INLINE_BYTES",
+    "MESSAGE_TTL_MS",
+    "ClientSession",
+    "Conversation",
+    "PreparedJob",
+    "ProgressCallback",
+    "WorkerResult",
+    "open_session",
+    "remote_host",
+]
+
+log = logging.getLogger(__name__)
+
+MESSAGE_TTL_MS = 120_000  # expires_at of each signed message: an offer binds the worker this long at most
+INLINE_BYTES = 256 * 1024  # inputs (or outputs) up to this many bytes in all travel inline on the stream
+DIAL_TIMEOUT_S = 10.0
+TRANSFER_TIMEOUT_S = 600.0  # one data-channel upload or download
+ABORT_TIMEOUT_S = 1.0  # best effort: telling the peer why we stop
+
+ProgressCallback = Callable[[str, int, int], None]
+"""``(phase, done, total)``: called as a job moves (negotiating, uploading, running, downloading, ...)."""
+
+E1 = TypeVar("E1", bound=Event)
+E2 = TypeVar("E2", bound=Event)
+E3 = TypeVar("E3", bound=Event)
+E4 = TypeVar("E4", bound=Event)
+
+_EVENT_OF: dict[type[Message], Callable[[Opened[Message]], Event]] = {
+    JobOffer: lambda o: Offer(opened=o),  # type: ignore[arg-type]
+    JobDecline: lambda o: Decline(opened=o),  # type: ignore[arg-type]
+    JobResult: lambda o: Result(opened=o),  # type: ignore[arg-type]
+    JobFailed: lambda o: Failed(opened=o),  # type: ignore[arg-type]
+    JobReceipt: lambda o: Receipt(opened=o),  # type: ignore[arg-type]
+}
+
+
+def _no_progress(phase: str, done: int, total: int) -> None:
+    pass
+
+
+def remote_host(stream: INetStream) -> str:
+    """The IP address the stream's connection reaches the peer on (where its data channel listens)."""
+    address = stream.get_remote_address()
+    if address is None:
+        raise TransferError(Reason.TRANSFER_FAILED, "the stream has no IP remote address for a data channel")
+    return address[0]
+
+
+class Conversation:
+    """One negotiation on one stream: frames in and out through the machine, under its phase deadlines."""
+
+    def __init__(
+        self,
+        stream: INetStream,
+        machine: ClientNegotiation | WorkerNegotiation,
+        keypair: KeyPair,
+        remote: PeerId,
+        seen: SeenCache,
+        clock: Callable[[], int],
+    ) -> None:
+        self.stream = stream
+        self.machine = machine
+        self.keypair = keypair
+        self.remote = remote
+        self.seen = seen
+        self.clock = clock
+        self._framed = FramedStream(stream)
+
+    def message_fields(self) -> dict[str, int]:
+        """``nonce`` and ``expires_at`` for a message we sign now."""
+        return {"nonce": secrets.randbits(64), "expires_at": self.clock() + MESSAGE_TTL_MS}
+
+    async def send(self, event: Event) -> None:
+        """Let the machine check and record ``event``, then write its frame."""
+        self.machine.send(event, self.clock())
+        await self._write(encode_frame_payload(frame_of(event)))
+
+    async def send_signed(self, message: Message, wrap: Callable[[Opened[Message]], Event]) -> Opened[Message]:
+        opened = seal_opened(self.keypair, message)
+        await self.send(wrap(opened))
+        return opened
+
+    async def _write(self, payload: bytes) -> None:
+        try:
+            await self._framed.send(payload)
+        except (BaseLibp2pError, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise NegotiationFailed(Reason.STREAM_CLOSED, f"writing to {self.remote}: {exc}") from exc
+
+    async def receive(self) -> Event:
+        """The next event from the peer, accepted by the machine; bounded by the current phase's deadline."""
+        deadline = self.machine.timeout_at()
+        wait_s = max(0.0, (deadline - self.clock()) / 1000) if deadline is not None else TRANSFER_TIMEOUT_S
+        with trio.move_on_after(wait_s) as scope:
+            try:
+                payload = await self._framed.receive()
+            except (BaseLibp2pError, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise NegotiationFailed(Reason.STREAM_CLOSED, f"reading from {self.remote}: {exc}") from exc
+        if scope.cancelled_caught:
+            state = self.machine.state
+            self.machine.on_timeout(self.clock())
+            raise NegotiationFailed(Reason.TIMEOUT, f"no answer from {self.remote} in state {state.value}")
+        if payload is None:
+            raise NegotiationFailed(
+                Reason.STREAM_CLOSED, f"{self.remote} closed the stream in state {self.machine.state.value}"
+            )
+        event = event_from_frame(decode_frame_payload(payload), signer=self.remote)
+        opened = getattr(event, "opened", None)
+        if opened is not None:
+            self.seen.accept(opened, self.clock())
+        self.machine.receive(event, self.clock())
+        if isinstance(event, Abort):
+            raise NegotiationFailed(
+                Reason.CANCELLED, f"{self.remote} aborted: {event.frame.reason} {event.frame.detail}".strip()
+            )
+        return event
+
+    @overload
+    async def receive_kind(self, k1: type[E1], /) -> E1: ...
+    @overload
+    async def receive_kind(self, k1: type[E1], k2: type[E2], /) -> E1 | E2: ...
+    @overload
+    async def receive_kind(self, k1: type[E1], k2: type[E2], k3: type[E3], /) -> E1 | E2 | E3: ...
+    @overload
+    async def receive_kind(self, k1: type[E1], k2: type[E2], k3: type[E3], k4: type[E4], /) -> E1 | E2 | E3 | E4: ...
+    async def receive_kind(self, *kinds: Any) -> Any:
+        """The next event, which must be one of ``kinds`` (the machine has already checked it is legal)."""
+        event = await self.receive()
+        if not isinstance(event, kinds):
+            # The machine allows more than the caller handles here (e.g. progress before a ticket): a bug.
+            names = ", ".join(k.__name__ for k in kinds)
+            raise NegotiationFailed(Reason.UNEXPECTED_MESSAGE, f"{type(event).__name__} where {names} was expected")
+        return event
+
+    async def abort(self, error: P2PComputeError) -> None:
+        """Best effort: tell the peer why we stop, then reset the stream. Safe to call more than once."""
+        if self.machine.state not in (State.DONE, State.DECLINED, State.FAILED, State.REJECTED):
+            self.machine.cancel(self.clock())
+            with trio.move_on_after(ABORT_TIMEOUT_S), contextlib.suppress(P2PComputeError):
+                await self._write(encode_frame_payload(abort_frame(error)))
+        await self.reset()
+
+    async def reset(self) -> None:
+        with trio.move_on_after(ABORT_TIMEOUT_S), contextlib.suppress(BaseLibp2pError, OSError, Exception):
+            await self.stream.reset()
+
+    async def close(self) -> None:
+        with trio.move_on_after(ABORT_TIMEOUT_S), contextlib.suppress(BaseLibp2pError, OSError, Exception):
+            await self.stream.close()
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreparedJob:
+    """What the client sends: the spec, the tensors it names, and the client's measurement of its needs."""
+
+    spec_bytes: bytes
+    digest: bytes
+    tensors: tuple[TensorMeta, ...]  # inputs and constants, each once
+    blobs: Mapping[bytes, bytes]
+    requirements: Requirements
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerResult:
+    """A worker's answer: its signed attestation, the checked output bytes and the exchange so far."""
+
+    worker: PeerId
+    offer: Opened[JobOffer]
+    result: Opened[JobResult]
+    outputs: dict[bytes, bytes]
+    price: int
+    elapsed_ms: int
+
+    @property
+    def hardware_class(self) -> str:
+        return self.result.message.hardware_class
+
+
+class ClientSession:
+    """The client's side of one negotiation with one worker (use :func:`open_session`)."""
+
+    def __init__(
+        self,
+        conversation: Conversation,
+        job: PreparedJob,
+        request: JobRequest,
+        progress: ProgressCallback,
+    ) -> None:
+        self.conversation = conversation
+        self.machine: ClientNegotiation = conversation.machine  # type: ignore[assignment]
+        self.job = job
+        self.request = request
+        self.progress = progress
+        self.result: WorkerResult | None = None
+        self.receipt: Opened[JobReceipt] | None = None
+
+    @property
+    def worker(self) -> PeerId:
+        return self.conversation.remote
+
+    async def run(self) -> WorkerResult:
+        """Request, accept the offer, send the inputs, wait for the result and fetch the checked outputs.
+
+        Raises :class:`NegotiationFailed` (declined, failed, timed out, protocol broken), :class:`TransferError`.
+        """
+        conv, clock = self.conversation, self.conversation.clock
+        started = clock()
+        self.progress("negotiating", 0, 1)
+        request = seal_opened(conv.keypair, self.request)
+        await conv.send(Request(opened=request, spec=self.job.spec_bytes))
+        answer = await conv.receive_kind(Offer, Decline)
+        if isinstance(answer, Decline):
+            decline = answer.opened.message
+            raise NegotiationFailed(Reason.DECLINED, f"{decline.reason.value}: {decline.detail}".rstrip(": "))
+        offer = answer.opened
+        accept = self.machine.make_accept(**conv.message_fields())
+        await conv.send_signed(accept, lambda o: Accept(opened=o))  # type: ignore[arg-type]
+        event = await self._send_inputs()
+        while isinstance(event, Progress):
+            self.progress(event.frame.phase, event.frame.done, event.frame.total)
+            event = await conv.receive_kind(Progress, Result, Failed)
+        if isinstance(event, Failed):
+            failed = event.opened.message
+            raise NegotiationFailed(Reason.JOB_FAILED, f"{failed.reason}: {failed.detail}".rstrip(": "))
+        result: Opened[JobResult] = event.opened
+        outputs = await self._receive_outputs(result.message.outputs)
+        self.progress("received", 1, 1)
+        self.result = WorkerResult(
+            worker=self.worker,
+            offer=offer,
+            result=result,
+            outputs=outputs,
+            price=offer.message.price,
+            elapsed_ms=clock() - started,
+        )
+        return self.result
+
+    async def _send_inputs(self) -> Progress | Result | Failed:
+        conv = self.conversation
+        total = sum(meta.nbytes for meta in self.job.tensors)
+        if total <= INLINE_BYTES:
+            self.progress("uploading", 0, total)
+            for frame in blob_frames((meta.digest, self.job.blobs[meta.digest]) for meta in self.job.tensors):
+                await conv.send(Blobs(frame=frame))
+            self.progress("uploading", total, total)
+            return await conv.receive_kind(Progress, Result, Failed)
+        event = await conv.receive_kind(Ticket, Progress, Result, Failed)
+        if not isinstance(event, Ticket):
+            return event  # the worker had every tensor already (content-addressed cache)
+        ticket = event.frame
+        unknown = [d for d in ticket.digests if d not in self.job.blobs]
+        if ticket.direction is not TicketDirection.UPLOAD or unknown:
+            raise TransferError(Reason.UNEXPECTED_BLOB, "the upload ticket names tensors this job does not have")
+        nbytes = sum(blob.nbytes for blob in ticket.blobs)
+        self.progress("uploading", 0, nbytes)
+        with trio.fail_after(TRANSFER_TIMEOUT_S):
+            await upload(
+                remote_host(conv.stream),
+                ticket.port,
+                ticket.token,
+                ticket.key,
+                {d: self.job.blobs[d] for d in ticket.digests},
+            )
+        self.progress("uploading", nbytes, nbytes)
+        return await conv.receive_kind(Progress, Result, Failed)
+
+    async def _receive_outputs(self, metas: Sequence[TensorMeta]) -> dict[bytes, bytes]:
+        conv = self.conversation
+        total = sum(meta.nbytes for meta in {m.digest: m for m in metas}.values())
+        self.progress("downloading", 0, total)
+        if total <= INLINE_BYTES:
+            assembler = BlobAssembler(metas)
+            while not assembler.complete:
+                event = await conv.receive_kind(Blobs)
+                assembler.feed(event.frame)
+            return assembler.blobs()
+        ticket: TicketFrame = (await conv.receive_kind(Ticket)).frame
+        with trio.fail_after(TRANSFER_TIMEOUT_S):
+            blobs = await download(remote_host(conv.stream), ticket.port, ticket.token, ticket.key, metas)
+        self.progress("downloading", total, total)
+        return {digest: bytes(view) for digest, view in blobs.items()}
+
+    async def pay(self) -> Opened[JobReceipt]:
+        """Sign and send the receipt for the result (call only once it passed verification)."""
+        conv = self.conversation
+        now = conv.clock()
+        receipt = self.machine.make_receipt(issued_at=now, **conv.message_fields())
+        opened: Opened[JobReceipt] = await conv.send_signed(receipt, lambda o: Receipt(opened=o))  # type: ignore[arg-type,assignment]
+        self.receipt = opened
+        await conv.close()
+        return opened
+
+    async def reject(self, reason: str, detail: str = "") -> None:
+        """Sign and send a rejection of the result (it failed its checks or verification): nothing is owed."""
+        conv = self.conversation
+        rejection = self.machine.make_rejection(reason=reason, detail=detail[:512], **conv.message_fields())
+        await conv.send_signed(rejection, lambda o: Rejection(opened=o))  # type: ignore[arg-type]
+        await conv.close()
+
+
+async def _connect(host: IHost, peer: ID, addrs: Sequence[str]) -> None:
+    if peer in host.get_connected_peers():
+        return
+    maddrs = []
+    for addr in addrs:
+        if "/ip4/0.0.0.0/" in addr:
+            continue
+        with contextlib.suppress(ValueError, Exception):
+            maddrs.append(multiaddr.Multiaddr(addr.split("/p2p/")[0]))
+    if not maddrs:
+        raise DialError(f"no dialable address for {peer}")
+    try:
+        with trio.fail_after(DIAL_TIMEOUT_S):
+            await host.connect(PeerInfo(peer, maddrs))
+    except (BaseLibp2pError, OSError, trio.TooSlowError) as exc:
+        raise DialError(f"cannot reach {peer}: {exc}") from exc
+
+
+@asynccontextmanager
+async def open_session(
+    host: IHost,
+    keypair: KeyPair,
+    worker: PeerId,
+    addrs: Sequence[str],
+    job: PreparedJob,
+    *,
+    max_price: int,
+    deadline: int,
+    seen: SeenCache,
+    clock: Callable[[], int],
+    progress: ProgressCallback = _no_progress,
+) -> AsyncIterator[ClientSession]:
+    """Open a job stream to ``worker`` and yield a session; on leaving unsettled, abort and reset the stream."""
+    peer = ID(worker.raw)
+    await _connect(host, peer, addrs)
+    try:
+        with trio.fail_after(DIAL_TIMEOUT_S):
+            stream = await host.new_stream(peer, [JOB_PROTOCOL])
+    except (BaseLibp2pError, OSError, trio.TooSlowError) as exc:
+        raise DialError(f"cannot open a job stream to {worker}: {exc}") from exc
+    machine = ClientNegotiation(local=keypair.peer_id, remote=worker)
+    conversation = Conversation(stream, machine, keypair, worker, seen, clock)
+    now = clock()
+    request = JobRequest(
+        id=secrets.token_bytes(16),
+        nonce=secrets.randbits(64),
+        expires_at=now + MESSAGE_TTL_MS,
+        client=keypair.peer_id,
+        worker=worker,
+        job_digest=job.digest,
+        spec_size=len(job.spec_bytes),
+        requirements=job.requirements,
+        max_price=max_price,
+        deadline=deadline,
+    )
+    session = ClientSession(conversation, job, request, progress)
+    try:
+        yield session
+    except BaseException as exc:
+        error = exc if isinstance(exc, P2PComputeError) else NegotiationFailed(Reason.CANCELLED, "client gave up")
+        with trio.CancelScope(shield=True):
+            await conversation.abort(error)
+        raise
+    finally:
+        if machine.state not in (State.DONE, State.REJECTED, State.DECLINED, State.FAILED):
+            with trio.CancelScope(shield=True):
+                await conversation.abort(NegotiationFailed(Reason.CANCELLED, "session closed before settling"))

@@ -1,0 +1,392 @@
+"""The worker's side of ``/p2pcompute/job/1.0.0``: admission, inputs, the executor, the result, the receipt.
+
+A :class:`Worker` serves one job per stream. It admits only what fits its free slots, memory and price floor
+(``core.negotiation.admission``), bounds the streams each peer may hold at once, persists every accepted job in
+the SQLite store before it runs it (so a restart neither loses nor silently forgets it: ``Store.recover``), runs
+it in the sandboxed executor and sends a signed attestation of the outputs. It never imports torch: the
+executor's child processes do.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+from libp2p.abc import INetStream
+
+from p2pcompute.compute.executor import ExecResult, Executor
+from p2pcompute.core.envelope import Opened
+from p2pcompute.core.identity import KeyPair, PeerId
+from p2pcompute.core.jobspec import DEFAULT_JOB_LIMITS, JobLimits, JobSpec, decode_job, summary
+from p2pcompute.core.messages import DeclineReason, DeviceKind, JobReceipt, JobRequest, Requirements
+from p2pcompute.core.negotiation import (
+    Accept,
+    Admit,
+    BlobAssembler,
+    Blobs,
+    Capacity,
+    Decline,
+    Failed,
+    NegotiationPolicy,
+    Offer,
+    Progress,
+    ProgressFrame,
+    Receipt,
+    Refuse,
+    Rejection,
+    Request,
+    Result,
+    Ticket,
+    TicketBlob,
+    TicketDirection,
+    TicketFrame,
+    WorkerNegotiation,
+    admission,
+    blob_frames,
+)
+from p2pcompute.core.replay import SeenCache
+from p2pcompute.core.tensors import TensorMeta
+from p2pcompute.errors import ExecutionError, JobFormatError, P2PComputeError
+from p2pcompute.net.negotiate import INLINE_BYTES, TRANSFER_TIMEOUT_S, Conversation
+from p2pcompute.net.transfer import DataServer, Direction
+from p2pcompute.net.transfer import Ticket as DataTicket
+from p2pcompute.store import JobRecord, JobRole, JobState, Store
+
+__all__ = ["OutputTamper", "Worker", "WorkerSettings"]
+
+log = logging.getLogger(__name__)
+
+BLOB_CACHE_BYTES = 256 * 1024 * 1024  # content-addressed tensors kept between jobs (weights sent once)
+
+OutputTamper = Callable[[JobSpec, ExecResult], Awaitable[ExecResult]]
+"""A hook that changes a result before it is attested: only the testnet's adversaries use it."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerSettings:
+    """What a worker charges and holds (from the node's configuration)."""
+
+    price_per_second: int
+    slots: int
+    memory_bytes: int  # the most memory one job may use
+    device_kinds: frozenset[DeviceKind]
+    tflops: float
+    min_price: int = 1000
+    limits: JobLimits = DEFAULT_JOB_LIMITS
+    policy: NegotiationPolicy = field(default_factory=NegotiationPolicy)
+
+
+class _BlobCache:
+    """A bounded LRU of tensor bytes by content hash (hash-checked on the way in, so safe to reuse)."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._used = 0
+        self._items: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
+
+    def get(self, digest: bytes) -> bytes | None:
+        data = self._items.get(digest)
+        if data is not None:
+            self._items.move_to_end(digest)
+        return data
+
+    def put(self, digest: bytes, data: bytes) -> None:
+        if digest in self._items or len(data) > self._capacity:
+            return
+        self._items[digest] = data
+        self._used += len(data)
+        while self._used > self._capacity:
+            _, old = self._items.popitem(last=False)
+            self._used -= len(old)
+
+
+class Worker:
+    """Serves job streams for one peer (set :meth:`handle_stream` as the ``/p2pcompute/job/1.0.0`` handler)."""
+
+    def __init__(
+        self,
+        *,
+        keypair: KeyPair,
+        executor: Executor,
+        store: Store,
+        data: DataServer,
+        settings: WorkerSettings,
+        clock: Callable[[], int],
+        on_capacity: Callable[[int], None] = lambda free: None,
+        on_receipt: Callable[[Opened[JobReceipt]], None] = lambda receipt: None,
+        tamper: OutputTamper | None = None,
+    ) -> None:
+        self.keypair = keypair
+        self.executor = executor
+        self.store = store
+        self.data = data
+        self.settings = settings
+        self.clock = clock
+        self.on_capacity = on_capacity
+        self.on_receipt = on_receipt
+        self.tamper = tamper
+        self.free_slots = settings.slots
+        self.seen = SeenCache()
+        self.owing: set[PeerId] = set()
+        self.stats: collections.Counter[str] = collections.Counter()
+        self._streams_per_peer: collections.Counter[PeerId] = collections.Counter()
+        self._cache = _BlobCache(BLOB_CACHE_BYTES)
+        self.shutting_down = False
+
+    @property
+    def peer_id(self) -> PeerId:
+        return self.keypair.peer_id
+
+    def _take_slot(self) -> None:
+        self.free_slots -= 1
+        self.on_capacity(self.free_slots)
+
+    def _give_slot(self) -> None:
+        self.free_slots += 1
+        self.on_capacity(self.free_slots)
+
+    def capacity(self) -> Capacity:
+        s = self.settings
+        return Capacity(
+            free_slots=self.free_slots,
+            memory_bytes=s.memory_bytes,
+            free_memory_bytes=s.memory_bytes if self.free_slots > 0 else 0,
+            device_kinds=s.device_kinds,
+            tflops=s.tflops,
+            price_per_second=s.price_per_second,
+            min_price=s.min_price,
+            max_input_bytes=s.limits.max_tensor_bytes,
+            max_output_bytes=s.limits.max_output_bytes,
+            max_ops=s.limits.max_ops,
+            shutting_down=self.shutting_down,
+        )
+
+    async def handle_stream(self, stream: INetStream) -> None:
+        """One negotiation; never raises (a peer's misbehaviour is logged and costs only its stream)."""
+        remote = PeerId(stream.muxed_conn.peer_id.to_bytes())
+        if self._streams_per_peer[remote] >= self.settings.policy.max_streams_per_peer:
+            self.stats["refused_streams"] += 1
+            log.info("refused a job stream from %s: %d open already", remote, self._streams_per_peer[remote])
+            await stream.reset()
+            return
+        self._streams_per_peer[remote] += 1
+        machine = WorkerNegotiation(local=self.peer_id, remote=remote, policy=self.settings.policy)
+        conv = Conversation(stream, machine, self.keypair, remote, self.seen, self.clock)
+        try:
+            await self._serve(conv)
+            await conv.close()
+        except P2PComputeError as exc:
+            self.stats[f"error_{exc.reason.value}"] += 1
+            log.info("job stream with %s ended: %s", remote, exc)
+            await conv.abort(exc)
+        finally:
+            self._streams_per_peer[remote] -= 1
+            if not self._streams_per_peer[remote]:
+                del self._streams_per_peer[remote]
+
+    async def _serve(self, conv: Conversation) -> None:
+        machine: WorkerNegotiation = conv.machine  # type: ignore[assignment]
+        event = await conv.receive_kind(Request)
+        request: JobRequest = event.opened.message
+        try:
+            spec = decode_job(event.spec, self.settings.limits)
+        except JobFormatError as exc:
+            await self._decline(conv, DeclineReason.BAD_JOB, f"{exc.reason.value}: {exc.detail}")
+            return
+        decision = admission(
+            request,
+            self._summary(request, spec),
+            self.capacity(),
+            now=self.clock(),
+            owing=frozenset(self.owing),
+        )
+        if isinstance(decision, Refuse):
+            await self._decline(conv, decision.reason, decision.detail)
+            return
+        self._take_slot()
+        try:
+            await self._offer_and_run(conv, machine, event.spec, spec, decision)
+        finally:
+            self._give_slot()
+
+    def _summary(self, request: JobRequest, spec: JobSpec) -> Requirements:
+        # What the worker can know without torch: sizes from the parsed spec; memory, outputs and FLOPs as the
+        # client measured them, capped by the spec's own limits (the executor's dry run enforces the real ones).
+        sizes = summary(spec)
+        claimed = request.requirements
+        return Requirements(
+            device_kind=claimed.device_kind,
+            memory_bytes=min(max(claimed.memory_bytes, 1), spec.limits.memory_bytes),
+            input_bytes=sizes.input_bytes + sizes.constant_bytes,
+            output_bytes=min(claimed.output_bytes, spec.limits.max_output_bytes),
+            op_count=sizes.op_count,
+            flops=claimed.flops,
+        )
+
+    async def _decline(self, conv: Conversation, reason: DeclineReason, detail: str) -> None:
+        machine: WorkerNegotiation = conv.machine  # type: ignore[assignment]
+        self.stats[f"declined_{reason.value}"] += 1
+        decline = machine.make_decline(reason, detail=detail[:512], **conv.message_fields())
+        await conv.send_signed(decline, lambda o: Decline(opened=o))  # type: ignore[arg-type]
+
+    async def _offer_and_run(
+        self, conv: Conversation, machine: WorkerNegotiation, spec_bytes: bytes, spec: JobSpec, admit: Admit
+    ) -> None:
+        offer = machine.make_offer(admit, hardware_class=self.executor.hardware_class_base, **conv.message_fields())
+        await conv.send_signed(offer, lambda o: Offer(opened=o))  # type: ignore[arg-type]
+        accept = (await conv.receive_kind(Accept)).opened
+        request = machine.request
+        assert request is not None and machine.offer is not None
+        now = self.clock()
+        record = JobRecord(
+            id=request.message.id,
+            role=JobRole.WORKER,
+            peer=conv.remote.raw,
+            job_digest=request.message.job_digest,
+            state=JobState.ACCEPTED,
+            price=accept.message.price,
+            created_ms=now,
+            updated_ms=now,
+            envelopes={
+                "request": request.envelope,
+                "offer": machine.offer.envelope,
+                "accept": accept.envelope,
+            },
+        )
+        self.store.put_job(record)
+        self.stats["accepted"] += 1
+        key = (record.id, JobRole.WORKER, record.peer)
+        try:
+            blobs = await self._receive_inputs(conv, spec)
+            await conv.send(Progress(frame=ProgressFrame(phase="running", done=0, total=1)))
+            self.store.update_job(*key, state=JobState.RUNNING, now=self.clock())
+            try:
+                result = await self.executor.run(spec_bytes, blobs)
+                if self.tamper is not None:
+                    result = await self.tamper(spec, result)
+            except (ExecutionError, JobFormatError) as exc:
+                failed = machine.make_failed(exc.reason.value, detail=exc.detail[:512], **conv.message_fields())
+                sent = await conv.send_signed(failed, lambda o: Failed(opened=o))  # type: ignore[arg-type]
+                self.store.update_job(
+                    *key, state=JobState.FAILED, now=self.clock(), envelopes={"failed": sent.envelope}, detail=str(exc)
+                )
+                self.stats["failed"] += 1
+                return
+            await self._send_result(conv, machine, result, key)
+        except BaseException as exc:
+            current = self.store.get_job(*key)
+            if current is not None and current.state in (JobState.ACCEPTED, JobState.RUNNING):
+                detail = str(exc) if isinstance(exc, P2PComputeError) else type(exc).__name__
+                with trio.CancelScope(shield=True):
+                    self.store.update_job(*key, state=JobState.FAILED, now=self.clock(), detail=detail[:500])
+            raise
+
+    async def _receive_inputs(self, conv: Conversation, spec: JobSpec) -> dict[bytes, bytes]:
+        needed = {meta.digest: meta for meta in (*spec.inputs, *spec.constants)}
+        total = sum(meta.nbytes for meta in needed.values())
+        blobs: dict[bytes, bytes] = {}
+        if total <= INLINE_BYTES:
+            assembler = BlobAssembler(needed.values())
+            while not assembler.complete:
+                event = await conv.receive_kind(Blobs)
+                assembler.feed(event.frame)
+            blobs = assembler.blobs()
+        else:
+            missing: list[TensorMeta] = []
+            for digest, meta in needed.items():
+                cached = self._cache.get(digest)
+                if cached is None:
+                    missing.append(meta)
+                else:
+                    blobs[digest] = cached
+            if missing:
+                ticket = self.data.expect_upload(missing)
+                try:
+                    await conv.send(Ticket(frame=_ticket_frame(ticket)))
+                    with trio.fail_after(TRANSFER_TIMEOUT_S):
+                        received = await self.data.receive_upload(ticket)
+                finally:
+                    self.data.discard(ticket)
+                for digest, view in received.items():
+                    data = bytes(view)
+                    blobs[digest] = data
+                    self._cache.put(digest, data)
+        for meta in spec.constants:
+            self._cache.put(meta.digest, blobs[meta.digest])
+        return blobs
+
+    async def _send_result(
+        self,
+        conv: Conversation,
+        machine: WorkerNegotiation,
+        result: ExecResult,
+        key: tuple[bytes, JobRole, bytes],
+    ) -> None:
+        metas = tuple(meta for meta, _ in result.outputs)
+        attestation = machine.make_result(
+            metas, hardware_class=result.hardware_class, timings=result.timings, **conv.message_fields()
+        )
+        sent = await conv.send_signed(attestation, lambda o: Result(opened=o))  # type: ignore[arg-type]
+        self.store.update_job(*key, state=JobState.RESULT_SENT, now=self.clock(), envelopes={"result": sent.envelope})
+        self.stats["results"] += 1
+        outputs = {meta.digest: data for meta, data in result.outputs}
+        if sum(len(data) for data in outputs.values()) <= INLINE_BYTES:
+            for frame in blob_frames(outputs.items()):
+                await conv.send(Blobs(frame=frame))
+        else:
+            ticket = self.data.offer_download(outputs)
+            await conv.send(Ticket(frame=_ticket_frame(ticket)))
+        settled = await conv.receive_kind(Receipt, Rejection)
+        if isinstance(settled, Receipt):
+            self.store.update_job(
+                *key, state=JobState.PAID, now=self.clock(), envelopes={"receipt": settled.opened.envelope}
+            )
+            self.stats["paid"] += 1
+            self.on_receipt(settled.opened)
+        else:
+            rejection = settled.opened.message
+            self.store.update_job(
+                *key,
+                state=JobState.REJECTED,
+                now=self.clock(),
+                envelopes={"rejection": settled.opened.envelope},
+                detail=f"{rejection.reason}: {rejection.detail}",
+            )
+            self.stats["rejected"] += 1
+
+    def status(self) -> dict[str, object]:
+        """Counters for the status endpoint: slots, jobs by outcome, stored jobs by state."""
+        return {
+            "free_slots": self.free_slots,
+            "slots": self.settings.slots,
+            "hardware_class": self.executor.hardware_class_base,
+            "counters": dict(sorted(self.stats.items())),
+            "stored": {state.value: self.store.count_jobs(JobRole.WORKER, state) for state in JobState},
+        }
+
+    def recover(self) -> list[JobRecord]:
+        """At start-up: jobs a previous run accepted but did not finish, now marked interrupted (and logged)."""
+        left_open = self.store.recover(self.clock())
+        for record in left_open:
+            log.warning(
+                "job %s from %s was %s when this worker stopped; marked interrupted",
+                record.id.hex(),
+                PeerId(record.peer) if len(record.peer) == 38 else record.peer.hex(),
+                record.state.value,
+            )
+        return left_open
+
+
+def _ticket_frame(ticket: DataTicket) -> TicketFrame:
+    direction = TicketDirection.UPLOAD if ticket.direction is Direction.UPLOAD else TicketDirection.DOWNLOAD
+    return TicketFrame(
+        direction=direction,
+        port=ticket.port,
+        token=ticket.token,
+        key=ticket.key,
+        expires_at=ticket.expires_at_ms,
+        blobs=tuple(TicketBlob(digest=d, nbytes=n) for d, n in ticket.blobs),
+    )

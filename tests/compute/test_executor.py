@@ -1,0 +1,212 @@
+"""The sandboxed executor with real worker processes: results, limits, crash isolation, respawn."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+
+import pytest
+import torch
+import trio
+from torch import nn
+
+from p2pcompute.compute.executor import ExecResult, Executor, open_executor
+from p2pcompute.compute.export import ExportedJob, export_job
+from p2pcompute.core import codec
+from p2pcompute.core.jobspec import JobLimits
+from p2pcompute.errors import ConfigError, ExecutionError, JobFormatError, Reason
+
+JOB_TIMEOUT_S = 120.0  # generous: a job may wait for a worker to be respawned (python + torch import)
+MEMORY_LIMIT = 256 << 20
+
+
+def _mlp_job() -> tuple[ExportedJob, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        expected = model(x)
+    return export_job(model, (x,)), expected
+
+
+def _slow(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    for _ in range(40):
+        x = torch.tanh(x @ w)
+    return x
+
+
+def _slow_job(wall_time_ms: int) -> ExportedJob:
+    """~86 GFLOP of matmuls: seconds on a CPU."""
+    a = torch.randn(1024, 1024)
+    return export_job(_slow, (a, a), limits=JobLimits(wall_time_ms=wall_time_ms))
+
+
+def _tensor(result: ExecResult, index: int = 0) -> torch.Tensor:
+    meta, data = result.outputs[index]
+    assert meta.dtype == "float32"
+    return torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(meta.shape)
+
+
+async def _run(executor: Executor, job: ExportedJob, **kwargs: Callable[[str], None]) -> ExecResult:
+    with trio.fail_after(JOB_TIMEOUT_S):
+        return await executor.run(job.spec_bytes, job.blobs, **kwargs)
+
+
+async def _reason_of(executor: Executor, spec_bytes: bytes, blobs: dict[bytes, bytes]) -> tuple[type, Reason]:
+    with trio.fail_after(JOB_TIMEOUT_S):
+        try:
+            await executor.run(spec_bytes, blobs)
+        except (JobFormatError, ExecutionError) as exc:
+            return type(exc), exc.reason
+    raise AssertionError("the job was not rejected")
+
+
+def _with_op(job: ExportedJob, node: int, op: str) -> bytes:
+    """The job's spec with one node's op name replaced (canonical bytes a hostile client could send)."""
+    wire = codec.unpack(job.spec_bytes, codec.DecodeLimits(max_array_len=1 << 16))
+    wire["nodes"][node]["op"] = op
+    return codec.pack(wire)
+
+
+async def test_executor_pool() -> None:
+    mlp, expected = _mlp_job()
+    async with open_executor(workers=1, device="cpu", memory_limit=MEMORY_LIMIT) as executor:
+        assert executor.device_kind == "cpu"
+        assert executor.hardware_class_base.startswith("cpu:")
+        assert f"|torch {torch.__version__}|cuda none|threads " in executor.hardware_class_base
+        (pid,) = executor.worker_pids
+
+        # Results equal eager execution; the hardware class carries the dtype; progress is reported.
+        stages: list[str] = []
+        first = await _run(executor, mlp, progress=stages.append)
+        torch.testing.assert_close(_tensor(first), expected, rtol=1e-6, atol=1e-6)
+        assert first.hardware_class == executor.hardware_class_base + "|float32"
+        assert stages[0] == "queued" and "running" in stages and stages[-1] == "done"
+        assert first.timings.total_ms >= first.timings.exec_ms
+        # Deterministic: the same job gives the same digest (and bytes) again.
+        again = await _run(executor, mlp)
+        assert again.output_digest == first.output_digest
+        assert again.outputs == first.outputs
+
+        # Rejected jobs keep the worker: unknown op (refused before any worker sees it) ...
+        bad_op = _with_op(mlp, 0, "aten.system.default")
+        assert await _reason_of(executor, bad_op, mlp.blobs) == (JobFormatError, Reason.UNKNOWN_OP)
+        # ... a tensor whose bytes do not hash to its name ...
+        tampered = dict(mlp.blobs)
+        digest = mlp.spec.inputs[0].digest
+        tampered[digest] = bytes(b ^ 0xFF for b in tampered[digest])
+        assert await _reason_of(executor, mlp.spec_bytes, tampered) == (JobFormatError, Reason.HASH_MISMATCH)
+        # ... a missing tensor ...
+        missing = {d: b for d, b in mlp.blobs.items() if d != digest}
+        assert await _reason_of(executor, mlp.spec_bytes, missing) == (JobFormatError, Reason.MISSING_TENSOR)
+        # ... a 512 MiB allocation, past the executor's memory limit (refused by the meta-device dry run) ...
+        huge = export_job(lambda x: x + torch.zeros(1 << 14, 1 << 13).sum(), (torch.ones(2),))
+        assert await _reason_of(executor, huge.spec_bytes, huge.blobs) == (JobFormatError, Reason.MEMORY_LIMIT)
+        # ... and an op that fails on the data (index out of range) at run time.
+        gather = export_job(lambda x, i: torch.index_select(x, 0, i), (torch.ones(4, 2), torch.tensor([1])))
+        out_of_range = gather.with_inputs(torch.ones(4, 2), torch.tensor([7]))
+        failed = await _reason_of(executor, out_of_range.spec_bytes, out_of_range.blobs)
+        assert failed == (ExecutionError, Reason.EXECUTION_FAILED)
+        assert executor.worker_pids == (pid,)
+        assert (await _run(executor, mlp)).output_digest == first.output_digest
+
+        # A job past its wall time is killed; a fresh worker takes its place and the next job succeeds.
+        slow = _slow_job(wall_time_ms=200)
+        assert await _reason_of(executor, slow.spec_bytes, slow.blobs) == (ExecutionError, Reason.WALL_TIME)
+        after_wall_time = await _run(executor, mlp)
+        assert after_wall_time.output_digest == first.output_digest
+        (second_pid,) = executor.worker_pids
+        assert second_pid != pid
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # the killed worker was reaped
+
+        # A worker killed mid-job (as by the OOM killer) gives worker_crashed; the pool recovers.
+        long_job = _slow_job(wall_time_ms=60_000)
+        running = trio.Event()
+        crash: list[BaseException] = []
+
+        def on_progress(stage: str) -> None:
+            if stage == "running":
+                running.set()
+
+        async def doomed() -> None:
+            try:
+                await _run(executor, long_job, progress=on_progress)
+            except ExecutionError as exc:
+                crash.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(doomed)
+            with trio.fail_after(JOB_TIMEOUT_S):
+                await running.wait()
+            os.kill(second_pid, signal.SIGKILL)
+        assert len(crash) == 1 and isinstance(crash[0], ExecutionError)
+        assert crash[0].reason == Reason.WORKER_CRASHED
+        assert (await _run(executor, mlp)).output_digest == first.output_digest
+        assert executor.worker_pids not in ((pid,), (second_pid,))
+
+        # Concurrent callers share the pool (one worker: they queue) and all get the same answer.
+        digests: list[bytes] = []
+
+        async def one() -> None:
+            digests.append((await _run(executor, mlp)).output_digest)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(one)
+        assert digests == [first.output_digest] * 3
+        pids = executor.worker_pids
+
+    # Closing kills and reaps every worker; a closed executor refuses jobs.
+    for worker in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(worker, 0)
+    with pytest.raises(ExecutionError) as closed:
+        await executor.run(mlp.spec_bytes, mlp.blobs)
+    assert closed.value.reason == Reason.EXECUTOR_CLOSED
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"workers": 0}, {"device": "tpu"}, {"memory_limit": 0}, {"threads": 0}],
+)
+async def test_bad_arguments_are_refused_before_any_process_starts(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ConfigError):
+        async with open_executor(**kwargs):  # type: ignore[arg-type]
+            raise AssertionError("unreachable")
+
+
+async def test_unusable_device_is_a_config_error() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with trio.fail_after(JOB_TIMEOUT_S), pytest.raises(ConfigError, match="cuda"):
+        async with open_executor(device="cuda"):
+            raise AssertionError("unreachable")
+
+
+def test_address_space_limit_turns_overallocation_into_memory_error() -> None:
+    # In a child process: lowering RLIMIT_AS inside the test process could starve its other threads.
+    script = (
+        "from p2pcompute.compute._child import address_space_limit\n"
+        "import resource\n"
+        "before = resource.getrlimit(resource.RLIMIT_AS)\n"
+        "with address_space_limit(64 << 20):\n"
+        "    try:\n"
+        "        bytearray(1 << 30)\n"
+        "    except MemoryError:\n"
+        "        print('refused')\n"
+        "assert resource.getrlimit(resource.RLIMIT_AS) == before\n"
+        "print(len(bytearray(1 << 30)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.split() == ["refused", str(1 << 30)]
+
+
+def test_the_executor_module_does_not_import_torch() -> None:
+    # The peer's network process imports the executor; torch (~200 MB) lives only in the workers.
+    script = "import sys, p2pcompute.compute.executor\nprint('torch' in sys.modules)\n"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "False"

@@ -1,10 +1,12 @@
 """Bulk transfer on loopback, side by side: raw TCP, a py-libp2p Noise+yamux stream, and the data channel.
 
-    .venv/bin/python -m benchmarks.transfer [--mib 256] [--libp2p-mib 64] [--repeats 3]
+    .venv/bin/python -m benchmarks.transfer [--mib 256] [--libp2p-mib 64] [--repeats 3] [--two-processes]
 
-Everything runs in this one trio process (both ends share one thread, as in the network tests), so each
-figure is the best of ``--repeats`` runs and the ratio to raw TCP is what to compare. Also printed: the
-single-core speed of the primitives (SHA-256, ChaCha20-Poly1305 from cryptography/OpenSSL and from PyNaCl).
+By default both ends run in this one trio process (they share one thread, as in the network tests);
+``--two-processes`` adds raw TCP and the data channel with the far end in a child process. Each figure is the
+best of ``--repeats`` rounds, run round-robin; compare ratios to the raw TCP of the same run, not absolute
+figures across runs (on a shared machine they vary up to 2x). Also printed: the single-core speed of the
+primitives (SHA-256, ChaCha20-Poly1305 from cryptography/OpenSSL and from PyNaCl).
 """
 
 from __future__ import annotations

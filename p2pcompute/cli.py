@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -30,6 +31,11 @@ def _friendly_errors(func: F) -> F:
             return func(*args, **kwargs)
         except P2PComputeError as exc:
             raise click.ClickException(f"{exc.detail or exc.reason.value} [{exc.reason.value}]") from exc
+        except BaseExceptionGroup as group:  # trio nurseries wrap what their tasks raise
+            leaf = _single_leaf(group)
+            if isinstance(leaf, P2PComputeError):
+                raise click.ClickException(f"{leaf.detail or leaf.reason.value} [{leaf.reason.value}]") from group
+            raise
 
     return wrapper  # type: ignore[return-value]
 
@@ -48,6 +54,13 @@ def main(ctx: click.Context, log_level: str | None) -> None:
     """p2pcompute: sell idle GPU time, or run PyTorch work on other people's GPUs, peer to peer."""
     ctx.obj = {"log_level": log_level}
     _setup_logging(log_level or "warning")
+
+
+def _single_leaf(exc: BaseException) -> BaseException:
+    """The one exception inside (nested) exception groups, else ``exc`` itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _setup_logging(level: str) -> None:
@@ -266,6 +279,11 @@ def peers_cmd(url: str | None, data_dir: Path | None) -> None:
 @click.option("--timeout", type=float, help="Seconds to wait for convergence [default: 120].")
 @click.option("--dir", "base_dir", type=click.Path(file_okay=False, path_type=Path), help="Keep peer data here.")
 @click.option("--advertise-interval", type=float, help="Seconds between a peer's adverts [default: 30].")
+@click.option(
+    "--demo/--no-demo",
+    default=None,
+    help="After convergence, run a small MLP job through the network and check it against local execution.",
+)
 @_friendly_errors
 def testnet_cmd(
     peers: int | None,
@@ -274,10 +292,14 @@ def testnet_cmd(
     timeout: float | None,
     base_dir: Path | None,
     advertise_interval: float | None,
+    demo: bool | None,
 ) -> None:
-    """Start real peers on 127.0.0.1 and wait until every peer holds every other peer's advert.
+    """Start real peers on loopback addresses and wait until every peer holds every other peer's advert.
 
-    Exits 0 when the network converged, 1 when it did not. Options override the scenario file.
+    With --demo, then run a job end to end: a client bootstrapped at the first peer finds a worker
+    through the network, runs a small MLP there and checks the result equals local execution.
+    Exits 0 when the network converged (and the demo job succeeded), 1 otherwise.
+    Options override the scenario file.
     """
     import trio
 
@@ -286,26 +308,365 @@ def testnet_cmd(
 
     config = load_scenario(
         scenario,
-        {"peers": peers, "timeout": timeout, "advertise_interval": advertise_interval, "dir": base_dir},
+        {"peers": peers, "timeout": timeout, "advertise_interval": advertise_interval, "dir": base_dir, "demo": demo},
     )
-    click.echo(f"starting {config.peers} peers on 127.0.0.1 ...")
+    click.echo(f"starting {config.peers} peers on 127.0.0.1 ... 127.0.0.{config.peers} ...")
 
     def started(procs: list[Any]) -> None:
         click.echo(f"all {len(procs)} peers ready; bootstrap: {procs[0].addrs[0]}")
 
-    result = trio.run(lambda: run_testnet(config, on_started=started))
+    def demo_phase(phase: str) -> None:
+        click.echo(f"demo job: {phase}")
+
+    result = trio.run(lambda: run_testnet(config, on_started=started, on_demo=demo_phase))
     print_table(advert_table({"market": result.market}))
     counts = sorted(result.adverts_per_peer.values())
     click.echo(f"startup: {result.startup_s:.2f} s; adverts held per peer: min {counts[0]}, max {counts[-1]}")
+    if result.converged:
+        click.echo(
+            f"converged: every peer holds all {config.peers} adverts, "
+            f"{result.convergence_s:.2f} s after the last peer was ready"
+        )
+    if result.demo is not None:
+        _print_demo(result.demo)
     if report:
         report.write_text(json.dumps(result.to_json(), indent=2))
         click.echo(f"report: {report}")
     if not result.converged:
         raise click.ClickException(f"not converged within {config.timeout_s:.0f} s: adverts per peer {counts}")
-    click.echo(
-        f"converged: every peer holds all {config.peers} adverts, "
-        f"{result.convergence_s:.2f} s after the last peer was ready"
+    if result.demo is not None and not result.demo.ok:
+        raise click.ClickException(f"demo job failed: {result.demo.error}")
+
+
+def _print_demo(demo: Any) -> None:
+    click.echo("demo job (an MLP, 64 -> 128 -> 128 -> 10, batch 32):")
+    if demo.summary is not None:
+        summary = demo.summary
+        timings = summary["timings_ms"]
+        click.echo(f"  worker:     {summary['worker']}")
+        if len(summary.get("agreeing", [])) > 1:
+            click.echo(f"  agreed:     {len(summary['agreeing'])} workers ({', '.join(summary['agreeing'])})")
+        click.echo(f"  hardware:   {summary['hardware_class']}")
+        click.echo(f"  price paid: {summary['price_credits']} credits")
+        click.echo(
+            f"  timings:    {demo.elapsed_s * 1000:.0f} ms end to end "
+            f"(client start {demo.client_start_s * 1000:.0f} ms before); "
+            f"worker: queue {timings['queue']} ms, load {timings['load']} ms, exec {timings['exec']} ms"
+        )
+        click.echo(f"  output 0:   {summary['outputs'][0]['dtype']}{summary['outputs'][0]['shape']} {demo.preview} …")
+        click.echo(f"  check:      {demo.check}, max abs diff vs local execution {demo.max_abs_diff}")
+    click.echo(f"  result:     {'OK, equal to local execution' if demo.ok else 'FAILED: ' + str(demo.error)}")
+
+
+# --- jobs -----------------------------------------------------------------------------------------
+
+
+@main.group()
+def job() -> None:
+    """Turn PyTorch code into job bundles that `p2pcompute submit` runs on the network."""
+
+
+@job.command("export")
+@click.argument("target", metavar="MODULE:NAME")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Bundle file to write.")
+@click.option(
+    "--inputs",
+    "inputs_name",
+    default="example_inputs",
+    show_default=True,
+    help="Attribute of MODULE holding the example inputs: a tuple of tensors, or a function returning one.",
+)
+@click.option(
+    "--compare",
+    type=click.Choice(["exact", "tolerance"]),
+    default="tolerance",
+    show_default=True,
+    help="How redundant results are compared: bit for bit, or elementwise within rtol/atol.",
+)
+@click.option("--rtol", type=click.FloatRange(0.0, 1.0), default=1e-4, show_default=True, help="Relative tolerance.")
+@click.option("--atol", type=click.FloatRange(0.0, 1e6), default=1e-5, show_default=True, help="Absolute tolerance.")
+@_friendly_errors
+def job_export(target: str, out: Path, inputs_name: str, compare: str, rtol: float, atol: float) -> None:
+    """Export NAME from MODULE, called on the module's example inputs, as a job bundle.
+
+    \b
+    MODULE is a dotted module name (importable from the current directory) or a path to a .py file;
+    it is imported, so its top-level code runs.
+    NAME is an nn.Module instance, an nn.Module subclass (instantiated with no arguments),
+    or a function of tensors. The job computes NAME(*example_inputs), where example_inputs is
+    a module-level tuple of tensors or a function returning one (--inputs picks another name).
+
+    \b
+    Example:  p2pcompute job export testnet/examples/mlp.py:model --out mlp.job
+    """
+    module_name, _, name = target.rpartition(":")
+    if not module_name or not name:
+        raise click.ClickException(f"expected MODULE:NAME (e.g. my_model.py:model), got {target!r}")
+    with warnings.catch_warnings():
+        # torch's own noise on a CPU-only install without numpy, and from inside torch.export
+        warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+        warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
+        from p2pcompute.client import Job
+        from p2pcompute.compute.export import export_job
+        from p2pcompute.core.jobspec import CompareMode, Comparison
+
+        module = _import_target(module_name)
+        program = _program(module, module_name, name)
+        inputs = _example_inputs(module, module_name, inputs_name)
+        exported = export_job(program, inputs, compare=Comparison(mode=CompareMode(compare), rtol=rtol, atol=atol))
+        ready = Job.from_exported(exported)  # the dry run a worker does: shapes, memory, flops
+    bundle = exported.bundle()
+    try:
+        out.write_bytes(bundle)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {out}: {exc.strerror or exc}") from exc
+    spec = exported.spec
+    click.echo(f"wrote {out} ({_size(len(bundle))})")
+    click.echo(f"digest:     {exported.digest.hex()}")
+    click.echo(f"ops:        {len(spec.nodes)}")
+    click.echo(f"inputs:     {_metas(spec.inputs)}")
+    click.echo(f"constants:  {len(spec.constants)} tensors, {_size(sum(m.nbytes for m in spec.constants))}")
+    click.echo(f"outputs:    {', '.join(f'{dtype}{list(shape)}' for dtype, shape in ready.outputs)}")
+    click.echo(f"needs:      {_size(ready.requirements.memory_bytes)} peak memory, ~{ready.requirements.flops:,} flops")
+    click.echo(f"compare:    {_compare_text(exported.spec.compare)}")
+
+
+def _import_target(module_name: str) -> Any:
+    """Import the developer's module: a path to a .py file, else a dotted name from the current directory."""
+    import importlib
+    import importlib.util
+
+    is_path = module_name.endswith(".py") or "/" in module_name
+    try:
+        if is_path:
+            path = Path(module_name)
+            if not path.is_file():
+                raise click.ClickException(f"no such file: {module_name}")
+            spec = importlib.util.spec_from_file_location(f"_p2pcompute_job_{path.stem}", path)
+            if spec is None or spec.loader is None:
+                raise click.ClickException(f"cannot import {module_name}: not a Python file")
+            module = importlib.util.module_from_spec(spec)
+            sys.path.insert(0, str(path.resolve().parent))  # its sibling modules, as `python FILE` would
+            try:
+                spec.loader.exec_module(module)
+            finally:
+                sys.path.remove(str(path.resolve().parent))
+            return module
+        if "" not in sys.path and "." not in sys.path:
+            sys.path.insert(0, "")  # `python -m` semantics: modules in the current directory
+        return importlib.import_module(module_name)
+    except click.ClickException:
+        raise
+    except ModuleNotFoundError as exc:
+        raise click.ClickException(f"cannot import {module_name}: {exc}") from exc
+    except Exception as exc:  # the developer's own code failed at import time
+        raise click.ClickException(f"importing {module_name} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _attribute(module: Any, module_name: str, name: str) -> Any:
+    value = module
+    for part in name.split("."):
+        if not hasattr(value, part):
+            raise click.ClickException(f"{module_name} has no attribute {name!r}")
+        value = getattr(value, part)
+    return value
+
+
+def _program(module: Any, module_name: str, name: str) -> Any:
+    from torch import nn
+
+    value = _attribute(module, module_name, name)
+    if isinstance(value, nn.Module):
+        return value
+    if isinstance(value, type) and issubclass(value, nn.Module):
+        try:
+            return value()
+        except Exception as exc:
+            raise click.ClickException(
+                f"{name}() failed ({type(exc).__name__}: {exc}): a module class must take no arguments; "
+                "export an instance instead"
+            ) from exc
+    if callable(value) and not isinstance(value, type):
+        return value
+    raise click.ClickException(
+        f"{module_name}:{name} is of type {type(value).__name__}: expected an nn.Module, a module class or a function"
     )
+
+
+def _example_inputs(module: Any, module_name: str, inputs_name: str) -> tuple[Any, ...]:
+    import torch
+
+    if not hasattr(module, inputs_name):
+        raise click.ClickException(
+            f"{module_name} has no {inputs_name!r}: define {inputs_name} = (tensor, ...) or a function returning "
+            "such a tuple, or name another attribute with --inputs"
+        )
+    value = getattr(module, inputs_name)
+    if callable(value):
+        try:
+            value = value()
+        except Exception as exc:
+            raise click.ClickException(f"{inputs_name}() failed: {type(exc).__name__}: {exc}") from exc
+    if isinstance(value, torch.Tensor):
+        value = (value,)
+    if not isinstance(value, (tuple, list)) or not all(isinstance(t, torch.Tensor) for t in value):
+        raise click.ClickException(f"{inputs_name} must be a tuple of tensors, not {type(value).__name__}")
+    return tuple(value)
+
+
+def _size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024 or unit == "MiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"  # pragma: no cover
+
+
+def _metas(metas: Any) -> str:
+    return ", ".join(f"{m.dtype}{list(m.shape)}" for m in metas) + f" ({_size(sum(m.nbytes for m in metas))})"
+
+
+def _compare_text(compare: Any) -> str:
+    mode = str(compare.mode.value)
+    return mode if mode == "exact" else f"{mode} (rtol {compare.rtol:g}, atol {compare.atol:g})"
+
+
+@main.command("submit")
+@click.argument("bundle", metavar="FILE", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--bootstrap",
+    multiple=True,
+    envvar="P2PCOMPUTE_BOOTSTRAP",
+    help="Peer to join through, /ip4/…/tcp/…/p2p/<id> (repeatable; env P2PCOMPUTE_BOOTSTRAP, space-separated).",
+)
+@click.option("--max-price", default="0.01", show_default=True, help="Most credits to pay for the job.")
+@click.option("--deadline", type=click.FloatRange(min=1.0), default=60.0, show_default=True, help="Seconds.")
+@click.option(
+    "--redundancy",
+    type=click.IntRange(1, 16),
+    help="Workers that must agree on the result [default: adaptive, 2 for a worker not yet trusted].",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result summary as JSON (no progress bar).")
+@click.option(
+    "--save-outputs",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write each output as output-<i>.pt (torch.save) and summary.json into this directory.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Client key and job records [default: client/ in $P2PCOMPUTE_HOME or the user data directory].",
+)
+@_friendly_errors
+def submit_cmd(
+    bundle: Path,
+    bootstrap: tuple[str, ...],
+    max_price: str,
+    deadline: float,
+    redundancy: int | None,
+    as_json: bool,
+    save_outputs: Path | None,
+    data_dir: Path | None,
+) -> None:
+    """Run a job bundle (from `p2pcompute job export`) on a worker found through the network.
+
+    Prints the worker, the price paid, timings, the hardware class and the outputs.
+    """
+    import trio
+
+    from p2pcompute.client import Job, open_client
+    from p2pcompute.config import parse_price
+
+    if not bootstrap:
+        raise click.ClickException(
+            "submit needs --bootstrap ADDR: the multiaddr of a running peer (`p2pcompute node run` prints it)"
+        )
+    parse_price(max_price)  # a bad price fails here, before any network work
+    try:
+        data = bundle.read_bytes()
+    except OSError as exc:
+        raise click.ClickException(f"cannot read {bundle}: {exc.strerror or exc}") from exc
+    job = Job.from_bundle(data)
+
+    async def run(progress: Any) -> Any:
+        async with open_client(list(bootstrap), data_dir=data_dir) as client:
+            options: dict[str, Any] = {} if redundancy is None else {"redundancy": redundancy}
+            return await client.run(job, max_price=max_price, deadline=deadline, progress=progress, **options)
+
+    progress = None if as_json else _ProgressBar(job.digest.hex()[:16]).update
+    result = trio.run(run, progress)
+    summary = result.summary()
+    if save_outputs is not None:
+        _save_outputs(save_outputs, result.outputs, summary)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    print_result(summary, result.outputs)
+    if save_outputs is not None:
+        click.echo(f"outputs saved in {save_outputs}")
+
+
+class _ProgressBar:
+    """A rich progress bar on stderr fed by the client's progress events (one line per phase change)."""
+
+    def __init__(self, name: str) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn(f"job {name}"),
+            TextColumn("[bold]{task.description:<12}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self.task = self.progress.add_task("starting", total=None)
+        self.progress.start()
+
+    def update(self, event: Any) -> None:
+        total = event.total if event.total > 0 else None
+        self.progress.update(self.task, description=event.phase, completed=event.done, total=total)
+        if event.phase == "done":
+            self.progress.stop()
+
+
+def print_result(summary: dict[str, Any], outputs: list[Any]) -> None:
+    """The human-readable result of a job (shared by `submit` and the testnet demo)."""
+    timings = summary["timings_ms"]
+    click.echo(f"job:        {summary['job_digest']}")
+    click.echo(f"worker:     {summary['worker']}")
+    agreeing = summary.get("agreeing", [])
+    if len(agreeing) > 1:
+        click.echo(f"agreed:     {len(agreeing)} workers ({', '.join(a[-12:] for a in agreeing)})")
+    click.echo(f"price paid: {summary['price_credits']} credits")
+    click.echo(f"hardware:   {summary['hardware_class']}")
+    click.echo(
+        f"timings:    {summary['elapsed_ms']} ms end to end; worker: queue {timings['queue']} ms, "
+        f"load {timings['load']} ms, exec {timings['exec']} ms, total {timings['total']} ms"
+    )
+    for i, tensor in enumerate(outputs):
+        click.echo(f"output {i}:   {str(tensor.dtype).removeprefix('torch.')}{list(tensor.shape)} {_preview(tensor)}")
+
+
+def _preview(tensor: Any, count: int = 6) -> str:
+    flat = tensor.detach().reshape(-1)
+    values = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in flat[:count].tolist()]
+    return "[" + ", ".join(values) + (", …]" if flat.numel() > count else "]")
+
+
+def _save_outputs(directory: Path, outputs: list[Any], summary: dict[str, Any]) -> None:
+    import torch
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for i, tensor in enumerate(outputs):
+            torch.save(tensor, directory / f"output-{i}.pt")
+        (directory / "summary.json").write_text(json.dumps(summary, indent=2))
+    except OSError as exc:
+        raise click.ClickException(f"cannot save outputs in {directory}: {exc.strerror or exc}") from exc
 
 
 def print_table(rows: list[dict[str, str]]) -> None:

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import math
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -29,18 +30,32 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from p2pcompute.compute.compare import make_agree
 from p2pcompute.config import NodeConfig, parse_price
 from p2pcompute.core.identity import KeyPair, PeerId
 from p2pcompute.core.jobspec import Comparison, JobLimits, decode_bundle, decode_job, job_digest
-from p2pcompute.core.matching import Candidate, choose, eligible
-from p2pcompute.core.messages import DeviceKind, Requirements, Timings
+from p2pcompute.core.ledger import LedgerRole
+from p2pcompute.core.matching import Candidate, choose, default_weight, eligible
+from p2pcompute.core.messages import ComparisonMode, DeviceKind, Requirements, Timings
 from p2pcompute.core.replay import SeenCache
-from p2pcompute.core.tensors import TensorMeta
+from p2pcompute.core.reputation import Outcome
+from p2pcompute.core.tensors import TensorMeta, outputs_digest
+from p2pcompute.core.verification import (
+    DEFAULT_EVIDENCE_TTL_MS,
+    Accepted,
+    Failed,
+    KnownAnswer,
+    NeedMore,
+    QuorumPolicy,
+    ResultClaim,
+    Status,
+    Verdict,
+    Verifier,
+    make_evidence,
+)
 from p2pcompute.errors import (
-    DialError,
-    JobError,
-    NegotiationFailed,
     NoWorkersError,
+    P2PComputeError,
     Reason,
     RemoteProtocolError,
 )
@@ -61,7 +76,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CLIENT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
 MARKET_WAIT_S = 15.0  # how long run() waits for a first eligible advert before NoWorkersError
-DEFAULT_MAX_ATTEMPTS = 4
+DEFAULT_MAX_ATTEMPTS = 8  # workers asked for one job, those that declined or failed included
+ESCALATION_WAIT_S = 5.0  # how long a job needing more workers waits for adverts of workers not yet asked
+DEFAULT_MAX_WORKERS = 5  # results gathered for one job when results disagree (escalation bound)
 DEFAULT_DEADLINE_S = 120.0
 
 
@@ -184,6 +201,18 @@ class RunResult:
     attempts: tuple[Attempt, ...]
     job_digest: bytes
     workers: tuple[WorkerResult, ...] = field(default=(), repr=False)
+    verdict: Verdict | None = field(default=None, repr=False)
+    spot_check: bool = False
+
+    @property
+    def agreeing(self) -> tuple[PeerId, ...]:
+        """Workers whose results were accepted (and paid)."""
+        return self.verdict.agreeing_workers if self.verdict is not None else (self.worker,)
+
+    @property
+    def disagreeing(self) -> tuple[PeerId, ...]:
+        """Workers whose results disagreed with the accepted one (rejected, reported with evidence)."""
+        return self.verdict.disagreeing_workers if self.verdict is not None else ()
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready summary (what ``p2pcompute submit`` prints and the testnet report records)."""
@@ -203,6 +232,10 @@ class RunResult:
             },
             "outputs": [{"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)} for t in self.outputs],
             "attempts": [{"worker": str(a.worker), "outcome": a.outcome, "detail": a.detail} for a in self.attempts],
+            "agreeing": [str(p) for p in self.agreeing],
+            "disagreeing": [str(p) for p in self.disagreeing],
+            "results": len(self.workers),
+            "spot_check": self.spot_check,
         }
 
 
@@ -227,6 +260,9 @@ class Client:
         self.clock = clock
         self.seen = SeenCache()
         self.rng = random.Random(secrets.randbits(64))
+        # Spending: the hash-chained ledger of the receipts this client signed.
+        self.ledger = store.load_ledger(keypair.peer_id, LedgerRole.CLIENT)
+        self.evidence_published: list[bytes] = []
 
     @property
     def peer_id(self) -> PeerId:
@@ -252,72 +288,37 @@ class Client:
         *,
         max_price: int | float | str | Decimal,
         deadline: float = DEFAULT_DEADLINE_S,
+        redundancy: int | None = None,
+        max_workers: int = DEFAULT_MAX_WORKERS,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         progress: ProgressFn | None = None,
     ) -> RunResult:
-        """Run ``job`` on a worker for at most ``max_price`` credits, within ``deadline`` seconds from now.
+        """Run ``job`` on workers for at most ``max_price`` credits each, within ``deadline`` seconds from now.
 
-        Retries on another worker when one declines, cannot be reached, times out or fails, up to
-        ``max_attempts`` workers. Raises :class:`NoWorkersError` when no eligible worker is (or remains)
-        known, with every attempt in the detail.
+        ``redundancy`` is the quorum: that many independent workers (distinct peers and address groups) must
+        agree. ``None`` (the default) is adaptive (specs/verification.md): 2 for a worker not yet trusted here,
+        then falling with its run of verified results, with hidden spot checks the client computes itself.
+        Disagreement escalates to more workers, up to ``max_workers`` results and ``max_attempts`` workers asked.
+        Only workers whose results are accepted get a receipt; the others get a signed rejection, and evidence
+        against them is gossiped. Raises :class:`VerificationError` (no quorum) or :class:`NoWorkersError`.
         """
-        price_cap = _to_micro(max_price)
-        report = progress or (lambda event: None)
-        started = self.clock()
-        deadline_ms = started + int(deadline * 1000)
-        attempts: list[Attempt] = []
-        report(ProgressEvent("matching", 0, 1))
-        if not self.candidates(job, price_cap):
-            await self.wait_for_workers(job, price_cap)
-        while len(attempts) < max_attempts:
-            tried = [a.worker for a in attempts]
-            picked = choose(self.candidates(job, price_cap, exclude=tried), 1, self.rng)
-            if not picked:
-                break
-            candidate = picked[0]
-            try:
-                with trio.fail_after(max(0.0, (deadline_ms - self.clock()) / 1000)):
-                    outcome = await self._run_on(job, candidate, price_cap, deadline_ms, report)
-            except trio.TooSlowError:
-                attempts.append(Attempt(candidate.peer, Reason.TIMEOUT.value, "job deadline passed"))
-                break
-            except (NegotiationFailed, DialError, RemoteProtocolError, JobError) as exc:
-                log.info("job %s on %s failed: %s", job.digest.hex()[:16], candidate.peer, exc)
-                attempts.append(Attempt(candidate.peer, exc.reason.value, exc.detail, self.clock() - started))
-                continue
-            attempts.append(Attempt(candidate.peer, "ok", "", outcome.elapsed_ms))
-            report(ProgressEvent("done", 1, 1, candidate.peer))
-            return self._result(job, outcome, attempts, started)
-        tried_text = "; ".join(f"{a.worker}: {a.outcome} {a.detail}".strip() for a in attempts) or "none eligible"
-        raise NoWorkersError(
-            Reason.NO_WORKERS if not attempts else Reason.ALL_ATTEMPTS_FAILED,
-            f"job {job.digest.hex()[:16]} found no worker to finish it ({len(attempts)} tried: {tried_text})",
-        )
+        run = _Run(self, job, _to_micro(max_price), progress or (lambda event: None))
+        with trio.fail_after(max(0.001, deadline)):
+            return await run.execute(redundancy, max_workers, max_attempts, self.clock() + int(deadline * 1000))
 
-    async def _run_on(
-        self, job: Job, candidate: Candidate, max_price: int, deadline_ms: int, report: ProgressFn
-    ) -> WorkerResult:
-        def forward(phase: str, done: int, total: int) -> None:
-            report(ProgressEvent(phase, done, total, candidate.peer))
+    def _weight(self, candidate: Candidate) -> float:
+        """Matching weight: cheaper and faster, and more for a better reputation (never zero)."""
+        score = self.node.reputation.get(candidate.peer).score
+        return default_weight(candidate) * (1.0 + max(0.0, min(score, 50.0)) / 10.0)
 
-        async with open_session(
-            self.node.host,
-            self.keypair,
-            candidate.peer,
-            candidate.advert.addrs,
-            job.prepared(),
-            max_price=max_price,
-            deadline=deadline_ms,
-            seen=self.seen,
-            clock=self.clock,
-            progress=forward,
-        ) as session:
-            outcome = await session.run()
-            # The outputs were checked against their hashes and the signed metas on arrival; redundancy=1
-            # trusts the one attestation (verification by redundancy: specs/verification.md).
-            receipt = await session.pay()
-            self._remember(session.request.id, candidate.peer, job, outcome, receipt.envelope)
-            return outcome
+    def _pick(
+        self, job: Job, max_price: int, count: int, exclude: Sequence[PeerId], groups: Sequence[str]
+    ) -> list[Candidate]:
+        pool = [c for c in self.candidates(job, max_price, exclude) if self.node.reputation.eligible(c.peer)]
+        return choose(pool, count, self.rng, weight=self._weight, taken_groups=groups)
+
+    def record(self, peer: PeerId, outcome: Outcome) -> None:
+        self.node.record_outcome(peer, outcome)
 
     def _remember(self, job_id: bytes, worker: PeerId, job: Job, outcome: WorkerResult, receipt: bytes) -> None:
         now = self.clock()
@@ -338,23 +339,267 @@ class Client:
                 },
             )
         )
+        self.store.append_to_ledger(self.ledger, receipt)
 
-    def _result(self, job: Job, outcome: WorkerResult, attempts: list[Attempt], started: int) -> RunResult:
+
+@dataclass
+class _Pending:
+    """A worker's open session waiting for the verdict: pay it or reject it."""
+
+    settled: trio.Event = field(default_factory=trio.Event)
+    pay: bool = False
+    reason: str = ""
+    detail: str = ""
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    has_result: bool = False
+
+
+class _Run:
+    """One job's redundant execution: launch workers, feed the verifier, settle every session."""
+
+    def __init__(self, client: Client, job: Job, max_price: int, report: ProgressFn) -> None:
+        self.client = client
+        self.job = job
+        self.max_price = max_price
+        self.report = report
+        self.started = client.clock()
+        self.spec = decode_job(job.spec_bytes)
+        self.attempts: list[Attempt] = []
+        self.asked: list[PeerId] = []
+        self.groups: list[str] = []
+        self.pending: dict[PeerId, _Pending] = {}
+        self.results: dict[PeerId, WorkerResult] = {}
+        self.before_accept: set[PeerId] = set()
+        self.blobs: dict[Hashable, list[bytes]] = {}
+        self.paid = 0
+        self.send, self.inbox = trio.open_memory_channel[tuple[Candidate, WorkerResult | P2PComputeError, bool]](
+            math.inf
+        )
+
+    async def execute(self, redundancy: int | None, max_workers: int, max_attempts: int, deadline_ms: int) -> RunResult:
+        client, job = self.client, self.job
+        self.deadline_ms = deadline_ms
+        self.report(ProgressEvent("matching", 0, 1))
+        if not client.candidates(job, self.max_price):
+            await client.wait_for_workers(job, self.max_price)
+        first = client._pick(job, self.max_price, 1, (), ())
+        if not first:
+            raise NoWorkersError(Reason.NO_WORKERS, f"no eligible worker for job {job.digest.hex()[:16]}")
+        reputation = client.node.reputation
+        if redundancy is None:
+            quorum = 2 if reputation.should_replicate(first[0].peer, client.rng.random()) else 1
+        else:
+            quorum = max(1, redundancy)
+        known = None
+        if quorum == 1 and redundancy is None and reputation.spot_check(client.rng.random()):
+            known = await trio.to_thread.run_sync(self._known_answer)
+        self.spot_check = known is not None
+        compare = self.spec.compare
+        policy = QuorumPolicy(
+            quorum=quorum, max_workers=max(quorum, max_workers), max_attempts=max(quorum, max_workers, max_attempts)
+        )
+        self.verifier = Verifier(
+            policy,
+            job_digest=job.digest,
+            mode=ComparisonMode(compare.mode.value),
+            agree=make_agree(self.blobs, compare.rtol, compare.atol),
+            known=known,
+        )
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            self._launch(first)
+            if quorum > 1:
+                self._launch(client._pick(job, self.max_price, quorum - 1, self.asked, self.groups))
+            status: Status = self.verifier.status()
+            while not isinstance(status, (Accepted, Failed)):
+                if isinstance(status, NeedMore) and status.count:
+                    launched = self._launch(client._pick(job, self.max_price, status.count, self.asked, self.groups))
+                    if not launched and not self._in_flight():
+                        # Nobody left to ask in the market view now: wait a little for adverts of others.
+                        with trio.move_on_after(ESCALATION_WAIT_S):
+                            await client.node.wait_for(
+                                lambda: bool(client._pick(job, self.max_price, 1, self.asked, self.groups))
+                            )
+                        launched = self._launch(
+                            client._pick(job, self.max_price, status.count, self.asked, self.groups)
+                        )
+                    if not launched and not self._in_flight():
+                        self._settle_all(None)
+                        raise NoWorkersError(
+                            Reason.ALL_ATTEMPTS_FAILED,
+                            f"job {job.digest.hex()[:16]}: no further eligible worker ({self._tried()})",
+                        )
+                elif not self._in_flight():
+                    self._settle_all(None)
+                    raise NoWorkersError(Reason.ALL_ATTEMPTS_FAILED, f"job {job.digest.hex()[:16]}: {self._tried()}")
+                candidate, answer, after_accept = await self.inbox.receive()
+                status = self._absorb(candidate, answer, after_accept)
+            if isinstance(status, Failed):
+                self._settle_all(None)
+                self._record_outcomes(status.outcomes())
+                raise status.error()
+            verdict = status.verdict
+            self._settle_all(verdict)
+        self._record_outcomes(verdict.outcomes())
+        await self._publish_evidence(verdict)
+        self.report(ProgressEvent("done", 1, 1))
+        return self._result(verdict)
+
+    def _tried(self) -> str:
+        return "; ".join(f"{a.worker}: {a.outcome} {a.detail}".strip() for a in self.attempts) or "none tried"
+
+    def _in_flight(self) -> bool:
+        return any(not p.has_result and not p.settled.is_set() for p in self.pending.values())
+
+    def _launch(self, candidates: Sequence[Candidate]) -> int:
+        for candidate in candidates:
+            self.verifier.assign(candidate.peer)
+            self.asked.append(candidate.peer)
+            self.groups.append(candidate.group)
+            self.pending[candidate.peer] = _Pending()
+            self.nursery.start_soon(self._work, candidate)
+        return len(candidates)
+
+    async def _work(self, candidate: Candidate) -> None:
+        client, pending = self.client, self.pending[candidate.peer]
+
+        def forward(phase: str, done: int, total: int) -> None:
+            self.report(ProgressEvent(phase, done, total, candidate.peer))
+
+        answered = False
+        with pending.scope:
+            try:
+                async with open_session(
+                    client.node.host,
+                    client.keypair,
+                    candidate.peer,
+                    candidate.advert.addrs,
+                    self.job.prepared(),
+                    max_price=self.max_price,
+                    deadline=self.deadline_ms,
+                    seen=client.seen,
+                    clock=client.clock,
+                    progress=forward,
+                ) as session:
+                    try:
+                        outcome = await session.run()
+                    except P2PComputeError as exc:
+                        answered = True
+                        self.send.send_nowait((candidate, exc, session.machine.accept is not None))
+                        return
+                    answered = True
+                    pending.has_result = True
+                    self.send.send_nowait((candidate, outcome, True))
+                    await pending.settled.wait()
+                    if pending.pay:
+                        receipt = await session.pay()
+                        self.paid += outcome.price
+                        client._remember(session.request.id, candidate.peer, self.job, outcome, receipt.envelope)
+                    else:
+                        await session.reject(pending.reason, pending.detail)
+            except P2PComputeError as exc:
+                if not answered:
+                    self.send.send_nowait((candidate, exc, False))
+                else:
+                    log.info("settling job %s with %s failed: %s", self.job.digest.hex()[:16], candidate.peer, exc)
+
+    def _absorb(self, candidate: Candidate, answer: WorkerResult | P2PComputeError, after_accept: bool) -> Status:
+        peer, now = candidate.peer, self.client.clock()
+        if isinstance(answer, WorkerResult):
+            result = answer.result.message
+            self.results[peer] = answer
+            self.blobs[peer] = [answer.outputs[meta.digest] for meta in result.outputs]
+            self.attempts.append(Attempt(peer, "result", "", now - self.started))
+            try:
+                return self.verifier.add_claim(ResultClaim(answer.result, key=peer))
+            except P2PComputeError as exc:
+                self.attempts[-1] = Attempt(peer, exc.reason.value, exc.detail, now - self.started)
+                return self.verifier.add_failure(peer, Outcome.INVALID)
+        log.info("job %s on %s: %s", self.job.digest.hex()[:16], peer, answer)
+        self.attempts.append(Attempt(peer, answer.reason.value, answer.detail, now - self.started))
+        self.pending[peer].settled.set()
+        if answer.reason is Reason.TIMEOUT:
+            outcome = Outcome.TIMEOUT
+        elif isinstance(answer, RemoteProtocolError) and after_accept:
+            outcome = Outcome.INVALID
+        else:
+            outcome = Outcome.DECLINED_AFTER_ACCEPT
+        if not after_accept:
+            self.before_accept.add(peer)  # declining or being unreachable costs no reputation
+        return self.verifier.add_failure(peer, outcome)
+
+    def _settle_all(self, verdict: Verdict | None) -> None:
+        agreeing = set(verdict.agreeing_workers) if verdict is not None else set()
+        for peer, pending in self.pending.items():
+            if pending.settled.is_set():
+                continue
+            if not pending.has_result:
+                pending.scope.cancel()  # not needed any more: abort, nothing is owed
+                continue
+            pending.pay = peer in agreeing
+            if not pending.pay:
+                pending.reason = "verification_failed" if verdict is not None else Reason.NO_QUORUM.value
+                pending.detail = "result outside the accepted cluster" if verdict is not None else "no quorum"
+            pending.settled.set()
+
+    def _record_outcomes(self, outcomes: dict[PeerId, Outcome]) -> None:
+        for peer, outcome in outcomes.items():
+            if peer not in self.before_accept:
+                self.client.record(peer, outcome)
+
+    async def _publish_evidence(self, verdict: Verdict) -> None:
+        client, now = self.client, self.client.clock()
+        for accusation in verdict.accusations:
+            data = make_evidence(
+                client.keypair,
+                accusation,
+                id=secrets.token_bytes(16),
+                nonce=secrets.randbits(64),
+                expires_at=now + DEFAULT_EVIDENCE_TTL_MS,
+            )
+            try:
+                await client.node.publish_evidence(data)
+            except P2PComputeError as exc:
+                log.warning("could not publish evidence against %s: %s", accusation.accused.worker, exc)
+            client.evidence_published.append(data)
+
+    def _known_answer(self) -> KnownAnswer:
+        from p2pcompute.compute.interpreter import tensor_to_blob
+
+        blobs = [tensor_to_blob(t) for t in self.job.run_locally()]
+        metas = tuple(meta for meta, _ in blobs)
+        self.blobs["known"] = [data for _, data in blobs]
+        return KnownAnswer(output_digest=outputs_digest(metas), outputs=metas, hardware_class="client", key="known")
+
+    def _result(self, verdict: Verdict) -> RunResult:
         from p2pcompute.compute.interpreter import blob_to_tensor
 
-        result = outcome.result.message
-        tensors = [blob_to_tensor(meta, outcome.outputs[meta.digest]) for meta in result.outputs]
+        accepted = verdict.accepted
+        if accepted is not None:
+            chosen = self.results[accepted.worker]
+            metas = accepted.outputs
+            tensors = [blob_to_tensor(meta, chosen.outputs[meta.digest]) for meta in metas]
+            worker, timings, hardware = chosen.worker, chosen.result.message.timings, chosen.hardware_class
+        else:  # a spot check nobody got right: the client's own answer
+            tensors = self.job.run_locally()
+            worker, timings, hardware = (
+                self.client.peer_id,
+                Timings(queue_ms=0, load_ms=0, exec_ms=0, total_ms=0),
+                "client",
+            )
         return RunResult(
             outputs=tensors,
-            output_digest=result.output_digest,
-            worker=outcome.worker,
-            price=outcome.price,
-            timings=result.timings,
-            hardware_class=result.hardware_class,
-            elapsed_ms=self.clock() - started,
-            attempts=tuple(attempts),
-            job_digest=job.digest,
-            workers=(outcome,),
+            output_digest=verdict.output_digest,
+            worker=worker,
+            price=self.paid,
+            timings=timings,
+            hardware_class=hardware,
+            elapsed_ms=self.client.clock() - self.started,
+            attempts=tuple(self.attempts),
+            job_digest=self.job.digest,
+            workers=tuple(self.results.values()),
+            verdict=verdict,
+            spot_check=self.spot_check,
         )
 
 
@@ -384,7 +629,7 @@ async def open_client(
     store = open_store(directory / STORE_FILE)
     try:
         async with open_host(keypair.seed, config.listen, config=HostConfig()) as host:
-            node = Node(config, keypair, None, host)
+            node = Node(config, keypair, None, host, store=store)
             async with trio.open_nursery() as nursery:
                 await nursery.start(
                     lambda task_status: node.run(advertise=False, serve_status=False, task_status=task_status)

@@ -32,6 +32,7 @@ from p2pcompute.keys import default_data_dir
 __all__ = ["MICRO_CREDITS", "NodeConfig", "load_config", "parse_price"]
 
 MICRO_CREDITS = 1_000_000  # price units per credit
+CHEAT_MODES = ("random", "zeros", "stale", "lazy", "collude")  # p2pcompute.testing.adversary
 DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/4001",)
 DEFAULT_STATUS_PORT = 8470
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -71,6 +72,7 @@ class NodeConfig:
     connections_high: int = 96
     serve_jobs: bool = True  # run jobs for others (a worker); false: a relay/bootstrap-only peer
     job_memory_bytes: int = 4 * 1024**3  # the most memory one job may use on this worker
+    cheat_mode: str = ""  # testnets only: make this worker cheat (p2pcompute.testing.adversary)
 
     def validate(self) -> NodeConfig:
         if not self.listen:
@@ -93,6 +95,8 @@ class NodeConfig:
             )
         if not 0 <= self.connections_low <= self.connections_high <= 1024:
             raise ConfigError("need 0 <= connections_low <= connections_high <= 1024")
+        if self.cheat_mode and self.cheat_mode not in CHEAT_MODES:
+            raise ConfigError(f"cheat_mode must be one of {', '.join(CHEAT_MODES)}")
         if self.job_memory_bytes < 1024**2:
             raise ConfigError(f"job_memory_bytes must be at least 1 MiB, got {self.job_memory_bytes}")
         if not 0 <= self.status_port <= 65535:

@@ -34,7 +34,9 @@ from p2pcompute.core.adverts import MarketView, SyncRequest, validate_advert
 from p2pcompute.core.envelope import seal
 from p2pcompute.core.identity import KeyPair, PeerId
 from p2pcompute.core.messages import GpuAdvert
+from p2pcompute.core.reputation import Outcome, PeerReputation, Reputation
 from p2pcompute.core.schema import from_wire, to_wire
+from p2pcompute.core.verification import EvidenceInbox
 from p2pcompute.errors import (
     LocalProtocolError,
     P2PComputeError,
@@ -47,14 +49,16 @@ from p2pcompute.keys import load_or_create_key
 from p2pcompute.net.discovery import Discovery, DiscoveryConfig
 from p2pcompute.net.gossip import Gossip, GossipConfig
 from p2pcompute.net.host import HostConfig, host_addrs, open_host
-from p2pcompute.net.protocols import ADVERTS_SYNC_PROTOCOL, ADVERTS_TOPIC, JOB_PROTOCOL
+from p2pcompute.net.protocols import ADVERTS_SYNC_PROTOCOL, ADVERTS_TOPIC, EVIDENCE_TOPIC, JOB_PROTOCOL
 from p2pcompute.net.stream import FramedStream
 
 if TYPE_CHECKING:
     # trio-typing (a py-libp2p dependency) ships trio stubs that do not export TaskStatus.
     from trio_typing import TaskStatus
 
+    from p2pcompute.store import Store
     from p2pcompute.worker import Worker
+
 
 __all__ = ["Node", "NodeInfo", "advert_table", "serve"]
 
@@ -100,6 +104,9 @@ class _Metrics:
         self.adverts_received = prometheus_client.Counter(
             "p2pcompute_adverts_received", "Adverts received over gossip, by result", ["result"], registry=r
         )
+        self.evidence_received = prometheus_client.Counter(
+            "p2pcompute_evidence_received", "Cheating evidence received over gossip, by result", ["result"], registry=r
+        )
         self.adverts_published = prometheus_client.Counter(
             "p2pcompute_adverts_published", "Adverts this peer published", registry=r
         )
@@ -128,8 +135,12 @@ class Node:
         host: IHost,
         *,
         clock: Callable[[], int] = now_ms,
+        store: Store | None = None,
     ) -> None:
         self.config = config
+        self.store = store
+        self.reputation = store.load_reputation() if store is not None else Reputation()
+        self.evidence = EvidenceInbox()
         self.keypair = keypair
         self.hardware = hardware
         self.host = host
@@ -218,6 +229,41 @@ class Node:
         log.info("rejected advert from %s: %s", origin, exc)
         self._notify_gossip()
         raise exc
+
+    # --- evidence of cheating (specs/verification.md) ---
+
+    def record_outcome(self, peer: PeerId, outcome: Outcome) -> PeerReputation:
+        """Apply an own observation of ``peer`` to its reputation, persisted when the node has a store."""
+        record = self.reputation.record(peer, outcome, self.clock())
+        if self.store is not None:
+            self.store.save_reputation(record)
+        return record
+
+    def _validate_evidence(self, origin: ID, data: bytes) -> None:
+        """The evidence topic validator: every signature is checked before anything changes; raise to reject."""
+        now = self.clock()
+        try:
+            valid = self.evidence.receive(data, now)
+        except ReplayError as exc:
+            if exc.reason is Reason.REPLAYED:
+                return  # a copy gossip delivered twice: no change, no penalty
+            self.metrics.evidence_received.labels(result=exc.reason.value).inc()
+            raise
+        except RemoteProtocolError as exc:
+            self.metrics.evidence_received.labels(result=exc.reason.value).inc()
+            log.info("rejected evidence from %s: %s", origin, exc)
+            raise
+        if valid.reporter == self.peer_id:
+            return  # our own report: already applied as an own observation
+        effect = self.reputation.record_report(valid.reporter, valid.accused, valid.job_digest, now)
+        if self.store is not None:
+            self.store.save_reputation(self.reputation.get(valid.accused))
+        self.metrics.evidence_received.labels(result=effect.value).inc()
+        log.info("evidence from %s against %s (%s): %s", valid.reporter, valid.accused, valid.strength, effect.value)
+        self._notify_gossip()
+
+    async def publish_evidence(self, data: bytes) -> None:
+        await self.gossip.publish(EVIDENCE_TOPIC, data)
 
     def _notify_gossip(self) -> None:
         self._gossip_seen.set()
@@ -411,6 +457,7 @@ class Node:
             # Pubsub must run before any connection is made (0.8.1 ignores earlier connections).
             await nursery.start(self.gossip.run)
             await self.gossip.subscribe(ADVERTS_TOPIC, self._validate_gossip)
+            await self.gossip.subscribe(EVIDENCE_TOPIC, self._validate_evidence)
             self.host.set_stream_handler(ADVERTS_SYNC_PROTOCOL, self._handle_sync)  # before any dial
             if self.worker is not None:
                 self.host.set_stream_handler(JOB_PROTOCOL, self.worker.handle_stream)
@@ -467,9 +514,11 @@ async def serve(config: NodeConfig, *, task_status: TaskStatus[NodeInfo] = trio.
     With ``config.serve_jobs`` the peer is a worker: a warm executor pool (one child per slot), a data-channel
     listener and the job protocol handler; accepted jobs are persisted in ``<data_dir>/store.sqlite3``.
     """
+    # Imported here: a worker's modules (executor pool, data channel, store) cost start-up time only where used.
     from p2pcompute.compute.executor import open_executor
     from p2pcompute.net.transfer import DataServer
     from p2pcompute.store import STORE_FILE, open_store
+    from p2pcompute.testing.adversary import make_tamper
     from p2pcompute.worker import Worker, WorkerSettings
 
     config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -493,7 +542,7 @@ async def serve(config: NodeConfig, *, task_status: TaskStatus[NodeInfo] = trio.
             if config.serve_jobs:
                 executor = await stack.enter_async_context(open_executor(workers=config.slots))
             host = await stack.enter_async_context(open_host(keypair.seed, config.listen, config=host_config))
-            node = Node(config, keypair, hardware, host)
+            node = Node(config, keypair, hardware, host, store=store)
             if executor is not None:
                 devices = hardware.devices
                 node.worker = Worker(
@@ -510,6 +559,7 @@ async def serve(config: NodeConfig, *, task_status: TaskStatus[NodeInfo] = trio.
                     ),
                     clock=node.clock,
                     on_capacity=node.set_free_slots,
+                    tamper=make_tamper(config.cheat_mode) if config.cheat_mode else None,
                 )
                 node.worker.recover()
             await node.run(task_status=task_status)

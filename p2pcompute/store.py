@@ -21,6 +21,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from p2pcompute.core.identity import PeerId
+from p2pcompute.core.ledger import Ledger, LedgerEntry, LedgerRole
+from p2pcompute.core.reputation import PeerReputation, Reputation, ReputationPolicy
 from p2pcompute.errors import Reason, StoreError
 
 __all__ = ["STORE_FILE", "JobRecord", "JobRole", "JobState", "Store", "open_store"]
@@ -234,6 +237,41 @@ class Store:
 
     def reputation_rows(self) -> dict[bytes, dict[str, Any]]:
         return {bytes(peer): json.loads(row) for peer, row in self._conn.execute("SELECT peer, row FROM reputation")}
+
+    def load_reputation(self, policy: ReputationPolicy | None = None) -> Reputation:
+        """The reputation this peer recorded before (rows are checked; a bad row is a :class:`StoreError`)."""
+        peers = [PeerReputation.from_row(_unhex(row)) for row in self.reputation_rows().values()]
+        return Reputation(policy, peers)
+
+    def save_reputation(self, record: PeerReputation) -> None:
+        row = {k: (v.hex() if isinstance(v, bytes) else v) for k, v in record.to_row().items()}
+        self.put_reputation(record.peer.raw, row)
+
+    def load_ledger(self, owner: PeerId, role: LedgerRole) -> Ledger:
+        """The owner's ledger of ``role``, its whole hash chain re-checked (``chain_broken`` on tampering)."""
+        rows = self.ledger_rows(f"{role.value}:{owner}")
+        entries = [
+            LedgerEntry(seq=seq, prev_hash=prev, receipt=receipt, entry_hash=h) for seq, prev, h, receipt in rows
+        ]
+        return Ledger(owner, role, entries)
+
+    def append_to_ledger(self, ledger: Ledger, receipt: bytes) -> LedgerEntry:
+        """Append a receipt to ``ledger`` and persist the entry in the same step (nothing if it is refused)."""
+        entry = ledger.append(receipt)
+        self.append_ledger(f"{ledger.role.value}:{ledger.owner}", entry.seq, entry.prev_hash, entry.entry_hash, receipt)
+        return entry
+
+    def unpaid_clients(self, now: int, grace_ms: int) -> set[PeerId]:
+        """Clients with a delivered result (``result_sent``) but neither receipt nor rejection after ``grace_ms``."""
+        rows = self._conn.execute(
+            "SELECT DISTINCT peer FROM jobs WHERE role = ? AND state = ? AND updated_ms + ? <= ?",
+            (JobRole.WORKER.value, JobState.RESULT_SENT.value, grace_ms, now),
+        ).fetchall()
+        return {PeerId(bytes(r[0])) for r in rows}
+
+
+def _unhex(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: (bytes.fromhex(v) if k == "peer" and isinstance(v, str) else v) for k, v in row.items()}
 
 
 def _job_from_row(row: sqlite3.Row) -> JobRecord:

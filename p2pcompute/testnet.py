@@ -1,9 +1,13 @@
-"""A local testnet: N real peer processes on 127.0.0.1, one bootstrap and the rest joining through it.
+"""A local testnet: N real peer processes on loopback (127.0.0.1 ... 127.0.0.N), one bootstrap, the rest joining.
 
 ``p2pcompute testnet --peers N`` probes the hardware once (shared by every peer), starts the peers,
 waits until every peer holds every other peer's advert, prints the market table and the convergence
 time, optionally writes a JSON report, and stops every peer (also on Ctrl-C). It exits non-zero when
 the network does not converge in time.
+
+With ``--demo`` it then runs a job end to end from the testnet process: a small MLP with fixed weights is
+exported, a client bootstrapped at the first peer runs it on a worker it finds through the network, and the
+result is checked against local execution of the same module (:func:`run_demo`).
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import subprocess
 import sys
 import tempfile
 import tomllib
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,10 +30,10 @@ import httpx
 import trio
 
 from p2pcompute.compute.gpu import CACHE_FILE, load_or_probe
-from p2pcompute.config import STATUS_REQUEST_TIMEOUT_S
+from p2pcompute.config import STATUS_REQUEST_TIMEOUT_S, parse_price
 from p2pcompute.errors import P2PComputeError, Reason
 
-__all__ = ["PeerProcess", "TestnetConfig", "TestnetError", "TestnetReport", "run_testnet"]
+__all__ = ["DemoReport", "PeerProcess", "TestnetConfig", "TestnetError", "TestnetReport", "run_demo", "run_testnet"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,10 @@ READY_TIMEOUT_PER_PEER_S = 2.0  # ... plus this much per peer of the testnet
 STOP_TIMEOUT_S = 15.0  # SIGINT to exit, before SIGKILL
 POLL_INTERVAL_S = 0.25  # status polling while waiting for convergence
 START_CONCURRENCY = 6  # peer processes starting at once (each imports libp2p: CPU-bound)
+DEMO_TIMEOUT_S = 120.0  # the whole demo: client start, matching, the job, payment
+DEMO_DEADLINE_S = 60.0  # the job's own deadline, given to the worker
+DEMO_MAX_PRICE = "0.01"  # credits
+DEMO_SEED = 0
 
 
 class TestnetError(P2PComputeError):
@@ -54,9 +63,10 @@ class TestnetConfig:
     advertise_interval_s: float = 30.0
     log_level: str = "warning"
     extra_args: tuple[str, ...] = ()  # passed to every `p2pcompute node run`
+    demo: bool = False  # after convergence, run a demo job through the network (run_demo)
 
     def validate(self) -> TestnetConfig:
-        if not 2 <= self.peers <= 200:
+        if not 2 <= self.peers <= 200:  # 200 < 254: one loopback address each (peer_ip)
             raise TestnetError(f"--peers must be 2..200, got {self.peers}")
         if self.timeout_s <= 0:
             raise TestnetError("--timeout must be positive")
@@ -84,9 +94,14 @@ class TestnetReport:
     adverts_per_peer: dict[str, int]
     peer_ids: list[str]
     market: list[dict[str, Any]] = field(default_factory=list)
+    demo: DemoReport | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.converged and (self.demo is None or self.demo.ok)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "peers": self.peers,
             "converged": self.converged,
             "startup_seconds": round(self.startup_s, 3),
@@ -94,10 +109,48 @@ class TestnetReport:
             "adverts_per_peer": self.adverts_per_peer,
             "peer_ids": self.peer_ids,
         }
+        if self.demo is not None:
+            data["demo"] = self.demo.to_json()
+        return data
+
+
+@dataclass
+class DemoReport:
+    """How the demo job went: ``ok`` when it ran and matched local execution of the same module."""
+
+    ok: bool
+    elapsed_s: float  # client.run(), end to end
+    client_start_s: float = 0.0  # opening the client (host, bootstrap dial) until it knows the workers
+    workers_known: int = 0  # eligible workers in the client's market view when the job started
+    check: str = ""  # "exact" (torch.equal; a CPU worker) or "tolerance" (the job's rtol/atol; another device)
+    max_abs_diff: float | None = None
+    error: str | None = None
+    summary: dict[str, Any] | None = None  # RunResult.summary()
+    preview: list[float] = field(default_factory=list)  # the first output values
+
+    def to_json(self) -> dict[str, Any]:
+        summary = self.summary or {}
+        return {
+            "ok": self.ok,
+            "worker": summary.get("worker"),
+            "price": summary.get("price_credits"),
+            "timings": summary.get("timings_ms"),
+            "elapsed": round(self.elapsed_s, 3),
+            "client_start": round(self.client_start_s, 3),
+            "workers_known": self.workers_known,
+            "check": self.check,
+            "max_abs_diff": self.max_abs_diff,
+            "error": self.error,
+            "hardware_class": summary.get("hardware_class"),
+            "job_digest": summary.get("job_digest"),
+            "outputs": summary.get("outputs"),
+            "attempts": summary.get("attempts"),
+            "agreeing": summary.get("agreeing"),
+        }
 
 
 def load_scenario(path: Path | None, overrides: dict[str, Any]) -> TestnetConfig:
-    """A scenario TOML file (keys: peers, timeout, advertise_interval, dir), then overrides (None = unset)."""
+    """A scenario TOML file (keys: peers, timeout, advertise_interval, dir, demo), then overrides (None = unset)."""
     values: dict[str, Any] = {}
     if path is not None:
         try:
@@ -105,7 +158,7 @@ def load_scenario(path: Path | None, overrides: dict[str, Any]) -> TestnetConfig
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise TestnetError(f"scenario {path}: {exc}") from exc
     values.update({k: v for k, v in overrides.items() if v is not None})
-    unknown = set(values) - {"peers", "timeout", "advertise_interval", "dir"}
+    unknown = set(values) - {"peers", "timeout", "advertise_interval", "dir", "demo"}
     if unknown:
         raise TestnetError(f"scenario: unknown key(s) {', '.join(sorted(unknown))}")
     try:
@@ -114,17 +167,24 @@ def load_scenario(path: Path | None, overrides: dict[str, Any]) -> TestnetConfig
             timeout_s=float(values.get("timeout", 120.0)),
             advertise_interval_s=float(values.get("advertise_interval", 30.0)),
             base_dir=Path(values["dir"]) if "dir" in values else None,
+            demo=bool(values.get("demo", False)),
         ).validate()
     except (TypeError, ValueError) as exc:
         raise TestnetError(f"scenario: {exc}") from exc
 
 
-def _node_command(data_dir: Path, bootstrap: Sequence[str], config: TestnetConfig) -> list[str]:
+def peer_ip(index: int) -> str:
+    """Peer ``index`` listens on its own loopback address (127.0.0.1, .2, ...): as on a real network, each worker
+    is in its own address group, so jobs needing several independent workers can find them (core.matching)."""
+    return f"127.0.0.{index + 1}"
+
+
+def _node_command(index: int, data_dir: Path, bootstrap: Sequence[str], config: TestnetConfig) -> list[str]:
     command = [
         sys.executable, "-m", "p2pcompute.cli", "--log-level", config.log_level,
         "node", "run", "--json-events",
         "--data-dir", str(data_dir),
-        "--listen", "/ip4/127.0.0.1/tcp/0",
+        "--listen", f"/ip4/{peer_ip(index)}/tcp/0",
         "--status-port", "0",
         "--advertise-interval", str(config.advertise_interval_s),
         "--advert-ttl", str(max(config.advertise_interval_s * 3, 30.0)),
@@ -178,7 +238,7 @@ async def _start_peer(
     data_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(hardware, data_dir / CACHE_FILE)
     process = await trio.lowlevel.open_process(
-        _node_command(data_dir, bootstrap, config),
+        _node_command(index, data_dir, bootstrap, config),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
@@ -240,8 +300,13 @@ async def _market_counts(client: httpx.AsyncClient, peers: Sequence[PeerProcess]
     return counts
 
 
-async def run_testnet(config: TestnetConfig, *, on_started: Any = None) -> TestnetReport:
-    """Start the peers, wait for advert convergence, stop them; return the report."""
+async def run_testnet(
+    config: TestnetConfig, *, on_started: Any = None, on_demo: Callable[[str], None] | None = None
+) -> TestnetReport:
+    """Start the peers, wait for advert convergence, run the demo job if asked, stop them; return the report.
+
+    ``on_demo`` is called with each phase of the demo job (for a progress line).
+    """
     config.validate()
     owned_dir = config.base_dir is None
     base = Path(tempfile.mkdtemp(prefix="p2pcompute-testnet-")) if owned_dir else config.base_dir
@@ -278,6 +343,10 @@ async def run_testnet(config: TestnetConfig, *, on_started: Any = None) -> Testn
                 if on_started is not None:
                     on_started(peers)
                 report = await _await_convergence(config, peers, startup_s)
+                if config.demo and report.converged:
+                    report.demo = await run_demo(
+                        base / "client", peers[0].addrs[:1], workers=len(peers), on_phase=on_demo
+                    )
             except TestnetError as exc:
                 failure = exc  # raised below, outside the nursery, as itself rather than in an ExceptionGroup
             finally:
@@ -319,3 +388,106 @@ async def _await_convergence(config: TestnetConfig, peers: Sequence[PeerProcess]
         peer_ids=[p.peer_id for p in peers],
         market=market,
     )
+
+
+def demo_module() -> tuple[Any, tuple[Any, ...]]:
+    """The demo job: a small MLP with fixed weights (seeded, without touching the global RNG) and its input."""
+    import torch
+    from torch import nn
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(DEMO_SEED)
+        model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+        x = torch.randn(32, 64)
+    return model.eval(), (x,)
+
+
+async def run_demo(
+    data_dir: Path, bootstrap: Sequence[str], *, workers: int = 1, on_phase: Callable[[str], None] | None = None
+) -> DemoReport:
+    """Export the demo MLP, run it through a client bootstrapped at ``bootstrap``, compare with local execution.
+
+    The client first waits (bounded) until it knows ``workers`` eligible workers.
+
+    Never raises for a failed job: the failure is in the report (``ok`` false, ``error``).
+    """
+    with warnings.catch_warnings():  # torch's noise on a CPU-only install without numpy, and from torch.export
+        warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+        warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
+        import torch
+
+        from p2pcompute.client import Job, ProgressEvent, open_client
+
+        model, inputs = demo_module()
+        job = await trio.to_thread.run_sync(lambda: Job.from_module(model, inputs))
+    with torch.no_grad():
+        expected = model(*inputs)
+    phases: list[str] = []
+
+    last: dict[str, str] = {}  # worker -> its last phase
+
+    def progress(event: ProgressEvent) -> None:
+        worker = str(event.worker or "")
+        if last.get(worker) != event.phase:
+            last[worker] = event.phase
+            phases.append(event.phase)
+            if on_phase is not None:
+                on_phase(f"{event.phase} ({worker[-12:]})" if worker else event.phase)
+
+    known = 0
+    opened = started = trio.current_time()
+    try:
+        with trio.fail_after(DEMO_TIMEOUT_S):
+            async with open_client(bootstrap, data_dir=data_dir) as client:
+                # The demo shows the whole market: wait (bounded) until the client knows every worker.
+                known = await client.wait_for_workers(job, parse_price(DEMO_MAX_PRICE), count=workers)
+                started = trio.current_time()
+                result = await client.run(job, max_price=DEMO_MAX_PRICE, deadline=DEMO_DEADLINE_S, progress=progress)
+    except Exception as exc:  # any failure of the job is the demo's result, reported rather than raised
+        leaf = _single_leaf(exc)
+        if isinstance(leaf, trio.TooSlowError):
+            error = f"the demo job did not finish within {DEMO_TIMEOUT_S:.0f} s (phases: {', '.join(phases)})"
+        else:
+            error = f"{type(leaf).__name__}: {leaf}"
+        return DemoReport(
+            ok=False,
+            elapsed_s=trio.current_time() - started,
+            client_start_s=started - opened,
+            workers_known=known,
+            error=error,
+        )
+    elapsed = trio.current_time() - started
+    output = result.outputs[0]
+    diff = float((output.double() - expected.double()).abs().max()) if output.shape == expected.shape else None
+    compare = _job_compare(job.spec_bytes)
+    if result.hardware_class.startswith("cpu:"):
+        check, ok = "exact", bool(torch.equal(output, expected))
+    else:  # another device computes in another order: the job's declared tolerance applies
+        check = "tolerance"
+        ok = output.shape == expected.shape and bool(
+            torch.allclose(output.cpu(), expected, rtol=compare.rtol, atol=compare.atol)
+        )
+    return DemoReport(
+        ok=ok,
+        elapsed_s=elapsed,
+        client_start_s=started - opened,
+        workers_known=known,
+        check=check,
+        max_abs_diff=diff,
+        error=None if ok else f"the result differs from local execution (max abs diff {diff})",
+        summary=result.summary(),
+        preview=[round(float(v), 6) for v in output.reshape(-1)[:6].tolist()],
+    )
+
+
+def _job_compare(spec_bytes: bytes) -> Any:
+    from p2pcompute.core.jobspec import decode_job
+
+    return decode_job(spec_bytes).compare
+
+
+def _single_leaf(exc: BaseException) -> BaseException:
+    """The one exception inside (nested) exception groups, else ``exc`` itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

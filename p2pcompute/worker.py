@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -21,6 +21,8 @@ from p2pcompute.compute.executor import ExecResult, Executor
 from p2pcompute.core.envelope import Opened
 from p2pcompute.core.identity import KeyPair, PeerId
 from p2pcompute.core.jobspec import DEFAULT_JOB_LIMITS, JobLimits, JobSpec, decode_job, summary
+from p2pcompute.core.ledger import DEFAULT_RECEIPT_GRACE_MS, LedgerRole
+from p2pcompute.core.matching import DEFAULT_MIN_PRICE
 from p2pcompute.core.messages import DeclineReason, DeviceKind, JobReceipt, JobRequest, Requirements
 from p2pcompute.core.negotiation import (
     Accept,
@@ -61,8 +63,9 @@ log = logging.getLogger(__name__)
 
 BLOB_CACHE_BYTES = 256 * 1024 * 1024  # content-addressed tensors kept between jobs (weights sent once)
 
-OutputTamper = Callable[[JobSpec, ExecResult], Awaitable[ExecResult]]
-"""A hook that changes a result before it is attested: only the testnet's adversaries use it."""
+OutputTamper = Callable[[bytes, ExecResult], ExecResult]
+"""``(job digest, result) -> result``: changes a result before it is attested. Only testnet adversaries use it
+(``p2pcompute.testing.adversary``)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,7 +77,8 @@ class WorkerSettings:
     memory_bytes: int  # the most memory one job may use
     device_kinds: frozenset[DeviceKind]
     tflops: float
-    min_price: int = 1000
+    min_price: int = DEFAULT_MIN_PRICE
+    receipt_grace_ms: int = DEFAULT_RECEIPT_GRACE_MS  # after this, a client without a receipt owes it
     limits: JobLimits = DEFAULT_JOB_LIMITS
     policy: NegotiationPolicy = field(default_factory=NegotiationPolicy)
 
@@ -130,15 +134,20 @@ class Worker:
         self.tamper = tamper
         self.free_slots = settings.slots
         self.seen = SeenCache()
-        self.owing: set[PeerId] = set()
         self.stats: collections.Counter[str] = collections.Counter()
         self._streams_per_peer: collections.Counter[PeerId] = collections.Counter()
         self._cache = _BlobCache(BLOB_CACHE_BYTES)
         self.shutting_down = False
+        # Earnings: the hash-chained ledger of receipts (re-checked in full on load: tampering is detected).
+        self.ledger = store.load_ledger(keypair.peer_id, LedgerRole.WORKER)
 
     @property
     def peer_id(self) -> PeerId:
         return self.keypair.peer_id
+
+    def owing_clients(self) -> set[PeerId]:
+        """Clients that took a result and neither paid nor rejected it within the grace period."""
+        return self.store.unpaid_clients(self.clock(), self.settings.receipt_grace_ms)
 
     def _take_slot(self) -> None:
         self.free_slots -= 1
@@ -201,7 +210,7 @@ class Worker:
             self._summary(request, spec),
             self.capacity(),
             now=self.clock(),
-            owing=frozenset(self.owing),
+            owing=frozenset(self.owing_clients()),
         )
         if isinstance(decision, Refuse):
             await self._decline(conv, decision.reason, decision.detail)
@@ -266,7 +275,7 @@ class Worker:
             try:
                 result = await self.executor.run(spec_bytes, blobs)
                 if self.tamper is not None:
-                    result = await self.tamper(spec, result)
+                    result = self.tamper(request.message.job_digest, result)
             except (ExecutionError, JobFormatError) as exc:
                 failed = machine.make_failed(exc.reason.value, detail=exc.detail[:512], **conv.message_fields())
                 sent = await conv.send_signed(failed, lambda o: Failed(opened=o))  # type: ignore[arg-type]
@@ -341,6 +350,7 @@ class Worker:
             await conv.send(Ticket(frame=_ticket_frame(ticket)))
         settled = await conv.receive_kind(Receipt, Rejection)
         if isinstance(settled, Receipt):
+            self.store.append_to_ledger(self.ledger, settled.opened.envelope)
             self.store.update_job(
                 *key, state=JobState.PAID, now=self.clock(), envelopes={"receipt": settled.opened.envelope}
             )
@@ -364,6 +374,8 @@ class Worker:
             "slots": self.settings.slots,
             "hardware_class": self.executor.hardware_class_base,
             "counters": dict(sorted(self.stats.items())),
+            "earned": self.ledger.total(),
+            "receipts": len(self.ledger),
             "stored": {state.value: self.store.count_jobs(JobRole.WORKER, state) for state in JobState},
         }
 

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The main demo, from a fresh checkout: set up .venv, then start a local testnet of 5 real peer
-# processes on 127.0.0.1, wait until every peer holds every other peer's signed GPU advert, print the
-# market and the convergence time, and stop them all. Extra arguments go to `p2pcompute testnet`.
+# processes on loopback (each a worker with a warm executor process), wait until every peer holds every
+# other peer's signed GPU advert, then run a demo job end to end: a client bootstrapped at the first peer
+# finds workers through the network, runs a small MLP on them, checks the result equals local execution,
+# and pays. Prints the market, the result and the timings; writes testnet-report.json; exits non-zero if
+# the network did not converge or the job failed or differed. Extra arguments go to `p2pcompute testnet`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/setup
-exec .venv/bin/p2pcompute testnet --scenario testnet/scenarios/small.toml --report testnet-report.json "$@"
+exec .venv/bin/p2pcompute testnet --scenario testnet/scenarios/small.toml --demo --report testnet-report.json "$@"

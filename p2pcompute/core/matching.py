@@ -27,6 +27,7 @@ __all__ = [
     "Rng",
     "address_group",
     "choose",
+    "default_weight",
     "eligible",
     "estimate_ms",
     "job_price",
@@ -133,7 +134,9 @@ def eligible(
     excluded = set(exclude)
     out: list[Candidate] = []
     for advert in adverts:
-        if advert.peer_id in excluded or advert.expires_at <= now or advert.slots_free < 1:
+        # A full worker stays eligible: adverts lag behind capacity (a worker re-advertises at most every few
+        # seconds), and a busy worker simply declines; ``choose`` weighs full workers down instead.
+        if advert.peer_id in excluded or advert.expires_at <= now:
             continue
         best: tuple[int, Device] | None = None
         for device in advert.devices:
@@ -161,9 +164,13 @@ def eligible(
     return out
 
 
-def _default_weight(candidate: Candidate) -> float:
-    # Cheaper and faster is better; weights stay positive so every eligible worker keeps a chance.
-    return 1.0 / (1.0 + candidate.price) + 1.0 / (1.0 + candidate.expected_ms)
+FULL_WORKER_WEIGHT = 0.1  # how much less likely a worker that advertised no free slot is chosen
+
+
+def default_weight(candidate: Candidate) -> float:
+    """Cheaper and faster is better; a full worker much less likely; every eligible worker keeps a chance."""
+    base = 1.0 / (1.0 + candidate.price) + 1.0 / (1.0 + candidate.expected_ms)
+    return base * (FULL_WORKER_WEIGHT if candidate.advert.slots_free < 1 else 1.0)
 
 
 def choose(
@@ -171,7 +178,7 @@ def choose(
     k: int,
     rng: Rng,
     *,
-    weight: Callable[[Candidate], float] = _default_weight,
+    weight: Callable[[Candidate], float] = default_weight,
     taken_groups: Iterable[str] = (),
     latency_ms: Mapping[PeerId, float] | None = None,
 ) -> list[Candidate]:

@@ -98,6 +98,7 @@ log = logging.getLogger(__name__)
 MESSAGE_TTL_MS = 120_000  # expires_at of each signed message: an offer binds the worker this long at most
 INLINE_BYTES = 256 * 1024  # inputs (or outputs) up to this many bytes in all travel inline on the stream
 DIAL_TIMEOUT_S = 10.0
+STREAM_ATTEMPTS = 2
 TRANSFER_TIMEOUT_S = 600.0  # one data-channel upload or download
 ABORT_TIMEOUT_S = 1.0  # best effort: telling the peer why we stop
 
@@ -399,6 +400,26 @@ async def _connect(host: IHost, peer: ID, addrs: Sequence[str]) -> None:
         raise DialError(f"cannot reach {peer}: {exc}") from exc
 
 
+async def _open_stream(host: IHost, peer: ID, addrs: Sequence[str]) -> INetStream:
+    """A job stream to ``peer``, dialling first if needed; one retry on a fresh connection.
+
+    py-libp2p 0.8.1 can hand out a connection that is closing ("No valid connections available"); a second
+    attempt after a new dial then succeeds.
+    """
+    for attempt in range(STREAM_ATTEMPTS):
+        await _connect(host, peer, addrs)
+        try:
+            with trio.fail_after(DIAL_TIMEOUT_S):
+                return await host.new_stream(peer, [JOB_PROTOCOL])
+        except (BaseLibp2pError, OSError, trio.TooSlowError) as exc:
+            if attempt + 1 == STREAM_ATTEMPTS:
+                raise DialError(f"cannot open a job stream to {peer}: {exc}") from exc
+            log.info("opening a job stream to %s failed (%s); dialling again", peer, exc)
+            with contextlib.suppress(BaseLibp2pError, OSError, Exception):
+                await host.disconnect(peer)
+    raise AssertionError("unreachable")
+
+
 @asynccontextmanager
 async def open_session(
     host: IHost,
@@ -415,12 +436,7 @@ async def open_session(
 ) -> AsyncIterator[ClientSession]:
     """Open a job stream to ``worker`` and yield a session; on leaving unsettled, abort and reset the stream."""
     peer = ID(worker.raw)
-    await _connect(host, peer, addrs)
-    try:
-        with trio.fail_after(DIAL_TIMEOUT_S):
-            stream = await host.new_stream(peer, [JOB_PROTOCOL])
-    except (BaseLibp2pError, OSError, trio.TooSlowError) as exc:
-        raise DialError(f"cannot open a job stream to {worker}: {exc}") from exc
+    stream = await _open_stream(host, peer, addrs)
     machine = ClientNegotiation(local=keypair.peer_id, remote=worker)
     conversation = Conversation(stream, machine, keypair, worker, seen, clock)
     now = clock()

@@ -18,6 +18,7 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as _YAMUX_PROTOCOL_ID
 __all__ = [
     "ADVERTS_SYNC_PROTOCOL",
     "ADVERTS_TOPIC",
+    "EVIDENCE_TOPIC",
     "CAPABILITY_KEY_PREFIX",
     "GOSSIPSUB_PROTOCOLS",
     "JOB_PROTOCOL",
@@ -28,6 +29,9 @@ __all__ = [
 
 #: Gossipsub topic carrying signed GPU adverts.
 ADVERTS_TOPIC: Final = "/p2pcompute/adverts/1.0.0"
+
+#: Gossipsub topic carrying signed evidence of cheating (specs/verification.md).
+EVIDENCE_TOPIC: Final = "/p2pcompute/evidence/1.0.0"
 
 #: Request/response stream: "send me the adverts you hold" (a joining peer's catch-up, specs/adverts.md).
 ADVERTS_SYNC_PROTOCOL: Final = TProtocol("/p2pcompute/adverts-sync/1.0.0")

@@ -14,6 +14,7 @@ from p2pcompute.core.matching import (
     MatchPolicy,
     address_group,
     choose,
+    default_weight,
     eligible,
     estimate_ms,
     job_price,
@@ -81,7 +82,10 @@ def test_eligibility_rules() -> None:
     cpu = worker(4, devices=(replace(SAMPLE_DEVICE, kind=DeviceKind.CPU),))
     dear = worker(5, price_per_second=10**12)
     found = eligible([ok, full, expired, small, cpu, dear], REQ, max_price=10**6, now=NOW)
-    assert {c.peer for c in found} == {ok.peer_id, cpu.peer_id}
+    # a full worker stays eligible (adverts lag behind capacity) but is weighed down
+    assert {c.peer for c in found} == {ok.peer_id, cpu.peer_id, full.peer_id}
+    by_peer = {c.peer: c for c in found}
+    assert default_weight(by_peer[full.peer_id]) < default_weight(by_peer[ok.peer_id])
     cuda_only = eligible([ok, cpu], replace(REQ, device_kind=DeviceKind.CUDA), max_price=10**6, now=NOW)
     assert [c.peer for c in cuda_only] == [ok.peer_id]
     assert eligible([ok, cpu], REQ, max_price=10**6, now=NOW, exclude=[ok.peer_id])[0].peer == cpu.peer_id

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager, suppress
 
 import pytest
 import trio
+import trio.testing
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from p2pcompute.core.tensors import TensorMeta
@@ -379,6 +380,20 @@ async def test_garbage_hello_refused_and_server_keeps_serving() -> None:
             await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(20))
             assert await stream.receive_some(1) == bytes([1])  # bad_token
         assert await upload_expecting(server, ticket, BLOBS) == BLOBS
+
+
+async def test_stalled_peers_are_cut_off(autojump_clock: trio.testing.MockClock) -> None:
+    # Virtual time: the server's named timeouts fire as soon as nothing else can happen (no real waiting).
+    autojump_clock.autojump_threshold = 0.05
+    async with running_server() as server:
+        async with await trio.open_tcp_stream(HOST, server.port) as silent:
+            assert await silent.receive_some(1) == bytes([8])  # timeout: no hello
+        ticket = server.expect_upload([(BIG[0], len(BIG[1]))])
+        async with RawSession.open(server.port, ticket) as raw:
+            await raw.send(BIG[0] + len(BIG[1]).to_bytes(8, "big"))
+            await raw.send(BIG[1][:1000])  # then nothing
+            assert await raw.stream.receive_some(1) == bytes([8])
+        await expect_upload_failure(server, ticket, Reason.TIMEOUT)
 
 
 # -- a hostile server, seen by the downloading client ---------------------------------------------------------------

@@ -76,7 +76,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CLIENT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
 MARKET_WAIT_S = 15.0  # how long run() waits for a first eligible advert before NoWorkersError
-DEFAULT_MAX_ATTEMPTS = 8  # workers asked for one job, those that declined or failed included
+DEFAULT_MAX_ATTEMPTS = 16  # workers asked for one job, those that declined (busy) or failed included
 ESCALATION_WAIT_S = 5.0  # how long a job needing more workers waits for adverts of workers not yet asked
 DEFAULT_MAX_WORKERS = 5  # results gathered for one job when results disagree (escalation bound)
 DEFAULT_DEADLINE_S = 120.0
@@ -395,8 +395,11 @@ class _Run:
             known = await trio.to_thread.run_sync(self._known_answer)
         self.spot_check = known is not None
         compare = self.spec.compare
+        # Declines before an accept (a busy worker) cost nothing but count as asked: leave room for them.
         policy = QuorumPolicy(
-            quorum=quorum, max_workers=max(quorum, max_workers), max_attempts=max(quorum, max_workers, max_attempts)
+            quorum=quorum,
+            max_workers=max(quorum, max_workers),
+            max_attempts=max(quorum, max_workers, max_attempts),
         )
         self.verifier = Verifier(
             policy,
@@ -405,45 +408,53 @@ class _Run:
             agree=make_agree(self.blobs, compare.rtol, compare.atol),
             known=known,
         )
+        failure: P2PComputeError | None = None
+        verdict: Verdict | None = None
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             self._launch(first)
             if quorum > 1:
                 self._launch(client._pick(job, self.max_price, quorum - 1, self.asked, self.groups))
-            status: Status = self.verifier.status()
-            while not isinstance(status, (Accepted, Failed)):
-                if isinstance(status, NeedMore) and status.count:
-                    launched = self._launch(client._pick(job, self.max_price, status.count, self.asked, self.groups))
-                    if not launched and not self._in_flight():
-                        # Nobody left to ask in the market view now: wait a little for adverts of others.
-                        with trio.move_on_after(ESCALATION_WAIT_S):
-                            await client.node.wait_for(
-                                lambda: bool(client._pick(job, self.max_price, 1, self.asked, self.groups))
-                            )
-                        launched = self._launch(
-                            client._pick(job, self.max_price, status.count, self.asked, self.groups)
-                        )
-                    if not launched and not self._in_flight():
-                        self._settle_all(None)
-                        raise NoWorkersError(
-                            Reason.ALL_ATTEMPTS_FAILED,
-                            f"job {job.digest.hex()[:16]}: no further eligible worker ({self._tried()})",
-                        )
-                elif not self._in_flight():
-                    self._settle_all(None)
-                    raise NoWorkersError(Reason.ALL_ATTEMPTS_FAILED, f"job {job.digest.hex()[:16]}: {self._tried()}")
-                candidate, answer, after_accept = await self.inbox.receive()
-                status = self._absorb(candidate, answer, after_accept)
-            if isinstance(status, Failed):
-                self._settle_all(None)
-                self._record_outcomes(status.outcomes())
-                raise status.error()
-            verdict = status.verdict
-            self._settle_all(verdict)
+            try:
+                verdict = await self._gather()
+            except P2PComputeError as exc:
+                failure = exc  # raised below, outside the nursery, as itself (not in an exception group)
+            self._settle_all(verdict)  # receipts for the accepted, rejections for the rest, abort the unfinished
+        if failure is not None:
+            raise failure
+        assert verdict is not None
         self._record_outcomes(verdict.outcomes())
         await self._publish_evidence(verdict)
         self.report(ProgressEvent("done", 1, 1))
         return self._result(verdict)
+
+    async def _gather(self) -> Verdict:
+        """Feed answers to the verifier, asking more workers when it says so, until a verdict or a failure."""
+        client, job = self.client, self.job
+        status: Status = self.verifier.status()
+        while not isinstance(status, (Accepted, Failed)):
+            if isinstance(status, NeedMore) and status.count:
+                launched = self._launch(client._pick(job, self.max_price, status.count, self.asked, self.groups))
+                if not launched and not self._in_flight():
+                    # Nobody left to ask in the market view now: wait a little for adverts of others.
+                    with trio.move_on_after(ESCALATION_WAIT_S):
+                        await client.node.wait_for(
+                            lambda: bool(client._pick(job, self.max_price, 1, self.asked, self.groups))
+                        )
+                    launched = self._launch(client._pick(job, self.max_price, status.count, self.asked, self.groups))
+                if not launched and not self._in_flight():
+                    raise NoWorkersError(
+                        Reason.ALL_ATTEMPTS_FAILED,
+                        f"job {job.digest.hex()[:16]}: no further eligible worker ({self._tried()})",
+                    )
+            elif not self._in_flight():
+                raise NoWorkersError(Reason.ALL_ATTEMPTS_FAILED, f"job {job.digest.hex()[:16]}: {self._tried()}")
+            candidate, answer, after_accept = await self.inbox.receive()
+            status = self._absorb(candidate, answer, after_accept)
+        if isinstance(status, Failed):
+            self._record_outcomes(status.outcomes())
+            raise status.error()
+        return status.verdict
 
     def _tried(self) -> str:
         return "; ".join(f"{a.worker}: {a.outcome} {a.detail}".strip() for a in self.attempts) or "none tried"

@@ -79,6 +79,7 @@ class WorkerSettings:
     tflops: float
     min_price: int = DEFAULT_MIN_PRICE
     receipt_grace_ms: int = DEFAULT_RECEIPT_GRACE_MS  # after this, a client without a receipt owes it
+    queue_depth: int = 1  # jobs admitted beyond the slots; they wait for a free executor (queue_ms)
     limits: JobLimits = DEFAULT_JOB_LIMITS
     policy: NegotiationPolicy = field(default_factory=NegotiationPolicy)
 
@@ -150,19 +151,19 @@ class Worker:
         return self.store.unpaid_clients(self.clock(), self.settings.receipt_grace_ms)
 
     def _take_slot(self) -> None:
-        self.free_slots -= 1
-        self.on_capacity(self.free_slots)
+        self.free_slots -= 1  # below zero while jobs wait in the queue
+        self.on_capacity(max(0, self.free_slots))
 
     def _give_slot(self) -> None:
         self.free_slots += 1
-        self.on_capacity(self.free_slots)
+        self.on_capacity(max(0, self.free_slots))
 
     def capacity(self) -> Capacity:
         s = self.settings
         return Capacity(
-            free_slots=self.free_slots,
+            free_slots=self.free_slots + s.queue_depth,
             memory_bytes=s.memory_bytes,
-            free_memory_bytes=s.memory_bytes if self.free_slots > 0 else 0,
+            free_memory_bytes=s.memory_bytes if self.free_slots + s.queue_depth > 0 else 0,
             device_kinds=s.device_kinds,
             tflops=s.tflops,
             price_per_second=s.price_per_second,
@@ -285,12 +286,13 @@ class Worker:
                 self.stats["failed"] += 1
                 return
             await self._send_result(conv, machine, result, key)
-        except BaseException as exc:
+        except P2PComputeError as exc:
+            # The exchange broke after the accept (the client vanished, a transfer failed): the job is over.
+            # A cancellation (this worker shutting down) is left open on purpose: the next start's
+            # Store.recover() reports it as interrupted rather than forgetting it.
             current = self.store.get_job(*key)
             if current is not None and current.state in (JobState.ACCEPTED, JobState.RUNNING):
-                detail = str(exc) if isinstance(exc, P2PComputeError) else type(exc).__name__
-                with trio.CancelScope(shield=True):
-                    self.store.update_job(*key, state=JobState.FAILED, now=self.clock(), detail=detail[:500])
+                self.store.update_job(*key, state=JobState.FAILED, now=self.clock(), detail=str(exc)[:500])
             raise
 
     async def _receive_inputs(self, conv: Conversation, spec: JobSpec) -> dict[bytes, bytes]:

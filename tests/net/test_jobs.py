@@ -75,12 +75,14 @@ def expensive_first(index: int, config: NodeConfig) -> NodeConfig:
 async def test_client_finds_worker_through_adverts_and_matches_local(tmp_path: Path) -> None:
     model, x, job = mlp_job()
     with trio.fail_after(TEST_TIMEOUT_S):
-        async with cluster(tmp_path, 2, configure=expensive_first) as workers:
-            async with client_of(workers, tmp_path / "client", wait_for=2) as client:
-                known = {entry.peer_id for entry in client.node.market.adverts(client.clock())}
-                assert known == {workers[0].peer, workers[1].peer}
-                assert [c.peer for c in client.candidates(job, MAX_PRICE)] == [workers[1].peer]
-                result = await client.run(job, max_price=MAX_PRICE, deadline=30, redundancy=1)
+        async with (
+            cluster(tmp_path, 2, configure=expensive_first) as workers,
+            client_of(workers, tmp_path / "client", wait_for=2) as client,
+        ):
+            known = {entry.peer_id for entry in client.node.market.adverts(client.clock())}
+            assert known == {workers[0].peer, workers[1].peer}
+            assert [c.peer for c in client.candidates(job, MAX_PRICE)] == [workers[1].peer]
+            result = await client.run(job, max_price=MAX_PRICE, deadline=30, redundancy=1)
     assert result.worker == workers[1].peer
     assert [a.worker for a in result.attempts] == [workers[1].peer]
     with torch.no_grad():
@@ -264,14 +266,13 @@ async def test_client_run_raises_no_workers_error_when_the_only_worker_stops(tmp
     """``Client.run`` documents :class:`NoWorkersError` when every attempt failed (not an exception group)."""
     job = heavy_job()
     with trio.fail_after(TEST_TIMEOUT_S):
-        async with cluster(tmp_path, 1) as workers:
-            async with client_of(workers, tmp_path / "client", wait_for=1) as client:
+        async with cluster(tmp_path, 1) as workers, client_of(workers, tmp_path / "client", wait_for=1) as client:
 
-                def stop_on_running(event: ProgressEvent) -> None:
-                    if event.phase == "running":
-                        workers[0].stop_now()
+            def stop_on_running(event: ProgressEvent) -> None:
+                if event.phase == "running":
+                    workers[0].stop_now()
 
-                with pytest.raises(NoWorkersError) as caught:
-                    await client.run(job, max_price=MAX_PRICE, deadline=50, redundancy=1, progress=stop_on_running)
+            with pytest.raises(NoWorkersError) as caught:
+                await client.run(job, max_price=MAX_PRICE, deadline=50, redundancy=1, progress=stop_on_running)
     assert caught.value.reason is Reason.ALL_ATTEMPTS_FAILED
     assert "stream_closed" in caught.value.detail

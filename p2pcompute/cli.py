@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import click
 
 from p2pcompute import __version__
-from p2pcompute.errors import P2PComputeError
+from p2pcompute.errors import P2PComputeError, Reason
 from p2pcompute.keys import default_key_path, generate_keypair, read_key_file, write_key_file
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -575,8 +575,12 @@ def submit_cmd(
     """
     import trio
 
-    from p2pcompute.client import Job, open_client
     from p2pcompute.config import parse_price
+    from p2pcompute.errors import NoWorkersError
+
+    with warnings.catch_warnings():  # torch's noise on a CPU-only install without numpy
+        warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+        from p2pcompute.client import Job, open_client
 
     if not bootstrap:
         raise click.ClickException(
@@ -594,8 +598,17 @@ def submit_cmd(
             options: dict[str, Any] = {} if redundancy is None else {"redundancy": redundancy}
             return await client.run(job, max_price=max_price, deadline=deadline, progress=progress, **options)
 
-    progress = None if as_json else _ProgressBar(job.digest.hex()[:16]).update
-    result = trio.run(run, progress)
+    progress = _ProgressBar(job.digest.hex()[:16]).update if not as_json and sys.stderr.isatty() else None
+    try:
+        result = trio.run(run, progress)
+    except* NoWorkersError as group:
+        leaf = _single_leaf(group)
+        if not isinstance(leaf, NoWorkersError):
+            raise
+        hint = ""
+        if leaf.reason is Reason.ALL_ATTEMPTS_FAILED and redundancy is None:
+            hint = " (results from a worker not trusted yet need a second worker to agree; with one: --redundancy 1)"
+        raise click.ClickException(f"{leaf.detail} [{leaf.reason.value}]{hint}") from leaf
     summary = result.summary()
     if save_outputs is not None:
         _save_outputs(save_outputs, result.outputs, summary)

@@ -393,6 +393,10 @@ async def _connect(host: IHost, peer: ID, addrs: Sequence[str]) -> None:
             maddrs.append(multiaddr.Multiaddr(addr.split("/p2p/")[0]))
     if not maddrs:
         raise DialError(f"no dialable address for {peer}")
+    # 0.8.1 dials only one TCP address per peer, the first it knows: after a peer restarted on a new port,
+    # its old address would be dialled forever. The advert is signed and fresh, so its addresses win.
+    with contextlib.suppress(Exception):
+        host.get_peerstore().clear_addrs(peer)
     try:
         with trio.fail_after(DIAL_TIMEOUT_S):
             await host.connect(PeerInfo(peer, maddrs))

@@ -138,6 +138,7 @@ def node() -> None:
 @click.option("--connections", type=(int, int), default=None, help="Connection watermarks LOW HIGH [default: 16 96].")
 @click.option("--no-benchmark", is_flag=True, default=None, help="Skip the matmul benchmark of the hardware probe.")
 @click.option("--json-events", is_flag=True, help="Also print machine-readable JSON lines (used by the testnet).")
+@click.option("--cheat-mode", hidden=True, default=None, help="Testnets only: make this worker cheat.")
 @click.pass_context
 @_friendly_errors
 def node_run(
@@ -155,6 +156,7 @@ def node_run(
     connections: tuple[int, int] | None,
     no_benchmark: bool | None,
     json_events: bool,
+    cheat_mode: str | None,
 ) -> None:
     """Run a peer until SIGINT/SIGTERM; print its peer id and the addresses others can dial."""
     import trio
@@ -173,6 +175,7 @@ def node_run(
         "mdns": mdns,
         "connections_low": connections[0] if connections else None,
         "connections_high": connections[1] if connections else None,
+        "cheat_mode": cheat_mode,
         "probe_benchmark": False if no_benchmark else None,
         "log_level": ctx.obj["log_level"],
     }
@@ -284,6 +287,14 @@ def peers_cmd(url: str | None, data_dir: Path | None) -> None:
     default=None,
     help="After convergence, run a small MLP job through the network and check it against local execution.",
 )
+@click.option("--jobs", type=click.IntRange(min=0), help="Then run this many verified jobs (a trial) [default: 0].")
+@click.option("--cheaters", type=click.IntRange(min=0), help="Workers that cheat in the trial [default: 0].")
+@click.option(
+    "--cheat-mode",
+    type=click.Choice(["random", "zeros", "stale", "lazy", "collude", "mixed"]),
+    help="How cheaters cheat; mixed: half collude, the rest cycle the other modes [default: random].",
+)
+@click.option("--kill-rate", type=click.FloatRange(0.0, 1.0), help="Chance per trial job of killing a worker mid-job.")
 @_friendly_errors
 def testnet_cmd(
     peers: int | None,
@@ -293,6 +304,10 @@ def testnet_cmd(
     base_dir: Path | None,
     advertise_interval: float | None,
     demo: bool | None,
+    jobs: int | None,
+    cheaters: int | None,
+    cheat_mode: str | None,
+    kill_rate: float | None,
 ) -> None:
     """Start real peers on loopback addresses and wait until every peer holds every other peer's advert.
 
@@ -308,7 +323,17 @@ def testnet_cmd(
 
     config = load_scenario(
         scenario,
-        {"peers": peers, "timeout": timeout, "advertise_interval": advertise_interval, "dir": base_dir, "demo": demo},
+        {
+            "peers": peers,
+            "timeout": timeout,
+            "advertise_interval": advertise_interval,
+            "dir": base_dir,
+            "demo": demo,
+            "jobs": jobs,
+            "cheaters": cheaters,
+            "cheat_mode": cheat_mode,
+            "kill_rate": kill_rate,
+        },
     )
     click.echo(f"starting {config.peers} peers on 127.0.0.1 ... 127.0.0.{config.peers} ...")
 
@@ -329,6 +354,10 @@ def testnet_cmd(
         )
     if result.demo is not None:
         _print_demo(result.demo)
+    if result.trial is not None:
+        click.echo(f"trial: {config.jobs} jobs, {config.cheaters} cheating worker(s) ({config.cheat_mode}):")
+        for line in result.trial.lines():
+            click.echo(f"  {line}")
     if report:
         report.write_text(json.dumps(result.to_json(), indent=2))
         click.echo(f"report: {report}")
@@ -336,6 +365,11 @@ def testnet_cmd(
         raise click.ClickException(f"not converged within {config.timeout_s:.0f} s: adverts per peer {counts}")
     if result.demo is not None and not result.demo.ok:
         raise click.ClickException(f"demo job failed: {result.demo.error}")
+    if result.trial is not None and (result.trial.wrong_accepted or result.trial.honest_flagged):
+        raise click.ClickException(
+            f"trial: {result.trial.wrong_accepted} wrong result(s) accepted, "
+            f"{len(result.trial.honest_flagged)} honest worker(s) flagged"
+        )
 
 
 def _print_demo(demo: Any) -> None:
@@ -356,6 +390,36 @@ def _print_demo(demo: Any) -> None:
         click.echo(f"  output 0:   {summary['outputs'][0]['dtype']}{summary['outputs'][0]['shape']} {demo.preview} …")
         click.echo(f"  check:      {demo.check}, max abs diff vs local execution {demo.max_abs_diff}")
     click.echo(f"  result:     {'OK, equal to local execution' if demo.ok else 'FAILED: ' + str(demo.error)}")
+
+
+@main.command("ledger")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="The peer's data directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_friendly_errors
+def ledger_cmd(data_dir: Path | None, as_json: bool) -> None:
+    """Show this peer's earnings (receipts from clients) and spending (receipts it signed), audited.
+
+    Both hash chains are re-checked in full; a tampered ledger is an error (chain_broken), not a sum.
+    Also lists clients that took results without paying or rejecting them (a worker declines their jobs).
+    """
+    import time
+
+    from p2pcompute.accounts import ledger_report
+    from p2pcompute.keys import default_data_dir
+
+    report = ledger_report(data_dir or default_data_dir(), now=time.time_ns() // 1_000_000)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"peer {report['peer_id']} — ledger audit: {report['audit']}")
+    for side, title, key in (("earnings", "earned from", "clients"), ("spending", "spent on", "workers")):
+        data = report[side]
+        click.echo(f"{side}: {data['total_credits']} credits in {data['entries']} receipt(s)")
+        for row in data[key][:20]:
+            click.echo(f"  {title} {row['peer']}: {row['credits']}")
+    click.echo(f"results awaiting a receipt: {report['awaiting_receipt']}")
+    if report["clients_owing"]:
+        click.echo("clients owing (their new jobs are declined): " + ", ".join(report["clients_owing"]))
 
 
 # --- jobs -----------------------------------------------------------------------------------------

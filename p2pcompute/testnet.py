@@ -12,6 +12,7 @@ result is checked against local execution of the same module (:func:`run_demo`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -30,8 +31,9 @@ import httpx
 import trio
 
 from p2pcompute.compute.gpu import CACHE_FILE, load_or_probe
-from p2pcompute.config import STATUS_REQUEST_TIMEOUT_S, parse_price
+from p2pcompute.config import CHEAT_MODES, STATUS_REQUEST_TIMEOUT_S, parse_price
 from p2pcompute.errors import P2PComputeError, Reason
+from p2pcompute.trial import TrialConfig, TrialReport, run_trial
 
 __all__ = ["DemoReport", "PeerProcess", "TestnetConfig", "TestnetError", "TestnetReport", "run_demo", "run_testnet"]
 
@@ -46,6 +48,8 @@ DEMO_TIMEOUT_S = 120.0  # the whole demo: client start, matching, the job, payme
 DEMO_DEADLINE_S = 60.0  # the job's own deadline, given to the worker
 DEMO_MAX_PRICE = "0.01"  # credits
 DEMO_SEED = 0
+MIXED_OTHERS = ("random", "zeros", "stale", "lazy")
+TRIAL_TIMEOUT_PER_JOB_S = 10.0
 
 
 class TestnetError(P2PComputeError):
@@ -64,8 +68,29 @@ class TestnetConfig:
     log_level: str = "warning"
     extra_args: tuple[str, ...] = ()  # passed to every `p2pcompute node run`
     demo: bool = False  # after convergence, run a demo job through the network (run_demo)
+    jobs: int = 0  # then a verification trial of this many jobs (p2pcompute.trial)
+    cheaters: int = 0  # workers that cheat in it
+    cheat_mode: str = "random"  # a mode of p2pcompute.testing.adversary, or "mixed"
+    kill_rate: float = 0.0  # chance per trial job of killing a worker mid-job
+
+    def cheat_modes(self) -> list[str]:
+        """The cheat mode of each peer ("" = honest): cheaters spread over peers 1 .. N-1, never the bootstrap."""
+        modes = [""] * self.peers
+        for k in range(self.cheaters):
+            if self.cheat_mode == "mixed":
+                mode = "collude" if k < max(2, self.cheaters // 2) else MIXED_OTHERS[k % len(MIXED_OTHERS)]
+            else:
+                mode = self.cheat_mode
+            modes[1 + (k * (self.peers - 1)) // self.cheaters] = mode
+        return modes
 
     def validate(self) -> TestnetConfig:
+        if self.cheaters and self.cheaters > (self.peers - 1) // 2:
+            raise TestnetError(f"--cheaters must leave honest workers a majority: at most {(self.peers - 1) // 2}")
+        if self.cheat_mode not in (*CHEAT_MODES, "mixed"):
+            raise TestnetError(f"--cheat-mode must be one of {', '.join((*CHEAT_MODES, 'mixed'))}")
+        if not 0.0 <= self.kill_rate <= 1.0 or self.jobs < 0:
+            raise TestnetError("--kill-rate must be 0..1 and --jobs >= 0")
         if not 2 <= self.peers <= 200:  # 200 < 254: one loopback address each (peer_ip)
             raise TestnetError(f"--peers must be 2..200, got {self.peers}")
         if self.timeout_s <= 0:
@@ -95,6 +120,7 @@ class TestnetReport:
     peer_ids: list[str]
     market: list[dict[str, Any]] = field(default_factory=list)
     demo: DemoReport | None = None
+    trial: TrialReport | None = None
 
     @property
     def ok(self) -> bool:
@@ -111,6 +137,8 @@ class TestnetReport:
         }
         if self.demo is not None:
             data["demo"] = self.demo.to_json()
+        if self.trial is not None:
+            data["trial"] = self.trial.to_json()
         return data
 
 
@@ -158,7 +186,8 @@ def load_scenario(path: Path | None, overrides: dict[str, Any]) -> TestnetConfig
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise TestnetError(f"scenario {path}: {exc}") from exc
     values.update({k: v for k, v in overrides.items() if v is not None})
-    unknown = set(values) - {"peers", "timeout", "advertise_interval", "dir", "demo"}
+    keys = {"peers", "timeout", "advertise_interval", "dir", "demo", "jobs", "cheaters", "cheat_mode", "kill_rate"}
+    unknown = set(values) - keys
     if unknown:
         raise TestnetError(f"scenario: unknown key(s) {', '.join(sorted(unknown))}")
     try:
@@ -168,9 +197,44 @@ def load_scenario(path: Path | None, overrides: dict[str, Any]) -> TestnetConfig
             advertise_interval_s=float(values.get("advertise_interval", 30.0)),
             base_dir=Path(values["dir"]) if "dir" in values else None,
             demo=bool(values.get("demo", False)),
+            jobs=int(values.get("jobs", 0)),
+            cheaters=int(values.get("cheaters", 0)),
+            cheat_mode=str(values.get("cheat_mode", "random")),
+            kill_rate=float(values.get("kill_rate", 0.0)),
         ).validate()
     except (TypeError, ValueError) as exc:
         raise TestnetError(f"scenario: {exc}") from exc
+
+
+@dataclass
+class _TrialPeer:
+    """A testnet peer process as the verification trial sees it (``p2pcompute.trial.TrialPeer``)."""
+
+    peer: PeerProcess
+    cheat_mode: str
+    alive: bool = True
+
+    @property
+    def peer_id(self) -> str:
+        return self.peer.peer_id
+
+    async def kill(self) -> None:
+        """SIGKILL, mid-job: no clean shutdown, as when a machine dies."""
+        self.alive = False
+        with contextlib.suppress(ProcessLookupError):
+            self.peer.process.send_signal(signal.SIGKILL)
+
+
+async def _run_trial(config: TestnetConfig, data_dir: Path, peers: Sequence[PeerProcess]) -> TrialReport:
+    from p2pcompute.client import open_client
+
+    modes = config.cheat_modes()
+    trial_peers = [_TrialPeer(p, modes[p.index]) for p in peers]
+    with trio.fail_after(TRIAL_TIMEOUT_PER_JOB_S * config.jobs + 60):
+        async with open_client(peers[0].addrs[:1], data_dir=data_dir, listen=("/ip4/127.0.0.254/tcp/0",)) as client:
+            with trio.move_on_after(30):
+                await client.node.wait_for(lambda: len(client.node.market) >= len(peers))
+            return await run_trial(client, trial_peers, TrialConfig(jobs=config.jobs, kill_rate=config.kill_rate))
 
 
 def peer_ip(index: int) -> str:
@@ -196,6 +260,9 @@ def _node_command(index: int, data_dir: Path, bootstrap: Sequence[str], config: 
         command += ["--connections", "4", "24"]
     for addr in bootstrap:
         command += ["--bootstrap", addr]
+    mode = config.cheat_modes()[index]
+    if mode:
+        command += ["--cheat-mode", mode]
     return command + list(config.extra_args)
 
 
@@ -347,6 +414,8 @@ async def run_testnet(
                     report.demo = await run_demo(
                         base / "client", peers[0].addrs[:1], workers=len(peers), on_phase=on_demo
                     )
+                if config.jobs and report.converged:
+                    report.trial = await _run_trial(config, base / "client", peers)
             except TestnetError as exc:
                 failure = exc  # raised below, outside the nursery, as itself rather than in an ExceptionGroup
             finally:

@@ -78,3 +78,22 @@ def test_a_tampered_ledger_is_reported_not_summed(tmp_path: Path) -> None:
 def test_a_directory_without_a_store_is_refused(tmp_path: Path) -> None:
     with pytest.raises(KeyFileError, match="no store"):
         ledger_report(tmp_path, now=NOW)
+
+
+def test_ledger_command_prints_earnings_and_refuses_a_tampered_store(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from p2pcompute.cli import main
+
+    data_dir = worker_dir(tmp_path)
+    result = CliRunner().invoke(main, ["ledger", "--data-dir", str(data_dir)])
+    assert result.exit_code == 0, result.output
+    assert "ledger audit: ok" in result.output
+    assert "earnings: 0.004 credits in 3 receipt(s)" in result.output
+    conn = sqlite3.connect(data_dir / STORE_FILE)
+    with conn:
+        conn.execute("DELETE FROM ledger WHERE seq = 1")
+    conn.close()
+    result = CliRunner().invoke(main, ["ledger", "--data-dir", str(data_dir)])
+    assert result.exit_code == 1
+    assert "chain_broken" in result.output

@@ -69,4 +69,3 @@ def ledger_report(data_dir: Path, *, now: int, grace_ms: int = DEFAULT_RECEIPT_G
 
 def _count(records: Iterable[object]) -> int:
     return sum(1 for _ in records)
-

@@ -14,16 +14,37 @@ from p2pcompute.core.replay import SeenCache
 from p2pcompute.errors import (
     ConfigError,
     DecodeError,
+    ExecutionError,
     FramingError,
+    JobError,
+    JobFormatError,
     KeyFileError,
     LocalProtocolError,
+    NegotiationFailed,
+    NoWorkersError,
     P2PComputeError,
     Reason,
     RemoteProtocolError,
     ReplayError,
     SchemaError,
     SignatureError,
+    StoreError,
+    TransferError,
+    VerificationError,
 )
+
+# The client library imports trio, py-libp2p and (for results) torch: loaded on first use, not on import.
+_LAZY = {"Job": "p2pcompute.client", "RunResult": "p2pcompute.client", "open_client": "p2pcompute.client",
+         "run_job": "p2pcompute.client"}  # fmt: skip
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'p2pcompute' has no attribute {name!r}")
+
 
 try:
     __version__ = version("p2pcompute")
@@ -34,12 +55,18 @@ __all__ = [
     "DEFAULT_REGISTRY",
     "ConfigError",
     "DecodeError",
+    "ExecutionError",
     "FramingError",
+    "Job",
+    "JobError",
+    "JobFormatError",
     "KeyFileError",
     "KeyPair",
     "LocalProtocolError",
     "Message",
     "MessageRegistry",
+    "NegotiationFailed",
+    "NoWorkersError",
     "Opened",
     "P2PComputeError",
     "PeerId",
@@ -47,10 +74,16 @@ __all__ = [
     "Reason",
     "RemoteProtocolError",
     "ReplayError",
+    "RunResult",
     "SchemaError",
     "SeenCache",
     "SignatureError",
+    "StoreError",
+    "TransferError",
+    "VerificationError",
     "__version__",
+    "open_client",
     "open_envelope",
+    "run_job",
     "seal",
 ]

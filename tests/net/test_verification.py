@@ -11,9 +11,9 @@ their adverts (``client.ESCALATION_WAIT_S``), the path a real network takes when
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -30,7 +30,7 @@ from p2pcompute.core.ledger import LedgerRole, verify_chain
 from p2pcompute.core.messages import CheatingEvidence, JobReceipt, JobRejection
 from p2pcompute.core.reputation import PeerReputation
 from p2pcompute.errors import NoWorkersError, Reason, VerificationError
-from p2pcompute.net.gossip import GossipConfig
+from p2pcompute.net.gossip import Gossip, GossipConfig
 from p2pcompute.net.host import connect
 from p2pcompute.net.protocols import EVIDENCE_TOPIC
 from p2pcompute.store import STORE_FILE, JobRecord, JobRole, JobState, open_store
@@ -40,6 +40,7 @@ from p2pcompute.testing.jobs import WorkerPeer, client_of, cluster, start_worker
 MAX_PRICE = 1_000_000  # micro-credits: 1 credit per job and worker
 DEADLINE_S = 60.0
 TEST_TIMEOUT_S = 150.0  # a whole test: worker start-up dominates on a loaded 2-core machine
+HTTP_TIMEOUT_S = 5.0
 WAIT_S = 20.0  # one condition (a store write, a gossiped message) on another peer
 POLL_S = 0.05  # the peers' stores and metrics announce nothing: bounded polls
 
@@ -168,158 +169,170 @@ def _assert_rejected(record: JobRecord, client: Client, worker: WorkerPeer, reas
     assert rejection.message.reason == reason
 
 
+@asynccontextmanager
+async def _attacker(name: str, target: WorkerPeer) -> AsyncIterator[Gossip]:
+    """A bare gossip peer in ``target``'s evidence mesh; it validates nothing, so it can publish anything."""
+    config = net.NodeConfig(gossip=GossipConfig())
+    async with net.open_nodes(f"test_verification/{name}", [config]) as (node,):
+        await node.pubsub.subscribe(EVIDENCE_TOPIC)
+        await connect(node.host, target.addr)
+        await net.wait_until(
+            lambda: target.info.peer_id in {str(p) for p in node.pubsub.mesh_peers(EVIDENCE_TOPIC)}, timeout_s=WAIT_S
+        )
+        yield node.pubsub
+
+
+@dataclass
+class _Net:
+    workers: list[WorkerPeer]  # bootstrapped from worker 0, known to the client from the start
+    isolated: dict[int, WorkerPeer]  # started with no bootstrap: unknown until dialled (see _join)
+    client: Client
+    nursery: trio.Nursery
+
+
+@asynccontextmanager
+async def _network(
+    base: Path, count: int, *, cheaters: dict[int, str], isolated: dict[int, str] | None = None
+) -> AsyncIterator[_Net]:
+    """``count`` workers (``cheaters``: index -> cheat mode) known to a client, plus ``isolated`` ones."""
+    async with trio.open_nursery() as nursery:
+        extra = await _start_isolated(nursery, base, sorted(isolated or {}), isolated or {})
+        async with (
+            cluster(base, count, configure=_cheats(cheaters)) as workers,
+            client_of(workers, base / "client", wait_for=count) as client,
+        ):
+            yield _Net(workers, extra, client, nursery)
+        nursery.cancel_scope.cancel()
+
+
 async def test_cheater_is_caught_rejected_reported_and_unverified_results_are_never_paid(tmp_path: Path) -> None:
     """Worker 1 returns zeros. Two results that disagree with nobody else to ask are never paid; with two more
     honest workers joining, the honest majority is accepted, only it is paid, and the evidence against the
     cheater lowers its reputation on another worker. Forged evidence over gossip changes nothing."""
-    honest, cheater = 0, 1
     with trio.fail_after(TEST_TIMEOUT_S):
-        async with trio.open_nursery() as nursery:
-            isolated = await _start_isolated(nursery, tmp_path, [2, 3])
-            async with (
-                cluster(tmp_path, 2, configure=_cheats({cheater: "zeros"})) as workers,
-                client_of(workers, tmp_path / "client", wait_for=2) as client,
-                httpx.AsyncClient(timeout=5.0) as http,
-            ):
-                h1, c = workers[honest], workers[cheater]
-                h2, h3 = isolated[2], isolated[3]
+        async with _network(tmp_path, 2, cheaters={1: "zeros"}, isolated={2: "", 3: ""}) as net_:
+            client = net_.client
+            (h1, c), h2, h3 = net_.workers, net_.isolated[2], net_.isolated[3]
 
-                # 1. Only the honest worker and the cheater are known: their results disagree and no third result
-                # may be gathered (max_workers=2). Nothing is accepted, nobody is paid, both get a rejection.
-                unverified = _model_job(1)
-                asked = _Asked()
-                with pytest.raises(VerificationError) as failure:
-                    await client.run(
-                        unverified, max_price=MAX_PRICE, deadline=DEADLINE_S, redundancy=2, max_workers=2,
-                        progress=asked,
-                    )  # fmt: skip
-                assert failure.value.reason is Reason.NO_QUORUM
-                assert set(asked.workers) == {h1.peer, c.peer}
-                for worker in (h1, c):
-                    _assert_rejected(await _settled(worker, unverified), client, worker, Reason.NO_QUORUM.value)
-                    assert _ledger_entries(worker) == []
-                assert len(client.ledger) == 0
-                assert client.store.jobs(JobRole.CLIENT) == []
-                assert client.evidence_published == []
-                assert not client.node.reputation.get(c.peer).flagged  # no verdict: nobody was judged
+            # 1. Only the honest worker and the cheater are known: their results disagree and no third result may
+            # be gathered (max_workers=2). Nothing is accepted, nobody is paid, both get a signed rejection.
+            unverified = _model_job(1)
+            asked = _Asked()
+            with pytest.raises(VerificationError) as failure:
+                await client.run(
+                    unverified, max_price=MAX_PRICE, deadline=DEADLINE_S, redundancy=2, max_workers=2, progress=asked
+                )
+            assert failure.value.reason is Reason.NO_QUORUM
+            assert set(asked.workers) == {h1.peer, c.peer}
+            for worker in (h1, c):
+                _assert_rejected(await _settled(worker, unverified), client, worker, Reason.NO_QUORUM.value)
+                assert _ledger_entries(worker) == []
+            assert len(client.ledger) == 0
+            assert client.store.jobs(JobRole.CLIENT) == []
+            assert client.evidence_published == []
+            assert not client.node.reputation.get(c.peer).flagged  # no verdict: nobody was judged
 
-                # 2. Again with both, but two honest workers join while they compute: the disagreement escalates
-                # to them and the honest majority (quorum + 1 = 3 of 4) is accepted.
-                job = _model_job(2)
-                asked = _Asked()
+            # 2. Again with both, but two honest workers join while they compute: the disagreement escalates to
+            # them and the honest majority (quorum + 1 = 3 of 4) is accepted.
+            job = _model_job(2)
+            asked = _Asked()
 
-                async def join_when_asked() -> None:
-                    await asked.wait_for([h1.peer, c.peer])
-                    await _join(client, [h2, h3])
+            async def join_when_asked() -> None:
+                await asked.wait_for([h1.peer, c.peer])
+                await _join(client, [h2, h3])
 
-                nursery.start_soon(join_when_asked)
-                before = _reputation(h1, c.peer)
-                result = await client.run(job, max_price=MAX_PRICE, deadline=DEADLINE_S, redundancy=2, progress=asked)
-                assert asked.workers[:2] in ([h1.peer, c.peer], [c.peer, h1.peer])
-                assert set(asked.workers) == {h1.peer, c.peer, h2.peer, h3.peer}
-                assert torch.equal(result.outputs[0], job.run_locally()[0])
-                assert result.disagreeing == (c.peer,)
-                assert set(result.agreeing) == {h1.peer, h2.peer, h3.peer}
-                assert len(result.workers) == 4 and not result.spot_check
+            net_.nursery.start_soon(join_when_asked)
+            before = _reputation(h1, c.peer)
+            result = await client.run(job, max_price=MAX_PRICE, deadline=DEADLINE_S, redundancy=2, progress=asked)
+            assert set(asked.workers[:2]) == {h1.peer, c.peer}
+            assert set(asked.workers) == {h1.peer, c.peer, h2.peer, h3.peer}
+            assert torch.equal(result.outputs[0], job.run_locally()[0])
+            assert result.disagreeing == (c.peer,)
+            assert set(result.agreeing) == {h1.peer, h2.peer, h3.peer}
+            assert len(result.workers) == 4 and not result.spot_check
 
-                # Paid: exactly the agreeing workers, each a receipt in its verified hash chain and in the client's.
-                for worker in (h1, h2, h3):
-                    record = await _settled(worker, job)
-                    assert record.state is JobState.PAID
-                    receipts = [r for r in _ledger_entries(worker) if r.job_digest == job.digest]
-                    assert [(r.client, r.worker) for r in receipts] == [(client.peer_id, worker.peer)]
-                verify_chain(client.ledger.entries, owner=client.peer_id, role=LedgerRole.CLIENT)
-                paid = {r.message.worker for r in client.ledger.receipts if r.message.job_digest == job.digest}
-                assert paid == {h1.peer, h2.peer, h3.peer}
-                assert {r.message.job_digest for r in client.ledger.receipts} == {job.digest}
+            # Paid: exactly the agreeing workers, each a receipt in its verified hash chain and in the client's.
+            for worker in (h1, h2, h3):
+                assert (await _settled(worker, job)).state is JobState.PAID
+                receipts = [r for r in _ledger_entries(worker) if r.job_digest == job.digest]
+                assert [(r.client, r.worker) for r in receipts] == [(client.peer_id, worker.peer)]
+            verify_chain(client.ledger.entries, owner=client.peer_id, role=LedgerRole.CLIENT)
+            paid = {r.message.worker for r in client.ledger.receipts}
+            assert paid == {h1.peer, h2.peer, h3.peer}
+            assert {r.message.job_digest for r in client.ledger.receipts} == {job.digest}
 
-                # Rejected: the cheater holds a signed rejection and no receipt.
-                _assert_rejected(await _settled(c, job), client, c, "verification_failed")
-                assert _ledger_entries(c) == []
+            # Rejected: the cheater holds a signed rejection and no receipt.
+            _assert_rejected(await _settled(c, job), client, c, "verification_failed")
+            assert _ledger_entries(c) == []
 
-                # Reported: the client flagged the cheater and gossiped evidence, which another worker (not the
-                # client, not the cheater) checked and counted against the cheater.
-                assert client.node.reputation.get(c.peer).flagged
-                assert len(client.evidence_published) == 1
-                evidence = open_envelope(client.evidence_published[0], expect=CheatingEvidence).message
-                assert (evidence.reporter, evidence.accused, evidence.job_digest) == (client.peer_id, c.peer, job.digest)
+            # Reported: the client flagged the cheater and gossiped evidence, which another worker (neither the
+            # client nor the cheater) checked and counted against the cheater.
+            assert client.node.reputation.get(c.peer).flagged
+            assert len(client.evidence_published) == 1
+            evidence = open_envelope(client.evidence_published[0], expect=CheatingEvidence).message
+            assert (evidence.reporter, evidence.accused, evidence.job_digest) == (client.peer_id, c.peer, job.digest)
+            async with httpx.AsyncClient(timeout=HTTP_TIMEOUT_S) as http:
                 counts = await _wait_counts(http, h1, lambda counts: counts.get("counted", 0) >= 1)
                 after = _reputation(h1, c.peer)
                 assert after.reports == 1 and after.score < before.score
-                assert after.score < 0 and not after.flagged  # one report: distrusted, flagged only after more
+                assert after.score < 0 and not after.flagged  # one report: distrusted; flagged after more
                 assert _reputation(h1, h2.peer).reports == 0
 
                 # 3. Forged evidence (the genuine bytes with a flipped signature bit) from a peer that joins the
                 # gossip mesh: the worker rejects it and nothing changes.
                 forged = bytearray(client.evidence_published[0])
                 forged[-5] ^= 1
-                config = net.NodeConfig(gossip=GossipConfig())
-                async with net.open_nodes(hashlib.sha256(tmp_path.name.encode()).hexdigest(), [config]) as (attacker,):
-                    await attacker.pubsub.subscribe(EVIDENCE_TOPIC)  # no validator: it publishes what it likes
-                    await connect(attacker.host, h1.addr)
-                    await net.wait_until(
-                        lambda: h1.info.peer_id in {str(p) for p in attacker.pubsub.mesh_peers(EVIDENCE_TOPIC)},
-                        timeout_s=WAIT_S,
-                    )
-                    await attacker.pubsub.publish(EVIDENCE_TOPIC, bytes(forged))
+                async with _attacker(tmp_path.name, h1) as attacker:
+                    await attacker.publish(EVIDENCE_TOPIC, bytes(forged))
                     forged_counts = await _wait_counts(http, h1, lambda now: now.get("bad_signature", 0) >= 1)
-                assert forged_counts == {**counts, "bad_signature": 1.0}
-                assert _reputation(h1, c.peer) == after
-            nursery.cancel_scope.cancel()
+            assert forged_counts == {**counts, "bad_signature": 1.0}
+            assert _reputation(h1, c.peer) == after
 
 
 async def test_colluding_pair_is_outvoted_by_the_honest_majority(tmp_path: Path) -> None:
-    """Workers 1 and 2 collude (identical wrong outputs, so they agree with each other). The client first asks
-    an honest worker and a colluder; escalation asks the other colluder and an honest worker, which ties the
-    clusters 2-2; a fifth result breaks the tie for the honest cluster (3 of 5 and quorum + 1)."""
+    """Workers 1 and 2 collude (identical wrong outputs, so they agree with each other). The client first asks an
+    honest worker and a colluder; escalation asks the other colluder and an honest worker, which ties the
+    clusters 2-2; a fifth result breaks the tie for the honest cluster (3 of 5, and quorum + 1)."""
     with trio.fail_after(TEST_TIMEOUT_S):
-        async with trio.open_nursery() as nursery:
-            isolated = await _start_isolated(nursery, tmp_path, [2, 3, 4], modes={2: "collude"})
-            async with (
-                cluster(tmp_path, 2, configure=_cheats({1: "collude"})) as workers,
-                client_of(workers, tmp_path / "client", wait_for=2) as client,
-            ):
-                h1, x1 = workers
-                x2, h2, h3 = isolated[2], isolated[3], isolated[4]
-                job = _model_job(3)
-                asked = _Asked()
+        async with _network(tmp_path, 2, cheaters={1: "collude"}, isolated={2: "collude", 3: "", 4: ""}) as net_:
+            client = net_.client
+            (h1, x1), (x2, h2, h3) = net_.workers, (net_.isolated[2], net_.isolated[3], net_.isolated[4])
+            job = _model_job(3)
+            asked = _Asked()
 
-                async def join_in_turn() -> None:
-                    await asked.wait_for([h1.peer, x1.peer])
-                    await _join(client, [x2, h2])
-                    await asked.wait_for([x2.peer, h2.peer])
-                    await _join(client, [h3])
+            async def join_in_turn() -> None:
+                await asked.wait_for([h1.peer, x1.peer])
+                await _join(client, [x2, h2])
+                await asked.wait_for([x2.peer, h2.peer])
+                await _join(client, [h3])
 
-                nursery.start_soon(join_in_turn)
-                result = await client.run(job, max_price=MAX_PRICE, deadline=DEADLINE_S, redundancy=2, progress=asked)
-                assert torch.equal(result.outputs[0], job.run_locally()[0])
-                assert set(result.disagreeing) == {x1.peer, x2.peer}
-                assert set(result.agreeing) == {h1.peer, h2.peer, h3.peer}
-                assert len(result.workers) == 5  # escalated well past the quorum of 2
-                digests = {w.worker: w.result.message.output_digest for w in result.workers}
-                assert digests[x1.peer] == digests[x2.peer] != result.output_digest  # they did collude
-                for colluder in (x1, x2):
-                    _assert_rejected(await _settled(colluder, job), client, colluder, "verification_failed")
-                    assert _ledger_entries(colluder) == []
-                    assert client.node.reputation.get(colluder.peer).flagged
-                accused = {open_envelope(e, expect=CheatingEvidence).message.accused for e in client.evidence_published}
-                assert accused == {x1.peer, x2.peer}
-            nursery.cancel_scope.cancel()
+            net_.nursery.start_soon(join_in_turn)
+            result = await client.run(job, max_price=MAX_PRICE, deadline=DEADLINE_S, redundancy=2, progress=asked)
+            assert set(asked.workers[:2]) == {h1.peer, x1.peer}
+            assert torch.equal(result.outputs[0], job.run_locally()[0])
+            assert set(result.disagreeing) == {x1.peer, x2.peer}
+            assert set(result.agreeing) == {h1.peer, h2.peer, h3.peer}
+            assert len(result.workers) == 5  # escalated well past the quorum of 2
+            digests = {w.worker: w.result.message.output_digest for w in result.workers}
+            assert digests[x1.peer] == digests[x2.peer] != result.output_digest  # they did collude
+            for colluder in (x1, x2):
+                _assert_rejected(await _settled(colluder, job), client, colluder, "verification_failed")
+                assert _ledger_entries(colluder) == []
+                assert client.node.reputation.get(colluder.peer).flagged
+            accused = {open_envelope(e, expect=CheatingEvidence).message.accused for e in client.evidence_published}
+            assert accused == {x1.peer, x2.peer}
 
 
 async def test_no_workers_error_when_escalation_finds_nobody(tmp_path: Path) -> None:
-    """With one honest worker and one cheater only, the default escalation bound looks for a third worker,
-    finds none, and fails: no receipt is signed, both workers are told so."""
+    """With one honest worker and one cheater only, escalation (default bound: 5 results) looks for a third
+    worker, finds none within ``ESCALATION_WAIT_S``, and fails: no receipt is signed, both are told so."""
     with trio.fail_after(TEST_TIMEOUT_S):
-        async with (
-            cluster(tmp_path, 2, configure=_cheats({1: "random"})) as workers,
-            client_of(workers, tmp_path / "client", wait_for=2) as client,
-        ):
-            job = _model_job(4)
+        async with _network(tmp_path, 2, cheaters={1: "random"}) as net_:
+            client, job = net_.client, _model_job(4)
             with pytest.raises(NoWorkersError) as failure:
                 await client.run(job, max_price=MAX_PRICE, deadline=DEADLINE_S, redundancy=2)
             assert failure.value.reason is Reason.ALL_ATTEMPTS_FAILED
-            for worker in workers:
+            for worker in net_.workers:
                 _assert_rejected(await _settled(worker, job), client, worker, Reason.NO_QUORUM.value)
                 assert _ledger_entries(worker) == []
             assert len(client.ledger) == 0

@@ -4,7 +4,8 @@
 
 Two local testnets of real peer processes (``p2pcompute.testnet.run_testnet``), one after the other: the first
 with ``--cheaters`` workers cheating (``mixed``: half of them collude, the rest return random, zero, stale or
-half-done outputs), the second with none. In each, a client runs ``--jobs`` jobs with adaptive replication and
+half-done outputs), the second with none, measured after as many warm-up jobs (trust earned). In each, a
+client runs ``--jobs`` jobs with adaptive replication and
 compares every accepted result with the truth (``p2pcompute.trial``). Prints both side by side with the goals.
 """
 
@@ -22,8 +23,10 @@ from p2pcompute.testnet import TestnetConfig, run_testnet
 from p2pcompute.trial import TrialReport
 
 
-def _trial(peers: int, cheaters: int, jobs: int, kill_rate: float) -> TrialReport:
-    config = TestnetConfig(peers=peers, jobs=jobs, cheaters=cheaters, cheat_mode="mixed", kill_rate=kill_rate)
+def _trial(peers: int, cheaters: int, jobs: int, kill_rate: float, warmup: int = 0) -> TrialReport:
+    config = TestnetConfig(
+        peers=peers, jobs=jobs, cheaters=cheaters, cheat_mode="mixed", kill_rate=kill_rate, warmup=warmup
+    )
     report = trio.run(run_testnet, config)
     if report.trial is None:
         raise SystemExit(f"the testnet did not converge (adverts per peer: {report.adverts_per_peer})")
@@ -41,8 +44,8 @@ def main() -> None:
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
     print(f"P4 attacked: {args.peers} workers, {args.cheaters} cheating (mixed), {args.jobs} jobs", flush=True)
     attacked = _trial(args.peers, args.cheaters, args.jobs, args.kill_rate)
-    print(f"P4 clean: {args.peers} honest workers, {args.jobs} jobs", flush=True)
-    clean = _trial(args.peers, 0, args.jobs, 0.0)
+    print(f"P4 clean: {args.peers} honest workers, {args.jobs} jobs after {args.jobs} warm-up jobs", flush=True)
+    clean = _trial(args.peers, 0, args.jobs, 0.0, warmup=args.jobs)
     print()
     print(f"{'':34} {'attacked':>12} {'no cheaters':>12}   goal")
     rows = [

@@ -295,6 +295,7 @@ def peers_cmd(url: str | None, data_dir: Path | None) -> None:
     help="How cheaters cheat; mixed: half collude, the rest cycle the other modes [default: random].",
 )
 @click.option("--kill-rate", type=click.FloatRange(0.0, 1.0), help="Chance per trial job of killing a worker mid-job.")
+@click.option("--warmup", type=click.IntRange(min=0), help="Trial jobs run first and not counted (steady state).")
 @_friendly_errors
 def testnet_cmd(
     peers: int | None,
@@ -308,6 +309,7 @@ def testnet_cmd(
     cheaters: int | None,
     cheat_mode: str | None,
     kill_rate: float | None,
+    warmup: int | None,
 ) -> None:
     """Start real peers on loopback addresses and wait until every peer holds every other peer's advert.
 
@@ -333,6 +335,7 @@ def testnet_cmd(
             "cheaters": cheaters,
             "cheat_mode": cheat_mode,
             "kill_rate": kill_rate,
+            "warmup": warmup,
         },
     )
     click.echo(f"starting {config.peers} peers on 127.0.0.1 ... 127.0.0.{config.peers} ...")

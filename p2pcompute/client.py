@@ -370,6 +370,7 @@ class _Run:
         self.pending: dict[PeerId, _Pending] = {}
         self.results: dict[PeerId, WorkerResult] = {}
         self.before_accept: set[PeerId] = set()
+        self.unanswered: set[PeerId] = set()
         self.blobs: dict[Hashable, list[bytes]] = {}
         self.paid = 0
         self.send, self.inbox = trio.open_memory_channel[tuple[Candidate, WorkerResult | P2PComputeError, bool]](
@@ -460,7 +461,8 @@ class _Run:
         return "; ".join(f"{a.worker}: {a.outcome} {a.detail}".strip() for a in self.attempts) or "none tried"
 
     def _in_flight(self) -> bool:
-        return any(not p.has_result and not p.settled.is_set() for p in self.pending.values())
+        """Some worker asked has not been heard of yet (its answer may already wait in the inbox)."""
+        return bool(self.unanswered)
 
     def _launch(self, candidates: Sequence[Candidate]) -> int:
         for candidate in candidates:
@@ -468,6 +470,7 @@ class _Run:
             self.asked.append(candidate.peer)
             self.groups.append(candidate.group)
             self.pending[candidate.peer] = _Pending()
+            self.unanswered.add(candidate.peer)
             self.nursery.start_soon(self._work, candidate)
         return len(candidates)
 
@@ -516,6 +519,7 @@ class _Run:
 
     def _absorb(self, candidate: Candidate, answer: WorkerResult | P2PComputeError, after_accept: bool) -> Status:
         peer, now = candidate.peer, self.client.clock()
+        self.unanswered.discard(peer)
         if isinstance(answer, WorkerResult):
             result = answer.result.message
             self.results[peer] = answer

@@ -72,6 +72,7 @@ class TestnetConfig:
     cheaters: int = 0  # workers that cheat in it
     cheat_mode: str = "random"  # a mode of p2pcompute.testing.adversary, or "mixed"
     kill_rate: float = 0.0  # chance per trial job of killing a worker mid-job
+    warmup: int = 0  # trial jobs run first and not counted (trust earned): the steady state
 
     def cheat_modes(self) -> list[str]:
         """The cheat mode of each peer ("" = honest): cheaters spread over peers 1 .. N-1, never the bootstrap."""
@@ -186,7 +187,18 @@ def load_scenario(path: Path | None, overrides: dict[str, Any]) -> TestnetConfig
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise TestnetError(f"scenario {path}: {exc}") from exc
     values.update({k: v for k, v in overrides.items() if v is not None})
-    keys = {"peers", "timeout", "advertise_interval", "dir", "demo", "jobs", "cheaters", "cheat_mode", "kill_rate"}
+    keys = {
+        "peers",
+        "timeout",
+        "advertise_interval",
+        "dir",
+        "demo",
+        "jobs",
+        "cheaters",
+        "cheat_mode",
+        "kill_rate",
+        "warmup",
+    }
     unknown = set(values) - keys
     if unknown:
         raise TestnetError(f"scenario: unknown key(s) {', '.join(sorted(unknown))}")
@@ -201,6 +213,7 @@ def load_scenario(path: Path | None, overrides: dict[str, Any]) -> TestnetConfig
             cheaters=int(values.get("cheaters", 0)),
             cheat_mode=str(values.get("cheat_mode", "random")),
             kill_rate=float(values.get("kill_rate", 0.0)),
+            warmup=int(values.get("warmup", 0)),
         ).validate()
     except (TypeError, ValueError) as exc:
         raise TestnetError(f"scenario: {exc}") from exc
@@ -234,7 +247,9 @@ async def _run_trial(config: TestnetConfig, data_dir: Path, peers: Sequence[Peer
         async with open_client(peers[0].addrs[:1], data_dir=data_dir, listen=("/ip4/127.0.0.254/tcp/0",)) as client:
             with trio.move_on_after(30):
                 await client.node.wait_for(lambda: len(client.node.market) >= len(peers))
-            return await run_trial(client, trial_peers, TrialConfig(jobs=config.jobs, kill_rate=config.kill_rate))
+            return await run_trial(
+                client, trial_peers, TrialConfig(jobs=config.jobs, kill_rate=config.kill_rate, warmup=config.warmup)
+            )
 
 
 def peer_ip(index: int) -> str:

@@ -36,6 +36,7 @@ JOB_DEADLINE_S = 60.0
 JOB_MAX_PRICE = "0.01"
 TRUTH_RTOL = 1e-4
 TRUTH_ATOL = 1e-5
+MAX_FAILURE_DETAILS = 5
 
 
 class TrialPeer(Protocol):
@@ -60,6 +61,7 @@ class TrialConfig:
     concurrency: int = 2  # jobs in flight at once
     seed: int = 0
     redundancy: int | None = None  # None: adaptive replication
+    warmup: int = 0  # jobs run first and not counted (trust is earned): measures the steady state
 
 
 @dataclass
@@ -69,12 +71,15 @@ class TrialReport:
     wrong_accepted: int = 0
     failed: int = 0
     failures: Counter[str] = field(default_factory=Counter)
+    failure_details: list[str] = field(default_factory=list)  # the first few, for diagnosis
+    warmup: int = 0
     results_gathered: int = 0
     spot_checks: int = 0
     second_half_results: int = 0
     second_half_spot_checks: int = 0
     second_half_accepted: int = 0
     killed: list[str] = field(default_factory=list)
+    trust: dict[str, float] = field(default_factory=dict)  # honest workers' streaks and replication at the end
     cheaters: dict[str, dict[str, Any]] = field(default_factory=dict)
     honest_flagged: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
@@ -95,11 +100,14 @@ class TrialReport:
             "wrong_accepted_rate": self.wrong_accepted / self.accepted if self.accepted else 0.0,
             "failed": self.failed,
             "failures": dict(self.failures),
+            "failure_details": self.failure_details,
+            "warmup_jobs": self.warmup,
             "results_gathered": self.results_gathered,
             "spot_checks": self.spot_checks,
             "compute_overhead": round(self.overhead(), 4),
             "compute_overhead_second_half": round(self.overhead(second_half=True), 4),
             "killed": self.killed,
+            "trust": self.trust,
             "cheaters": self.cheaters,
             "cheaters_detected": sum(1 for c in self.cheaters.values() if c["detected"]),
             "honest_flagged": self.honest_flagged,
@@ -143,7 +151,7 @@ async def run_trial(client: Client, peers: Sequence[TrialPeer], config: TrialCon
     rng = random.Random(config.seed)
     model = _demo_model(config.seed)
     template = export_job(model, (torch.zeros(4, 32),))
-    report = TrialReport()
+    report = TrialReport(warmup=config.warmup)
     cheaters = {p.peer_id: p for p in peers if p.cheat_mode}
     jobs_seen: Counter[str] = Counter()
     detected_after: dict[str, int] = {}
@@ -186,11 +194,17 @@ async def run_trial(client: Client, peers: Sequence[TrialPeer], config: TrialCon
                         redundancy=config.redundancy,
                     )
                 except P2PComputeError as exc:
-                    report.failed += 1
-                    report.failures[exc.reason.value] += 1
+                    if index >= config.warmup:
+                        report.failed += 1
+                        report.failures[exc.reason.value] += 1
+                        if len(report.failure_details) < MAX_FAILURE_DETAILS:
+                            report.failure_details.append(str(exc)[:600])
                     log.info("trial job %d failed: %s", index, exc)
+            note_participants(result, index)
+            if index < config.warmup:
+                return
             report.jobs += 1
-            second_half = index >= config.jobs // 2
+            second_half = index - config.warmup >= config.jobs // 2
             if result is not None:
                 report.accepted += 1
                 report.results_gathered += len(result.workers)
@@ -202,11 +216,10 @@ async def run_trial(client: Client, peers: Sequence[TrialPeer], config: TrialCon
                 if not torch.allclose(result.outputs[0], truth, rtol=TRUTH_RTOL, atol=TRUTH_ATOL):
                     report.wrong_accepted += 1
                     log.warning("trial job %d: a wrong result was accepted (workers %s)", index, result.agreeing)
-            note_participants(result, index)
 
     with torch.no_grad():
         async with trio.open_nursery() as nursery:
-            for index in range(config.jobs):
+            for index in range(config.warmup + config.jobs):
                 x = torch.randn(4, 32, generator=torch.Generator().manual_seed(config.seed * 100_003 + index))
                 nursery.start_soon(one, index, x)  # the limiter keeps `concurrency` of them running
     report.elapsed_s = trio.current_time() - started
@@ -217,7 +230,19 @@ async def run_trial(client: Client, peers: Sequence[TrialPeer], config: TrialCon
             "detected": peer_id in detected_after,
             "jobs_until_detected": detected_after.get(peer_id),
         }
-    for peer in peers:
-        if not peer.cheat_mode and not client.node.reputation.eligible(PeerId.from_base58(peer.peer_id)):
-            report.honest_flagged.append(peer.peer_id)
+    reputation = client.node.reputation
+    honest = [PeerId.from_base58(p.peer_id) for p in peers if not p.cheat_mode]
+    report.honest_flagged = [str(p) for p in honest if not reputation.eligible(p)]
+    streaks = sorted(reputation.get(p).streak for p in honest)
+    if streaks:
+        report.trust = {
+            "streak_min": streaks[0],
+            "streak_median": streaks[len(streaks) // 2],
+            "streak_max": streaks[-1],
+            "replication_probability_mean": round(
+                sum(reputation.replication_probability(p) for p in honest) / len(honest), 4
+            ),
+            "timeouts": sum(reputation.get(p).timeout for p in honest),
+            "declined_after_accept": sum(reputation.get(p).declined_after_accept for p in honest),
+        }
     return report

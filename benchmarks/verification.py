@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write both trial reports here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
+    for name in ("libp2p", "multiaddr"):  # the client's DHT logs every clean end of stream
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     print(f"P4 attacked: {args.peers} workers, {args.cheaters} cheating (mixed), {args.jobs} jobs", flush=True)
     attacked = _trial(args.peers, args.cheaters, args.jobs, args.kill_rate)
     print(f"P4 clean: {args.peers} honest workers, {args.jobs} jobs after {args.jobs} warm-up jobs", flush=True)

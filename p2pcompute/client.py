@@ -57,7 +57,6 @@ from p2pcompute.errors import (
     NoWorkersError,
     P2PComputeError,
     Reason,
-    RemoteProtocolError,
 )
 from p2pcompute.keys import default_data_dir, load_or_create_key
 from p2pcompute.net.host import HostConfig, open_host
@@ -77,6 +76,24 @@ log = logging.getLogger(__name__)
 DEFAULT_CLIENT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
 MARKET_WAIT_S = 15.0  # how long run() waits for a first eligible advert before NoWorkersError
 DEFAULT_MAX_ATTEMPTS = 16  # workers asked for one job, those that declined (busy) or failed included
+# Failures after an accept that prove the worker misbehaved (bytes that contradict its own signed result, a broken
+# chain or terms); anything else after an accept (a closed stream, a cut transfer) may be a crash, not cheating.
+_MISBEHAVIOUR = frozenset(
+    {
+        Reason.HASH_MISMATCH,
+        Reason.SHAPE_MISMATCH,
+        Reason.UNEXPECTED_BLOB,
+        Reason.BAD_SIGNATURE,
+        Reason.SIGNER_MISMATCH,
+        Reason.WRONG_DOMAIN,
+        Reason.CHAIN_MISMATCH,
+        Reason.TERMS_MISMATCH,
+        Reason.OUTPUT_TOO_LARGE,
+        Reason.BAD_DTYPE,
+        Reason.INCONSISTENT,
+    }
+)
+MAX_RESELECTIONS = 8  # how often a job given to one trusted worker that declines (busy) is placed anew
 ESCALATION_WAIT_S = 5.0  # how long a job needing more workers waits for adverts of workers not yet asked
 DEFAULT_MAX_WORKERS = 5  # results gathered for one job when results disagree (escalation bound)
 DEFAULT_DEADLINE_S = 120.0
@@ -307,9 +324,13 @@ class Client:
             return await run.execute(redundancy, max_workers, max_attempts, self.clock() + int(deadline * 1000))
 
     def _weight(self, candidate: Candidate) -> float:
-        """Matching weight: cheaper and faster, and more for a better reputation (never zero)."""
-        score = self.node.reputation.get(candidate.peer).score
-        return default_weight(candidate) * (1.0 + max(0.0, min(score, 50.0)) / 10.0)
+        """Matching weight: cheaper and faster, and more for a better reputation and more trust (never zero)."""
+        reputation = self.node.reputation
+        score = reputation.get(candidate.peer).score
+        # A trusted worker (replicated with probability p < 1) is 1/p times likelier: jobs go where they need no
+        # replica, which is what keeps the compute overhead near one run once trust is earned.
+        trust = 1.0 / max(reputation.replication_probability(candidate.peer), 0.01)
+        return default_weight(candidate) * (1.0 + max(0.0, min(score, 50.0)) / 10.0) * trust
 
     def _pick(
         self, job: Job, max_price: int, count: int, exclude: Sequence[PeerId], groups: Sequence[str]
@@ -342,6 +363,10 @@ class Client:
         self.store.append_to_ledger(self.ledger, receipt)
 
 
+class _Reselect(Exception):
+    """Internal: the one trusted worker of an unreplicated job declined before accepting; choose again."""
+
+
 @dataclass
 class _Pending:
     """A worker's open session waiting for the verdict: pay it or reject it."""
@@ -371,6 +396,8 @@ class _Run:
         self.results: dict[PeerId, WorkerResult] = {}
         self.before_accept: set[PeerId] = set()
         self.unanswered: set[PeerId] = set()
+        self.reselect_on_decline = False
+        self.spot_check = False
         self.blobs: dict[Hashable, list[bytes]] = {}
         self.paid = 0
         self.send, self.inbox = trio.open_memory_channel[tuple[Candidate, WorkerResult | P2PComputeError, bool]](
@@ -383,14 +410,46 @@ class _Run:
         self.report(ProgressEvent("matching", 0, 1))
         if not client.candidates(job, self.max_price):
             await client.wait_for_workers(job, self.max_price)
-        first = client._pick(job, self.max_price, 1, (), ())
+        failure: P2PComputeError | None = None
+        verdict: Verdict | None = None
+        for _ in range(MAX_RESELECTIONS):
+            try:
+                verdict = await self._attempt(redundancy, max_workers, max_attempts)
+                break
+            except _Reselect:
+                continue  # a trusted worker declined before accepting: decide the replication anew
+            except P2PComputeError as exc:
+                failure = exc
+                break
+        else:
+            failure = NoWorkersError(Reason.ALL_ATTEMPTS_FAILED, f"job {job.digest.hex()[:16]}: {self._tried()}")
+        if failure is not None:
+            raise failure
+        assert verdict is not None
+        self._record_outcomes(verdict.outcomes())
+        await self._publish_evidence(verdict)
+        self.report(ProgressEvent("done", 1, 1))
+        return self._result(verdict)
+
+    async def _attempt(self, redundancy: int | None, max_workers: int, max_attempts: int) -> Verdict:
+        """One verifier's worth of work: choose the replication, launch workers, gather, settle every session.
+
+        In adaptive mode a job given to one trusted worker (*q* = 1) must get its result from that worker: when
+        it declines before accepting, :class:`_Reselect` starts over, so the replacement's trust decides anew.
+        """
+        client, job = self.client, self.job
+        first = client._pick(job, self.max_price, 1, self.asked, self.groups)
         if not first:
-            raise NoWorkersError(Reason.NO_WORKERS, f"no eligible worker for job {job.digest.hex()[:16]}")
+            raise NoWorkersError(
+                Reason.NO_WORKERS if not self.asked else Reason.ALL_ATTEMPTS_FAILED,
+                f"no eligible worker for job {job.digest.hex()[:16]}" + (f" ({self._tried()})" if self.asked else ""),
+            )
         reputation = client.node.reputation
         if redundancy is None:
             quorum = 2 if reputation.should_replicate(first[0].peer, client.rng.random()) else 1
         else:
             quorum = max(1, redundancy)
+        self.reselect_on_decline = redundancy is None and quorum == 1
         known = None
         if quorum == 1 and redundancy is None and reputation.spot_check(client.rng.random()):
             known = await trio.to_thread.run_sync(self._known_answer)
@@ -409,7 +468,7 @@ class _Run:
             agree=make_agree(self.blobs, compare.rtol, compare.atol),
             known=known,
         )
-        failure: P2PComputeError | None = None
+        error: P2PComputeError | _Reselect | None = None
         verdict: Verdict | None = None
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
@@ -418,16 +477,13 @@ class _Run:
                 self._launch(client._pick(job, self.max_price, quorum - 1, self.asked, self.groups))
             try:
                 verdict = await self._gather()
-            except P2PComputeError as exc:
-                failure = exc  # raised below, outside the nursery, as itself (not in an exception group)
+            except (P2PComputeError, _Reselect) as exc:
+                error = exc  # raised below, outside the nursery, as itself (not in an exception group)
             self._settle_all(verdict)  # receipts for the accepted, rejections for the rest, abort the unfinished
-        if failure is not None:
-            raise failure
+        if error is not None:
+            raise error
         assert verdict is not None
-        self._record_outcomes(verdict.outcomes())
-        await self._publish_evidence(verdict)
-        self.report(ProgressEvent("done", 1, 1))
-        return self._result(verdict)
+        return verdict
 
     async def _gather(self) -> Verdict:
         """Feed answers to the verifier, asking more workers when it says so, until a verdict or a failure."""
@@ -452,6 +508,8 @@ class _Run:
                 raise NoWorkersError(Reason.ALL_ATTEMPTS_FAILED, f"job {job.digest.hex()[:16]}: {self._tried()}")
             candidate, answer, after_accept = await self.inbox.receive()
             status = self._absorb(candidate, answer, after_accept)
+            if self.reselect_on_decline and not isinstance(answer, WorkerResult) and not after_accept:
+                raise _Reselect
         if isinstance(status, Failed):
             self._record_outcomes(status.outcomes())
             raise status.error()
@@ -535,10 +593,10 @@ class _Run:
         self.pending[peer].settled.set()
         if answer.reason is Reason.TIMEOUT:
             outcome = Outcome.TIMEOUT
-        elif isinstance(answer, RemoteProtocolError) and after_accept:
-            outcome = Outcome.INVALID
+        elif after_accept and answer.reason in _MISBEHAVIOUR:
+            outcome = Outcome.INVALID  # it signed or sent something false: not a crash, not the network
         else:
-            outcome = Outcome.DECLINED_AFTER_ACCEPT
+            outcome = Outcome.DECLINED_AFTER_ACCEPT  # it walked away, died, or the connection broke
         if not after_accept:
             self.before_accept.add(peer)  # declining or being unreachable costs no reputation
         return self.verifier.add_failure(peer, outcome)

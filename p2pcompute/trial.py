@@ -80,6 +80,7 @@ class TrialReport:
     second_half_accepted: int = 0
     killed: list[str] = field(default_factory=list)
     trust: dict[str, float] = field(default_factory=dict)  # honest workers' streaks and replication at the end
+    per_job: dict[int, int] = field(default_factory=dict)  # job index -> compute spent (results + spot check)
     cheaters: dict[str, dict[str, Any]] = field(default_factory=dict)
     honest_flagged: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
@@ -91,6 +92,14 @@ class TrialReport:
         else:
             done, spent = self.accepted, self.results_gathered + self.spot_checks
         return spent / done if done else math.nan
+
+    def compute_by_block(self, block: int = 100) -> list[float]:
+        """Compute spent per accepted job in consecutive blocks of ``block`` jobs: how the overhead settles."""
+        out = []
+        for start in range(0, max(self.per_job, default=-1) + 1, block):
+            spent = [v for k, v in self.per_job.items() if start <= k < start + block]
+            out.append(round(sum(spent) / len(spent), 3) if spent else math.nan)
+        return out
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -108,6 +117,7 @@ class TrialReport:
             "compute_overhead_second_half": round(self.overhead(second_half=True), 4),
             "killed": self.killed,
             "trust": self.trust,
+            "compute_by_block": self.compute_by_block(),
             "cheaters": self.cheaters,
             "cheaters_detected": sum(1 for c in self.cheaters.values() if c["detected"]),
             "honest_flagged": self.honest_flagged,
@@ -209,6 +219,7 @@ async def run_trial(client: Client, peers: Sequence[TrialPeer], config: TrialCon
                 report.accepted += 1
                 report.results_gathered += len(result.workers)
                 report.spot_checks += int(result.spot_check)
+                report.per_job[index - config.warmup] = len(result.workers) + int(result.spot_check)
                 if second_half:
                     report.second_half_accepted += 1
                     report.second_half_results += len(result.workers)

@@ -127,3 +127,31 @@ def test_export_then_submit_to_a_running_node(tmp_path: Path) -> None:
     with torch.no_grad():
         expected = mlp.model(*mlp.example_inputs())
     torch.testing.assert_close(output, expected)
+
+
+ADVERSARY_TIMEOUT_S = 240  # 5 peers start (about 30 s on 2 shared cores), then 8 jobs, some waiting for workers
+
+
+def test_testnet_trial_with_a_cheater_and_killed_workers(tmp_path: Path) -> None:
+    """Workers SIGKILLed mid-job are never blamed as cheaters, and no wrong result is ever accepted."""
+    report = tmp_path / "report.json"
+    result = subprocess.run(
+        _cli(
+            "testnet", "--peers", "5", "--jobs", "8", "--cheaters", "1", "--cheat-mode", "zeros",
+            "--kill-rate", "1", "--report", str(report), "--timeout", "60",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=ADVERSARY_TIMEOUT_S,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    trial = json.loads(report.read_text())["trial"]
+    assert trial["jobs"] == 8
+    assert trial["wrong_accepted"] == 0
+    assert trial["honest_flagged"] == []
+    # kill-rate 1: a worker dies in every job until two are left alive (the trial never kills the last two)
+    assert len(trial["killed"]) == 3
+    assert len(set(trial["killed"])) == 3
+    assert trial["accepted"] + trial["failed"] == 8
+    assert "wrong results accepted: 0" in result.stdout

@@ -74,7 +74,7 @@ MIN_RESYNC_INTERVAL_S = 30.0
 MAX_CONCURRENT_SYNCS = 8  # sync requests served at once; more are reset
 SYNC_REQUEST_MAX_BYTES = 256
 CONNECTION_HEADROOM = 32
-MIN_CAPACITY_ADVERT_S = 2.0  # least time between adverts caused by capacity changes
+MIN_CAPACITY_ADVERT_S = 10.0  # least time between adverts caused by capacity changes (each costs every peer CPU)
 # Adverts refused for these reasons are not the forwarder's fault (see Node._validate_gossip).
 _IGNORED = frozenset({Reason.REPLAYED, Reason.STALE_SEQUENCE})
 _MAX_STATUS_REQUEST_BYTES = 16 * 1024
@@ -293,15 +293,16 @@ class Node:
                     await trio.sleep(TOPIC_PEER_POLL_S)
         while True:
             self._capacity_changed = trio.Event()
+            published_at = trio.current_time()
             try:
                 await self.publish_advert()
             except (P2PComputeError, trio.TooSlowError) as exc:
                 log.warning("could not publish advert: %s", exc)
             with trio.move_on_after(self.config.advertise_interval):
                 await self._capacity_changed.wait()
-                # Capacity can change with every job: re-advertise at most every MIN_CAPACITY_ADVERT_S
-                # (each gossiped advert costs every peer CPU); the newest capacity goes out then.
-                await trio.sleep(MIN_CAPACITY_ADVERT_S)
+                # Capacity can change with every job: it is re-advertised at once, but at most once every
+                # MIN_CAPACITY_ADVERT_S (each gossiped advert costs every peer CPU); the newest capacity goes out.
+                await trio.sleep_until(published_at + MIN_CAPACITY_ADVERT_S)
 
     # --- advert sync: a joining peer catches up on the adverts others already hold ---
 

@@ -14,7 +14,8 @@ from typing import TypeVar, cast
 
 import torch
 
-from p2pcompute.core.tensors import TensorMeta, check_blob
+from p2pcompute.compute.interpreter import DTYPE_BY_NAME, blob_to_tensor
+from p2pcompute.core.tensors import TensorMeta
 from p2pcompute.core.verification import KnownAnswer, ResultClaim
 from p2pcompute.errors import JobFormatError, Reason
 
@@ -22,18 +23,7 @@ K = TypeVar("K", bound=Hashable)
 
 __all__ = ["TORCH_DTYPES", "blobs_agree", "first_disagreement", "make_agree", "tensors_agree", "to_tensor"]
 
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "int8": torch.int8,
-    "int16": torch.int16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
+TORCH_DTYPES = DTYPE_BY_NAME  # one table of wire dtypes (compute/interpreter.py)
 
 
 def first_disagreement(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], rtol: float, atol: float) -> str | None:
@@ -76,14 +66,8 @@ def tensors_agree(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], rtol: fl
 
 
 def to_tensor(meta: TensorMeta, blob: bytes) -> torch.Tensor:
-    """Check a raw blob against its meta (length, hash) and view it as a tensor (a copy; the blob stays intact)."""
-    dtype = TORCH_DTYPES.get(meta.dtype)
-    if dtype is None:
-        raise JobFormatError(Reason.BAD_DTYPE, f"dtype {meta.dtype[:16]!r} is not one of {sorted(TORCH_DTYPES)}")
-    check_blob(meta, blob)
-    if meta.numel == 0:
-        return torch.empty(meta.shape, dtype=dtype)
-    return torch.frombuffer(bytearray(blob), dtype=dtype).reshape(meta.shape)
+    """Check a raw blob against its meta (dtype, length, hash) and build the tensor (a copy: the blob stays intact)."""
+    return blob_to_tensor(meta, blob)
 
 
 def blobs_agree(

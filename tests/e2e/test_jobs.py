@@ -43,7 +43,6 @@ def test_testnet_demo_runs_a_job_through_the_network(tmp_path: Path) -> None:
     assert demo["outputs"] == [{"dtype": "float32", "shape": [32, 10]}]
     assert set(demo["timings"]) == {"queue", "load", "exec", "total"}
     assert float(demo["price"]) <= 0.01
-    assert isinstance(demo["elapsed"], float)  # a figure for the report, not a limit the test judges
     assert "OK, equal to local execution" in result.stdout
     assert demo["worker"] in result.stdout
 

@@ -16,6 +16,7 @@ signed attestation, and retries on another worker when one declines, times out o
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import math
 import random
@@ -33,7 +34,7 @@ import trio
 from p2pcompute.compute.compare import make_agree
 from p2pcompute.config import NodeConfig, parse_price
 from p2pcompute.core.identity import KeyPair, PeerId
-from p2pcompute.core.jobspec import Comparison, JobLimits, decode_bundle, decode_job, job_digest
+from p2pcompute.core.jobspec import Comparison, JobLimits, JobSpec, decode_bundle, decode_job, job_digest
 from p2pcompute.core.ledger import LedgerRole
 from p2pcompute.core.matching import Candidate, choose, default_weight, eligible
 from p2pcompute.core.messages import ComparisonMode, DeviceKind, Requirements, Timings
@@ -173,10 +174,15 @@ class Job:
             outputs=run.outputs,
         )
 
-    @property
+    @functools.cached_property
+    def spec(self) -> JobSpec:
+        """The parsed job spec (parsed once)."""
+        return decode_job(self.spec_bytes)
+
+    @functools.cached_property
     def tensors(self) -> tuple[TensorMeta, ...]:
-        spec = decode_job(self.spec_bytes)
-        return tuple({m.digest: m for m in (*spec.inputs, *spec.constants)}.values())
+        """Every tensor the job names (inputs and constants), each once."""
+        return tuple({m.digest: m for m in (*self.spec.inputs, *self.spec.constants)}.values())
 
     def prepared(self) -> PreparedJob:
         return PreparedJob(
@@ -191,7 +197,7 @@ class Job:
         """Run the job in this process with the same interpreter a worker uses (for checks and spot checks)."""
         from p2pcompute.compute.interpreter import execute
 
-        return execute(decode_job(self.spec_bytes), self.blobs)
+        return execute(self.spec, self.blobs)
 
 
 @dataclass(frozen=True)
@@ -388,7 +394,7 @@ class _Run:
         self.max_price = max_price
         self.report = report
         self.started = client.clock()
-        self.spec = decode_job(job.spec_bytes)
+        self.spec = job.spec
         self.attempts: list[Attempt] = []
         self.asked: list[PeerId] = []
         self.groups: list[str] = []

@@ -421,6 +421,7 @@ class _Run:
                 verdict = await self._attempt(redundancy, max_workers, max_attempts)
                 break
             except _Reselect:
+                log.debug("job %s: the trusted worker declined; choosing again", job.digest.hex()[:16])
                 continue  # a trusted worker declined before accepting: decide the replication anew
             except P2PComputeError as exc:
                 failure = exc
@@ -454,6 +455,7 @@ class _Run:
         else:
             quorum = max(1, redundancy)
         self.reselect_on_decline = redundancy is None and quorum == 1
+        log.debug("job %s: first worker %s, quorum %d", job.digest.hex()[:16], first[0].peer, quorum)
         known = None
         if quorum == 1 and redundancy is None and reputation.spot_check(client.rng.random()):
             known = await trio.to_thread.run_sync(self._known_answer)

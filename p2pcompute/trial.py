@@ -167,6 +167,7 @@ async def run_trial(client: Client, peers: Sequence[TrialPeer], config: TrialCon
     detected_after: dict[str, int] = {}
     started = trio.current_time()
     limiter = trio.CapacityLimiter(max(1, config.concurrency))
+    doomed: set[str] = set()
 
     def note_participants(result: RunResult | None, job_index: int) -> None:
         if result is None:
@@ -183,8 +184,12 @@ async def run_trial(client: Client, peers: Sequence[TrialPeer], config: TrialCon
             truth = model(x)
             killer = None
             if config.kill_rate and rng.random() < config.kill_rate:
-                alive = [p for p in peers if p.alive]
+                # Chosen now, killed a moment later: reserve the victim at once, so that jobs running side by side
+                # never leave fewer than two workers alive between them.
+                alive = [p for p in peers if p.alive and p.peer_id not in doomed]
                 killer = rng.choice(alive) if len(alive) > 2 else None
+                if killer is not None:
+                    doomed.add(killer.peer_id)
             result: RunResult | None = None
             async with trio.open_nursery() as nursery:
                 if killer is not None:

@@ -25,7 +25,7 @@ import torch
 import trio
 
 from p2pcompute.client import Client, Job, ProgressEvent, RunResult
-from p2pcompute.testing.jobs import client_of, cluster
+from p2pcompute.testing.jobs import chain_module, client_of, cluster
 
 RATIO_GOAL = 1.05
 RTT_GOAL_MS = 15.0
@@ -42,28 +42,16 @@ SPANS = (
 )
 
 
-class _Chain(torch.nn.Module):
-    def __init__(self, n: int, steps: int) -> None:
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.randn(n, n) / n**0.5, requires_grad=False)
-        self.steps = steps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for _ in range(self.steps):
-            x = torch.tanh(x @ self.w)
-        return x
-
-
 def second_job(target_s: float = 1.0) -> Job:
     """A compute-bound job calibrated to about ``target_s`` seconds of local execution."""
     n = 1024
-    probe = Job.from_module(_Chain(n, 4), (torch.randn(n, n),))
+    probe = Job.from_module(chain_module(n, 4), (torch.randn(n, n),))
     probe.run_locally()  # warm-up: first calls pay for allocation and dispatch caches
     start = time.perf_counter()
     probe.run_locally()
     per_step = (time.perf_counter() - start) / 4
     steps = max(1, round(target_s / per_step))
-    return Job.from_module(_Chain(n, steps), (torch.randn(n, n),))
+    return Job.from_module(chain_module(n, steps), (torch.randn(n, n),))
 
 
 def tiny_job() -> Job:

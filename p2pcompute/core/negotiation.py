@@ -391,98 +391,74 @@ class EventKind(StrEnum):
     ABORT = "abort"
 
 
+class _Event:
+    """Base of the events: ``kind`` is the class's ``KIND`` (a frame's direction refines it for tickets)."""
+
+    __slots__ = ()
+    KIND: ClassVar[EventKind]
+
+    @property
+    def kind(self) -> EventKind:
+        return self.KIND
+
+
 @dataclass(frozen=True, slots=True)
-class Request:
+class Request(_Event):
     KIND: ClassVar[EventKind] = EventKind.REQUEST
     opened: Opened[JobRequest]
     spec: bytes
 
-    @property
-    def kind(self) -> EventKind:
-        return self.KIND
-
 
 @dataclass(frozen=True, slots=True)
-class Offer:
+class Offer(_Event):
     KIND: ClassVar[EventKind] = EventKind.OFFER
     opened: Opened[JobOffer]
 
-    @property
-    def kind(self) -> EventKind:
-        return self.KIND
-
 
 @dataclass(frozen=True, slots=True)
-class Decline:
+class Decline(_Event):
     KIND: ClassVar[EventKind] = EventKind.DECLINE
     opened: Opened[JobDecline]
 
-    @property
-    def kind(self) -> EventKind:
-        return self.KIND
-
 
 @dataclass(frozen=True, slots=True)
-class Accept:
+class Accept(_Event):
     KIND: ClassVar[EventKind] = EventKind.ACCEPT
     opened: Opened[JobAccept]
 
-    @property
-    def kind(self) -> EventKind:
-        return self.KIND
-
 
 @dataclass(frozen=True, slots=True)
-class Result:
+class Result(_Event):
     KIND: ClassVar[EventKind] = EventKind.RESULT
     opened: Opened[JobResult]
 
-    @property
-    def kind(self) -> EventKind:
-        return self.KIND
-
 
 @dataclass(frozen=True, slots=True)
-class Failed:
+class Failed(_Event):
     KIND: ClassVar[EventKind] = EventKind.FAILED
     opened: Opened[JobFailed]
 
-    @property
-    def kind(self) -> EventKind:
-        return self.KIND
-
 
 @dataclass(frozen=True, slots=True)
-class Receipt:
+class Receipt(_Event):
     KIND: ClassVar[EventKind] = EventKind.RECEIPT
     opened: Opened[JobReceipt]
 
-    @property
-    def kind(self) -> EventKind:
-        return self.KIND
-
 
 @dataclass(frozen=True, slots=True)
-class Rejection:
+class Rejection(_Event):
     KIND: ClassVar[EventKind] = EventKind.REJECTION
     opened: Opened[JobRejection]
 
-    @property
-    def kind(self) -> EventKind:
-        return self.KIND
-
 
 @dataclass(frozen=True, slots=True)
-class Blobs:
+class Blobs(_Event):
+    KIND: ClassVar[EventKind] = EventKind.BLOBS
     frame: BlobsFrame
 
-    @property
-    def kind(self) -> EventKind:
-        return EventKind.BLOBS
-
 
 @dataclass(frozen=True, slots=True)
-class Ticket:
+class Ticket(_Event):
     frame: TicketFrame
 
     @property
@@ -492,21 +468,15 @@ class Ticket:
 
 
 @dataclass(frozen=True, slots=True)
-class Progress:
+class Progress(_Event):
+    KIND: ClassVar[EventKind] = EventKind.PROGRESS
     frame: ProgressFrame
-
-    @property
-    def kind(self) -> EventKind:
-        return EventKind.PROGRESS
 
 
 @dataclass(frozen=True, slots=True)
-class Abort:
+class Abort(_Event):
+    KIND: ClassVar[EventKind] = EventKind.ABORT
     frame: AbortFrame
-
-    @property
-    def kind(self) -> EventKind:
-        return EventKind.ABORT
 
 
 Event = Request | Offer | Decline | Accept | Result | Failed | Receipt | Rejection | Blobs | Ticket | Progress | Abort

@@ -249,3 +249,20 @@ def client_key(name: str) -> KeyPair:
     import hashlib
 
     return KeyPair.from_seed(hashlib.sha256(f"p2pcompute-tests/client/{name}".encode()).digest())
+
+
+def chain_module(n: int, steps: int) -> Any:
+    """A compute-bound test program, ``steps`` rounds of ``tanh(x @ w)`` on an n-by-n input (values stay bounded)."""
+    import torch  # only tests and benchmarks that build jobs need it
+
+    class Chain(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(n, n) / n**0.5, requires_grad=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for _ in range(steps):
+                x = torch.tanh(x @ self.w)
+            return x
+
+    return Chain()

@@ -179,9 +179,8 @@ async def test_bad_arguments_are_refused_before_any_process_starts(kwargs: dict[
             raise AssertionError("unreachable")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 async def test_unusable_device_is_a_config_error() -> None:
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
     with trio.fail_after(JOB_TIMEOUT_S), pytest.raises(ConfigError, match="cuda"):
         async with open_executor(device="cuda"):
             raise AssertionError("unreachable")

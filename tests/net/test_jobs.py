@@ -25,6 +25,7 @@ from p2pcompute.store import STORE_FILE, JobRole, JobState, open_store
 from p2pcompute.testing.jobs import (
     WORKER_STOP_TIMEOUT_S,
     WorkerPeer,
+    chain_module,
     client_of,
     cluster,
     prepared_from_wire,
@@ -45,24 +46,10 @@ def mlp_job() -> tuple[torch.nn.Module, torch.Tensor, Job]:
     return model, x, Job.from_module(model, (x,))
 
 
-class _Chain(torch.nn.Module):
-    """``steps`` rounds of ``tanh(x @ w)``: compute-bound, values stay bounded."""
-
-    def __init__(self, n: int, steps: int) -> None:
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.randn(n, n) / n**0.5, requires_grad=False)
-        self.steps = steps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for _ in range(self.steps):
-            x = torch.tanh(x @ self.w)
-        return x
-
-
 def heavy_job(*, steps: int = 24, n: int = 1024, limits: JobLimits | None = None) -> Job:
     """About 2 * n**3 * steps FLOPs (~50 GFLOP by default: around a second on this machine's 2 cores)."""
     torch.manual_seed(1)
-    return Job.from_module(_Chain(n, steps), (torch.randn(n, n),), limits=limits)
+    return Job.from_module(chain_module(n, steps), (torch.randn(n, n),), limits=limits)
 
 
 def expensive_first(index: int, config: NodeConfig) -> NodeConfig:

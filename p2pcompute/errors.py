@@ -159,6 +159,8 @@ class Reason(StrEnum):
     BAD_EVIDENCE = "bad_evidence"
     CHAIN_BROKEN = "chain_broken"
     STORE_FAILED = "store_failed"
+    # kernel argument validators (specs/job-format.md §12)
+    BAD_VALUE = "bad_value"
 
 
 class P2PComputeError(Exception):

@@ -402,15 +402,26 @@ def _print_demo(demo: Any) -> None:
 def ledger_cmd(data_dir: Path | None, as_json: bool) -> None:
     """Show this peer's earnings (receipts from clients) and spending (receipts it signed), audited.
 
-    Both hash chains are re-checked in full; a tampered ledger is an error (chain_broken), not a sum.
+    Both chains are re-checked in full, every entry against this peer's signature; a tampered ledger is an
+    error (chain_broken), not a sum. A ledger stored before entries were signed is signed once, here.
     Also lists clients that took results without paying or rejecting them (a worker declines their jobs).
     """
     import time
 
     from p2pcompute.accounts import ledger_report
-    from p2pcompute.keys import default_data_dir
+    from p2pcompute.core.ledger import LedgerRole
+    from p2pcompute.keys import KEY_FILE_NAME, default_data_dir, read_key_file
+    from p2pcompute.store import STORE_FILE, open_store
 
-    report = ledger_report(data_dir or default_data_dir(), now=time.time_ns() // 1_000_000)
+    data_dir = data_dir or default_data_dir()
+    if (data_dir / STORE_FILE).exists() and (data_dir / KEY_FILE_NAME).exists():
+        store = open_store(data_dir / STORE_FILE)
+        try:  # loading with the owner's key signs a ledger from before signatures (and audits it)
+            for role in LedgerRole:
+                store.load_ledger(read_key_file(data_dir / KEY_FILE_NAME), role)
+        finally:
+            store.close()
+    report = ledger_report(data_dir, now=time.time_ns() // 1_000_000)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

@@ -21,7 +21,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from p2pcompute.core.identity import PeerId
+from p2pcompute.core.identity import KeyPair, PeerId
 from p2pcompute.core.ledger import Ledger, LedgerEntry, LedgerRole
 from p2pcompute.core.reputation import PeerReputation, Reputation, ReputationPolicy
 from p2pcompute.errors import Reason, StoreError
@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS ledger (
     prev_hash BLOB NOT NULL,
     entry_hash BLOB NOT NULL,
     receipt BLOB NOT NULL,
+    signature BLOB NOT NULL DEFAULT x'',
     PRIMARY KEY (owner, seq)
 );
 CREATE TABLE IF NOT EXISTS reputation (peer BLOB PRIMARY KEY, row TEXT NOT NULL);
@@ -213,19 +214,21 @@ class Store:
 
     # --- ledger (hash-chained receipts; the chain rules live in core/ledger.py) ---
 
-    def append_ledger(self, owner: str, seq: int, prev_hash: bytes, entry_hash: bytes, receipt: bytes) -> None:
+    def append_ledger(
+        self, owner: str, seq: int, prev_hash: bytes, entry_hash: bytes, receipt: bytes, signature: bytes = b""
+    ) -> None:
         with self._tx() as conn:
             conn.execute(
-                "INSERT INTO ledger (owner, seq, prev_hash, entry_hash, receipt) VALUES (?, ?, ?, ?, ?)",
-                (owner, seq, prev_hash, entry_hash, receipt),
+                "INSERT INTO ledger (owner, seq, prev_hash, entry_hash, receipt, signature) VALUES (?, ?, ?, ?, ?, ?)",
+                (owner, seq, prev_hash, entry_hash, receipt, signature),
             )
 
-    def ledger_rows(self, owner: str) -> list[tuple[int, bytes, bytes, bytes]]:
-        """``(seq, prev_hash, entry_hash, receipt)`` rows of one ledger, in order."""
+    def ledger_rows(self, owner: str) -> list[tuple[int, bytes, bytes, bytes, bytes]]:
+        """``(seq, prev_hash, entry_hash, receipt, signature)`` rows of one ledger, in order."""
         rows = self._conn.execute(
-            "SELECT seq, prev_hash, entry_hash, receipt FROM ledger WHERE owner = ? ORDER BY seq", (owner,)
+            "SELECT seq, prev_hash, entry_hash, receipt, signature FROM ledger WHERE owner = ? ORDER BY seq", (owner,)
         ).fetchall()
-        return [(int(r[0]), bytes(r[1]), bytes(r[2]), bytes(r[3])) for r in rows]
+        return [(int(r[0]), bytes(r[1]), bytes(r[2]), bytes(r[3]), bytes(r[4])) for r in rows]
 
     # --- reputation (rows produced by core/reputation.py) ---
 
@@ -247,18 +250,40 @@ class Store:
         row = {k: (v.hex() if isinstance(v, bytes) else v) for k, v in record.to_row().items()}
         self.put_reputation(record.peer.raw, row)
 
-    def load_ledger(self, owner: PeerId, role: LedgerRole) -> Ledger:
-        """The owner's ledger of ``role``, its whole hash chain re-checked (``chain_broken`` on tampering)."""
-        rows = self.ledger_rows(f"{role.value}:{owner}")
+    def load_ledger(self, owner: PeerId | KeyPair, role: LedgerRole) -> Ledger:
+        """The owner's ledger of ``role``, its whole chain re-checked (``chain_broken`` on tampering).
+
+        Given the owner's :class:`KeyPair` the ledger can be appended to, and a ledger stored before entries were
+        signed is signed now (once, in one transaction). Given only a :class:`PeerId` it is an audit: every entry
+        must carry the owner's signature.
+        """
+        signer = owner if isinstance(owner, KeyPair) else None
+        peer = owner.peer_id if isinstance(owner, KeyPair) else owner
+        name = f"{role.value}:{peer}"
         entries = [
-            LedgerEntry(seq=seq, prev_hash=prev, receipt=receipt, entry_hash=h) for seq, prev, h, receipt in rows
+            LedgerEntry(seq=seq, prev_hash=prev, receipt=receipt, entry_hash=h, signature=sig)
+            for seq, prev, h, receipt, sig in self.ledger_rows(name)
         ]
-        return Ledger(owner, role, entries)
+        ledger = Ledger(peer, role, entries, signer=signer)
+        if ledger.newly_signed:
+            with self._tx() as conn:
+                conn.executemany(
+                    "UPDATE ledger SET signature = ? WHERE owner = ? AND seq = ? AND entry_hash = ?",
+                    [(e.signature, name, e.seq, e.entry_hash) for e in ledger.newly_signed],
+                )
+        return ledger
 
     def append_to_ledger(self, ledger: Ledger, receipt: bytes) -> LedgerEntry:
-        """Append a receipt to ``ledger`` and persist the entry in the same step (nothing if it is refused)."""
+        """Append a receipt to ``ledger`` and persist the signed entry in the same step (nothing if it is refused)."""
         entry = ledger.append(receipt)
-        self.append_ledger(f"{ledger.role.value}:{ledger.owner}", entry.seq, entry.prev_hash, entry.entry_hash, receipt)
+        self.append_ledger(
+            f"{ledger.role.value}:{ledger.owner}",
+            entry.seq,
+            entry.prev_hash,
+            entry.entry_hash,
+            receipt,
+            entry.signature,
+        )
         return entry
 
     def unpaid_clients(self, now: int, grace_ms: int) -> set[PeerId]:
@@ -304,6 +329,9 @@ def open_store(path: Path) -> Store:
         conn.execute("PRAGMA foreign_keys=ON")
         with conn:
             conn.executescript(_SCHEMA)
+            if "signature" not in {row[1] for row in conn.execute("PRAGMA table_info(ledger)")}:
+                # a store from before ledger entries were signed: its entries are signed on the owner's next load
+                conn.execute("ALTER TABLE ledger ADD COLUMN signature BLOB NOT NULL DEFAULT x''")
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             if row is None:
                 conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))

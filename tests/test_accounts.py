@@ -10,7 +10,7 @@ import pytest
 from p2pcompute.accounts import ledger_report
 from p2pcompute.core.envelope import seal
 from p2pcompute.core.identity import KeyPair
-from p2pcompute.core.ledger import LedgerRole
+from p2pcompute.core.ledger import LedgerEntry, LedgerRole
 from p2pcompute.core.messages import JobReceipt
 from p2pcompute.errors import KeyFileError, Reason, StoreError
 from p2pcompute.keys import write_key_file
@@ -40,7 +40,7 @@ def receipt(client: KeyPair, worker: KeyPair, n: int, price: int) -> bytes:
 def worker_dir(tmp_path: Path) -> Path:
     write_key_file(tmp_path / "identity.key", WORKER)
     store = open_store(tmp_path / STORE_FILE)
-    ledger = store.load_ledger(WORKER.peer_id, LedgerRole.WORKER)
+    ledger = store.load_ledger(WORKER, LedgerRole.WORKER)
     for n, (client, price) in enumerate([(CLIENTS[0], 1000), (CLIENTS[1], 2500), (CLIENTS[0], 500)]):
         store.append_to_ledger(ledger, receipt(client, WORKER, n, price))
     store.close()
@@ -97,3 +97,36 @@ def test_ledger_command_prints_earnings_and_refuses_a_tampered_store(tmp_path: P
     result = CliRunner().invoke(main, ["ledger", "--data-dir", str(data_dir)])
     assert result.exit_code == 1
     assert "chain_broken" in result.output
+
+
+def test_a_reordered_ledger_with_recomputed_hashes_is_reported(tmp_path: Path) -> None:
+    data_dir = worker_dir(tmp_path)
+    conn = sqlite3.connect(data_dir / STORE_FILE)
+    rows = conn.execute("SELECT seq, receipt FROM ledger ORDER BY seq").fetchall()
+    with conn:  # drop entry 1 and recompute every later hash: only the owner's key could re-sign them
+        conn.execute("DELETE FROM ledger WHERE seq = 1")
+        prev = conn.execute("SELECT entry_hash FROM ledger WHERE seq = 0").fetchone()[0]
+        entry = LedgerEntry.make(1, prev, rows[2][1])
+        conn.execute("UPDATE ledger SET seq = 1, prev_hash = ?, entry_hash = ? WHERE seq = 2", (prev, entry.entry_hash))
+    conn.close()
+    with pytest.raises(StoreError) as info:
+        ledger_report(data_dir, now=NOW)
+    assert info.value.reason is Reason.CHAIN_BROKEN and info.value.detail.startswith("entry 1:")
+
+
+def test_ledger_command_signs_a_ledger_from_before_signatures(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from p2pcompute.cli import main
+
+    data_dir = worker_dir(tmp_path)
+    conn = sqlite3.connect(data_dir / STORE_FILE)
+    with conn:  # as a store written before ledger entries were signed
+        conn.execute("UPDATE ledger SET signature = x''")
+    conn.close()
+    with pytest.raises(StoreError):  # an audit with the peer id alone refuses it
+        ledger_report(data_dir, now=NOW)
+    result = CliRunner().invoke(main, ["ledger", "--data-dir", str(data_dir)])
+    assert result.exit_code == 0, result.output
+    assert "earnings: 0.004 credits in 3 receipt(s)" in result.output
+    assert ledger_report(data_dir, now=NOW)["audit"] == "ok"

@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from p2pcompute.core.envelope import seal
+from p2pcompute.core.identity import KeyPair
+from p2pcompute.core.ledger import GENESIS_HASH, LedgerEntry, LedgerRole
+from p2pcompute.core.messages import JobReceipt
 from p2pcompute.errors import Reason, StoreError
 from p2pcompute.store import STORE_FILE, JobRecord, JobRole, JobState, open_store
 
@@ -94,3 +98,91 @@ def test_a_store_of_another_schema_version_is_refused(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(StoreError, match="schema version 99"):
         open_store(path)
+
+
+# --- the ledger: signed entries, and a store from before ledger entries were signed ---
+
+
+def _receipts(worker: KeyPair, n: int) -> list[bytes]:
+    client = KeyPair.from_seed(b"\x51" * 32)
+    return [
+        seal(
+            client,
+            JobReceipt(
+                id=bytes([i]) * 16,
+                nonce=i,
+                expires_at=2_000_000_000_000,
+                client=client.peer_id,
+                worker=worker.peer_id,
+                result_hash=bytes([i]) * 32,
+                job_digest=bytes([i + 1]) * 32,
+                output_digest=bytes([i + 2]) * 32,
+                price=1000 * (i + 1),
+                issued_at=1_900_000_000_000,
+            ),
+        )
+        for i in range(n)
+    ]
+
+
+def _legacy_store(path: Path, worker: KeyPair, receipts: list[bytes]) -> None:
+    """A store as the first schema wrote it: ledger rows without a signature column."""
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+        conn.execute(
+            "CREATE TABLE ledger (owner TEXT NOT NULL, seq INTEGER NOT NULL, prev_hash BLOB NOT NULL,"
+            " entry_hash BLOB NOT NULL, receipt BLOB NOT NULL, PRIMARY KEY (owner, seq))"
+        )
+        prev = GENESIS_HASH
+        for seq, data in enumerate(receipts):
+            entry = LedgerEntry.make(seq, prev, data)
+            conn.execute(
+                "INSERT INTO ledger VALUES (?, ?, ?, ?, ?)",
+                (f"worker:{worker.peer_id}", seq, prev, entry.entry_hash, data),
+            )
+            prev = entry.entry_hash
+    conn.close()
+
+
+def test_a_ledger_from_before_signatures_is_signed_once_by_its_owner(tmp_path: Path) -> None:
+    worker = KeyPair.from_seed(b"\x52" * 32)
+    path = tmp_path / STORE_FILE
+    _legacy_store(path, worker, _receipts(worker, 3))
+    store = open_store(path)  # adds the signature column
+    with pytest.raises(StoreError) as unsigned:  # an audit with the peer id alone refuses unsigned entries
+        store.load_ledger(worker.peer_id, LedgerRole.WORKER)
+    assert unsigned.value.reason is Reason.CHAIN_BROKEN
+    assert store.load_ledger(worker, LedgerRole.WORKER).total() == 6000  # the owner signs them
+    store.close()
+    store = open_store(path)
+    audited = store.load_ledger(worker.peer_id, LedgerRole.WORKER)
+    assert audited.total() == 6000 and all(len(e.signature) == 64 for e in audited.entries)
+    store.close()
+
+
+def test_a_reordered_ledger_with_recomputed_hashes_does_not_load(tmp_path: Path) -> None:
+    worker = KeyPair.from_seed(b"\x53" * 32)
+    store = open_store(tmp_path / STORE_FILE)
+    ledger = store.load_ledger(worker, LedgerRole.WORKER)
+    receipts = _receipts(worker, 3)
+    for data in receipts:
+        store.append_to_ledger(ledger, data)
+    store.close()
+    conn = sqlite3.connect(tmp_path / STORE_FILE)
+    with conn:  # swap entries 0 and 1 and recompute every hash; the signatures cannot be recomputed
+        prev = GENESIS_HASH
+        for seq, data in enumerate([receipts[1], receipts[0], receipts[2]]):
+            h = LedgerEntry.make(seq, prev, data).entry_hash
+            conn.execute(
+                "UPDATE ledger SET prev_hash = ?, entry_hash = ?, receipt = ? WHERE seq = ?", (prev, h, data, seq)
+            )
+            prev = h
+    conn.close()
+    store = open_store(tmp_path / STORE_FILE)
+    for owner in (worker.peer_id, worker):
+        with pytest.raises(StoreError) as info:
+            store.load_ledger(owner, LedgerRole.WORKER)
+        assert info.value.reason is Reason.CHAIN_BROKEN and info.value.detail.startswith("entry 0:")
+    store.close()

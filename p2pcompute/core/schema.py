@@ -6,10 +6,12 @@ are the schema; ``typing.Annotated`` adds bounds::
     nonce: Annotated[int, Range(0, U64_MAX)]
     id: Annotated[bytes, Size(16, 16)]
     addrs: Annotated[tuple[Annotated[str, Size(1, 256)], ...], Size(0, 16)]
+    dtype: Annotated[str, Size(1, 16), OneOf(DTYPES, Reason.BAD_DTYPE)]
 
 Supported field types: ``int``, ``float`` (finite), ``bool``, ``str`` (size in UTF-8 bytes),
 ``bytes``, ``X | None``, ``tuple[X, ...]``, nested :class:`Struct` subclasses, :class:`PeerId` (wire:
-its 38 raw bytes) and ``str``-valued ``Enum`` classes (wire: the value).
+its 38 raw bytes) and ``str``-valued ``Enum`` classes (wire: the value). :class:`OneOf` closes a ``str``
+field to a set of names, refused with a reason of its own (dtype names: ``bad_dtype``).
 
 :func:`to_wire` turns a struct into a msgpack-ready map and checks it (raising
 :class:`LocalProtocolError`); :func:`from_wire` checks an untrusted decoded value and builds the
@@ -25,7 +27,7 @@ import functools
 import math
 import types
 import typing
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar, Union, cast
 
@@ -38,6 +40,7 @@ __all__ = [
     "U32_MAX",
     "U64_MAX",
     "FieldType",
+    "OneOf",
     "Range",
     "Size",
     "Struct",
@@ -83,6 +86,21 @@ class Size:
     hi: int
 
 
+@dataclass(frozen=True, slots=True, init=False)
+class OneOf:
+    """A ``str`` field whose value must be one of ``names``; any other is refused with ``reason``.
+
+    Checked after the length bounds, on encoding (:class:`LocalProtocolError`) and decoding (:class:`SchemaError`).
+    """
+
+    names: frozenset[str]
+    reason: Reason
+
+    def __init__(self, names: Iterable[str], reason: Reason = Reason.OUT_OF_RANGE) -> None:
+        object.__setattr__(self, "names", frozenset(names))
+        object.__setattr__(self, "reason", reason)
+
+
 # --- the compiled type tree -------------------------------------------------------------------
 
 
@@ -107,6 +125,8 @@ class TBool:
 class TStr:
     lo: int = 0
     hi: int = _DEFAULT_STR_MAX
+    names: frozenset[str] | None = None  # a closed set of values (OneOf), refused with ``reason``
+    reason: Reason = Reason.OUT_OF_RANGE
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,10 +174,10 @@ S = TypeVar("S", bound=Struct)
 
 
 def _compile(tp: Any, owner: type) -> FieldType:
-    bounds: list[Range | Size] = []
+    bounds: list[Range | Size | OneOf] = []
     if typing.get_origin(tp) is Annotated:
         tp, *extras = typing.get_args(tp)
-        bounds = [extra for extra in extras if isinstance(extra, (Range, Size))]
+        bounds = [extra for extra in extras if isinstance(extra, (Range, Size, OneOf))]
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = [arg for arg in typing.get_args(tp) if arg is not type(None)]
@@ -181,7 +201,9 @@ def _compile(tp: Any, owner: type) -> FieldType:
         return TFloat(float(rng.lo), float(rng.hi)) if rng else TFloat()
     if tp is str:
         size = _one(bounds, Size)
-        return TStr(size.lo, size.hi) if size else TStr()
+        lo, hi = (size.lo, size.hi) if size else (0, _DEFAULT_STR_MAX)
+        one_of = _one(bounds, OneOf)
+        return TStr(lo, hi, one_of.names, one_of.reason) if one_of else TStr(lo, hi)
     if tp is bytes:
         size = _one(bounds, Size)
         return TBytes(size.lo, size.hi) if size else TBytes()
@@ -194,10 +216,10 @@ def _compile(tp: Any, owner: type) -> FieldType:
     raise TypeError(f"{owner.__name__}: unsupported field type {tp!r}")
 
 
-_B = TypeVar("_B", Range, Size)
+_B = TypeVar("_B", Range, Size, OneOf)
 
 
-def _one(bounds: list[Range | Size], kind: type[_B]) -> _B | None:
+def _one(bounds: list[Range | Size | OneOf], kind: type[_B]) -> _B | None:
     found = [b for b in bounds if isinstance(b, kind)]
     return found[0] if found else None
 
@@ -255,7 +277,8 @@ def from_wire(cls: type[S], value: object, path: str | None = None) -> S:
     """Check an untrusted decoded ``value`` against ``cls``'s schema and build the struct.
 
     Raises :class:`SchemaError` with reason ``not_a_map``, ``unknown_field``, ``missing_field``,
-    ``wrong_type``, ``out_of_range``, ``too_long`` or ``bad_peer_id``; never another exception.
+    ``wrong_type``, ``out_of_range``, ``too_long``, ``bad_peer_id`` or the reason of a :class:`OneOf` field
+    (``bad_dtype``); never another exception.
     """
     return _struct_from_wire(cls, value, path or cls.__name__)
 
@@ -328,10 +351,12 @@ def _check(value: object, ft: FieldType, path: str, error: type[P2PComputeError]
                 raise error(Reason.WRONG_TYPE, f"{path}: expected float, got {_wire_type(value)}")
             if not math.isfinite(value) or not flo <= value <= fhi:
                 raise error(Reason.OUT_OF_RANGE, f"{path}: {value} not a finite value in [{flo}, {fhi}]")
-        case TStr(lo=lo, hi=hi):
+        case TStr(lo=lo, hi=hi, names=names, reason=reason):
             if not isinstance(value, str):
                 raise error(Reason.WRONG_TYPE, f"{path}: expected str, got {_wire_type(value)}")
             _check_len(len(value.encode("utf-8", "surrogatepass")), lo, hi, path, error)
+            if names is not None and value not in names:
+                raise error(reason, f"{path}: {value[:64]!r} is not one of {sorted(names)}")
         case TBytes(lo=lo, hi=hi):
             if not isinstance(value, bytes):
                 raise error(Reason.WRONG_TYPE, f"{path}: expected bytes, got {_wire_type(value)}")

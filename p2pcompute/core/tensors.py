@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from p2pcompute.core import codec
-from p2pcompute.core.schema import Range, Size, Struct, to_wire
+from p2pcompute.core.schema import OneOf, Range, Size, Struct, to_wire
 from p2pcompute.errors import JobFormatError, Reason
 
 __all__ = [
@@ -54,10 +54,15 @@ _OUTPUTS_DOMAIN = b"p2pcompute/outputs/v1\x00"
 
 @dataclass(frozen=True, kw_only=True)
 class TensorMeta(Struct):
-    """What names a tensor: the SHA-256 of its raw bytes, its dtype and its shape."""
+    """What names a tensor: the SHA-256 of its raw bytes, its dtype and its shape.
+
+    ``dtype`` is one of :data:`DTYPES`: decoding refuses any other name with ``bad_dtype`` (a :class:`SchemaError`
+    inside a message or evidence, a :class:`JobFormatError` in a job spec), and so does encoding
+    (:class:`LocalProtocolError`). A meta built locally with another name is refused by :attr:`nbytes`.
+    """
 
     digest: Digest
-    dtype: Annotated[str, Size(1, 16)]
+    dtype: Annotated[str, Size(1, 16), OneOf(DTYPES, Reason.BAD_DTYPE)]
     shape: Annotated[tuple[Annotated[int, Range(0, MAX_DIM)], ...], Size(0, MAX_DIMS)]
 
     @property

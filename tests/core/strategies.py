@@ -150,6 +150,8 @@ def for_type(ft: FieldType) -> st.SearchStrategy[Any]:
             return st.floats(lo, hi, allow_nan=False, allow_infinity=False)
         case TBool():
             return st.booleans()
+        case TStr(names=names) if names is not None:
+            return st.sampled_from(sorted(names))
         case TStr(lo=lo, hi=hi):
             return st.text(min_size=lo, max_size=min(hi, _CAP)).filter(lambda s: lo <= len(s.encode()) <= hi)
         case TBytes(lo=lo, hi=hi):

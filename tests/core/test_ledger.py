@@ -1,4 +1,5 @@
-"""The hash-chained ledger: appends, totals, audits, tamper detection at every field, and what clients owe."""
+"""The hash-chained, owner-signed ledger: appends, totals, audits, tamper detection at every field (re-hashed
+reorders and drops included), signing a ledger from before signatures, and what clients owe."""
 
 from __future__ import annotations
 
@@ -19,11 +20,12 @@ from p2pcompute.core.ledger import (
     LedgerEntry,
     LedgerRole,
     entry_hash,
+    entry_signing_bytes,
     owed,
     verify_chain,
 )
 from p2pcompute.core.messages import JobReceipt, PeerRecord
-from p2pcompute.errors import Reason, ReplayError, SchemaError, SignatureError, StoreError
+from p2pcompute.errors import LocalProtocolError, Reason, ReplayError, SchemaError, SignatureError, StoreError
 
 NOW = 1_800_000_000_000
 WORKER = KeyPair.from_seed(b"w" * 32)
@@ -43,13 +45,14 @@ def receipt(client: KeyPair, n: int, price: int = 1000, worker: KeyPair = WORKER
 
 
 def worker_ledger(n: int = 5) -> Ledger:
-    ledger = Ledger(WORKER.peer_id, LedgerRole.WORKER)
+    ledger = Ledger(WORKER.peer_id, LedgerRole.WORKER, signer=WORKER)
     for i in range(n):
         ledger.append(receipt(CLIENTS[i % 3], i, price=100 * (i + 1)))
     return ledger
 
 
 def broken_at(entries: list[LedgerEntry], **kw: Any) -> int:
+    kw = {"owner": WORKER.peer_id, "role": LedgerRole.WORKER, **kw}
     with pytest.raises(StoreError) as info:
         verify_chain(entries, **kw)
     assert info.value.reason is Reason.CHAIN_BROKEN
@@ -80,7 +83,7 @@ def test_append_chains_entries_and_totals_earnings() -> None:
 
 
 def test_client_ledger_totals_spending_per_worker() -> None:
-    ledger = Ledger(CLIENTS[0].peer_id, LedgerRole.CLIENT)
+    ledger = Ledger(CLIENTS[0].peer_id, LedgerRole.CLIENT, signer=CLIENTS[0])
     ledger.append(receipt(CLIENTS[0], 1, 10))
     ledger.append(receipt(CLIENTS[0], 2, 20, worker=OTHER_WORKER))
     ledger.append(receipt(CLIENTS[0], 3, 30))
@@ -111,7 +114,7 @@ def test_append_refuses_bad_receipts() -> None:
     assert len(ledger) == 1
 
 
-@pytest.mark.parametrize("field", ["seq", "prev_hash", "receipt", "entry_hash"])
+@pytest.mark.parametrize("field", ["seq", "prev_hash", "receipt", "entry_hash", "signature"])
 @pytest.mark.parametrize("index", [0, 2, 4])
 def test_tampering_with_any_field_is_detected_at_that_entry(field: str, index: int) -> None:
     entries = list(worker_ledger().entries)
@@ -127,7 +130,7 @@ def test_tampering_with_any_field_is_detected_at_that_entry(field: str, index: i
 def test_any_flipped_byte_is_detected(data: st.DataObject) -> None:
     entries = list(worker_ledger(3).entries)
     index = data.draw(st.integers(0, 2))
-    field = data.draw(st.sampled_from(["prev_hash", "receipt", "entry_hash"]))
+    field = data.draw(st.sampled_from(["prev_hash", "receipt", "entry_hash", "signature"]))
     value: bytes = getattr(entries[index], field)
     pos = data.draw(st.integers(0, len(value) - 1))
     bit = data.draw(st.integers(0, 7))
@@ -137,22 +140,68 @@ def test_any_flipped_byte_is_detected(data: st.DataObject) -> None:
     assert broken_at(entries) == index
 
 
+def rechain(receipts: list[bytes], signer: KeyPair | None = None) -> list[LedgerEntry]:
+    """What a tamperer builds: a fresh chain over these receipts with every hash recomputed (signed only when the
+    tamperer holds ``signer``)."""
+    out: list[LedgerEntry] = []
+    for i, r in enumerate(receipts):
+        prev = out[-1].entry_hash if out else GENESIS_HASH
+        out.append(LedgerEntry.make(i, prev, r, signer=signer, role=LedgerRole.WORKER))
+    return out
+
+
 def test_rechained_forged_receipt_is_detected() -> None:
-    # A tamperer who recomputes every hash after changing a receipt still cannot forge the client's signature.
+    # Even the owner, re-hashing and re-signing after changing a receipt, cannot forge the client's signature.
     entries = list(worker_ledger(3).entries)
     raw = bytearray(entries[1].receipt)
     raw[-3] ^= 1
-    forged = [entries[0], LedgerEntry.make(1, entries[0].entry_hash, bytes(raw))]
-    forged.append(LedgerEntry.make(2, forged[1].entry_hash, entries[2].receipt))
-    assert broken_at(forged) == 1
+    assert broken_at(rechain([entries[0].receipt, bytes(raw), entries[2].receipt], signer=WORKER)) == 1
 
 
 def test_dropped_reordered_and_duplicated_entries_are_detected() -> None:
     entries = list(worker_ledger().entries)
     assert broken_at(entries[:2] + entries[3:]) == 2
     assert broken_at([entries[1], entries[0], *entries[2:]]) == 0
-    dup = [*entries, LedgerEntry.make(5, entries[-1].entry_hash, entries[0].receipt)]
+    dup = [
+        *entries,
+        LedgerEntry.make(5, entries[-1].entry_hash, entries[0].receipt, signer=WORKER, role=LedgerRole.WORKER),
+    ]
     assert broken_at(dup) == 5
+
+
+def test_a_reordered_chain_with_every_hash_recomputed_is_detected() -> None:
+    # The tamperer recomputes seq, prev_hash and entry_hash: the chain is consistent, but the owner's signatures
+    # (copied along, or missing) do not cover the new hashes.
+    receipts = [e.receipt for e in worker_ledger().entries]
+    reordered = rechain([receipts[1], receipts[0], *receipts[2:]])
+    assert broken_at(reordered) == 0
+    old = {e.receipt: e.signature for e in worker_ledger().entries}
+    assert broken_at([dataclasses.replace(e, signature=old[e.receipt]) for e in reordered]) == 0
+    with pytest.raises(StoreError):  # nor does a ledger loaded by anyone but its owner accept it
+        Ledger(WORKER.peer_id, LedgerRole.WORKER, reordered)
+
+
+def test_a_dropped_entry_with_every_hash_recomputed_is_detected() -> None:
+    entries = list(worker_ledger().entries)
+    old = {e.receipt: e.signature for e in entries}
+    dropped = rechain([e.receipt for i, e in enumerate(entries) if i != 2])
+    resigned = [dataclasses.replace(e, signature=old[e.receipt]) for e in dropped]
+    assert broken_at(resigned) == 2  # entries 0 and 1 are unchanged; the first re-hashed one is caught
+    assert broken_at(dropped) == 0  # unsigned entries are never accepted by an audit
+
+
+def test_only_the_owner_can_rewrite_its_chain() -> None:
+    # What the signatures do not stop (specs/ledger.md §5): the owner itself may rebuild its own ledger. Totals
+    # still come only from receipts its clients signed.
+    receipts = [e.receipt for e in worker_ledger().entries]
+    verify_chain(rechain(receipts[::-1], signer=WORKER), owner=WORKER.peer_id, role=LedgerRole.WORKER)
+    assert broken_at(rechain(receipts[::-1], signer=OTHER_WORKER)) == 0
+
+
+def test_an_entry_signed_for_the_other_role_is_refused() -> None:
+    entries = list(worker_ledger(2).entries)
+    as_client = WORKER.sign(entry_signing_bytes(LedgerRole.CLIENT, entries[1].entry_hash))
+    assert broken_at([entries[0], dataclasses.replace(entries[1], signature=as_client)]) == 1
 
 
 def test_audit_against_an_owner() -> None:
@@ -160,6 +209,34 @@ def test_audit_against_an_owner() -> None:
     assert broken_at(entries, owner=OTHER_WORKER.peer_id, role=LedgerRole.WORKER) == 0
     with pytest.raises(StoreError):
         Ledger(OTHER_WORKER.peer_id, LedgerRole.WORKER, entries)
+    with pytest.raises(LocalProtocolError) as wrong_key:
+        Ledger(WORKER.peer_id, LedgerRole.WORKER, entries, signer=OTHER_WORKER)
+    assert wrong_key.value.reason is Reason.SIGNER_MISMATCH
+
+
+def test_a_ledger_without_its_owners_key_audits_but_cannot_append() -> None:
+    view = Ledger(WORKER.peer_id, LedgerRole.WORKER, worker_ledger(2).entries)
+    assert view.total() == 300 and view.newly_signed == ()
+    with pytest.raises(LocalProtocolError) as info:
+        view.append(receipt(CLIENTS[0], 7))
+    assert info.value.reason is Reason.SIGNER_MISMATCH
+    assert len(view) == 2
+
+
+def test_a_ledger_from_before_signatures_is_signed_by_its_owner() -> None:
+    unsigned = [dataclasses.replace(e, signature=b"") for e in worker_ledger(3).entries]
+    assert broken_at(unsigned) == 0  # an auditor refuses it
+    with pytest.raises(StoreError):
+        Ledger(WORKER.peer_id, LedgerRole.WORKER, unsigned)
+    ledger = Ledger(WORKER.peer_id, LedgerRole.WORKER, unsigned, signer=WORKER)  # its owner signs it, once
+    assert len(ledger.newly_signed) == 3 and ledger.entries == ledger.newly_signed
+    verify_chain(ledger.entries, owner=WORKER.peer_id, role=LedgerRole.WORKER)
+    assert Ledger(WORKER.peer_id, LedgerRole.WORKER, ledger.entries, signer=WORKER).newly_signed == ()
+    # a tamperer cannot strip some signatures to have its reordered tail signed: partly signed ledgers never load
+    signed = list(ledger.entries)
+    tail = rechain([e.receipt for e in signed])[1:]
+    with pytest.raises(StoreError):
+        Ledger(WORKER.peer_id, LedgerRole.WORKER, [signed[0], *tail], signer=WORKER)
 
 
 def test_entry_hash_covers_every_part() -> None:

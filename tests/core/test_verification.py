@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from p2pcompute.core import codec
 from p2pcompute.core.envelope import Opened, open_envelope, seal
 from p2pcompute.core.identity import KeyPair
 from p2pcompute.core.messages import (
@@ -24,6 +25,7 @@ from p2pcompute.core.messages import (
 )
 from p2pcompute.core.replay import SeenCache
 from p2pcompute.core.reputation import Outcome
+from p2pcompute.core.schema import to_wire
 from p2pcompute.core.tensors import TensorMeta, outputs_digest
 from p2pcompute.core.verification import (
     MAX_EVIDENCE_SIZE,
@@ -50,6 +52,7 @@ from p2pcompute.errors import (
     SignatureError,
     VerificationError,
 )
+from tests.core.strategies import sign_raw
 
 NOW = 1_800_000_000_000
 CLIENT = KeyPair.from_seed(b"c" * 32)
@@ -442,6 +445,15 @@ def test_an_evidence_envelope_of_another_type_is_rejected() -> None:
     )  # fmt: skip
     agreeing = (seal(CLIENT, receipt), _env(result(W[2])))
     assert "unexpected_payload_type" in _reason(_forge(agreeing_results=agreeing), SignatureError)
+
+
+def test_evidence_whose_result_names_a_dtype_outside_the_table_is_rejected() -> None:
+    # A worker-signed result with a `float8` output used to pass as evidence; TensorMeta's schema now refuses it.
+    wire = to_wire(result(W[0], 9.0).opened.message)
+    wire["outputs"][0]["dtype"] = "float8"
+    accused = sign_raw(W[0], JobResult, codec.pack(wire))
+    detail = _reason(_forge(accused_result=accused))
+    assert detail.startswith("accused result: bad_dtype")
 
 
 def test_malformed_embedded_bytes_are_rejected() -> None:

@@ -140,7 +140,7 @@ class Worker:
         self._cache = _BlobCache(BLOB_CACHE_BYTES)
         self.shutting_down = False
         # Earnings: the hash-chained ledger of receipts (re-checked in full on load: tampering is detected).
-        self.ledger = store.load_ledger(keypair.peer_id, LedgerRole.WORKER)
+        self.ledger = store.load_ledger(keypair, LedgerRole.WORKER)
 
     @property
     def peer_id(self) -> PeerId:

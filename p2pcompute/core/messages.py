@@ -256,6 +256,8 @@ class DeclineReason(StrEnum):
     CLIENT_OWES = "client_owes"
     BAD_JOB = "bad_job"
     SHUTTING_DOWN = "shutting_down"
+    CLAIM_MISMATCH = "claim_mismatch"  # the request's requirements disagree with the worker's own dry run
+    DUPLICATE_ID = "duplicate_id"  # this client already used the request's job id with this worker
 
 
 @dataclass(frozen=True, kw_only=True)

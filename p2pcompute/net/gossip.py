@@ -25,6 +25,13 @@ What this adapter sets against py-libp2p 0.8.1's defaults:
 * Pubsub only hears of connections made after it exists, and opens its side of a peer's stream only
   on that event: :meth:`Gossip.run` creates it, opens streams to every peer already connected
   (``ensure_peer_stream``), answers an inbound pubsub stream by opening ours, and retries stragglers.
+* **Shutdown in order.** 0.8.1 reads each inbound pubsub stream in a task of the *swarm's* nursery, and
+  that task spawns into pubsub's own nursery (``manager.run_task(push_msg, ...)``) for every message it
+  reads. Cancelled together, pubsub's task nursery could close while such a reader still ran, and the
+  reader's next message raised ``RuntimeError: Nursery is closed to new arrivals`` out of the host. So
+  the services run shielded from the caller's cancellation, and on the way out we first refuse new
+  pubsub streams, cancel and await every stream reader, and only then stop pubsub and the router
+  (bounded by ``close_timeout_s``).
 """
 
 from __future__ import annotations
@@ -76,6 +83,8 @@ DEFAULT_MAX_MESSAGES_PER_TOPIC_PER_S: Final = 10
 DEFAULT_PUBLISH_TIMEOUT_S: Final = 5.0
 DEFAULT_PEER_STREAM_TIMEOUT_S: Final = 10.0
 DEFAULT_SEEN_TTL_S: Final = 120
+#: Stopping: the stream readers, then pubsub and the router (each bound separately).
+DEFAULT_CLOSE_TIMEOUT_S: Final = 5.0
 #: How often connected peers without a pubsub stream are tried again (they may not run gossip at all).
 PEER_RECONCILE_INTERVAL_S: Final = 30.0
 #: Pacing keeps one message of headroom under the limit, and widens the window a little because
@@ -165,6 +174,7 @@ class GossipConfig:
     publish_timeout_s: float = DEFAULT_PUBLISH_TIMEOUT_S
     peer_stream_timeout_s: float = DEFAULT_PEER_STREAM_TIMEOUT_S
     seen_ttl_s: int = DEFAULT_SEEN_TTL_S
+    close_timeout_s: float = DEFAULT_CLOSE_TIMEOUT_S
     score: ScoreConfig = field(default_factory=ScoreConfig)
 
     def __post_init__(self) -> None:
@@ -176,7 +186,7 @@ class GossipConfig:
             raise ValueError(f"max_messages_per_topic_per_s must be > {_PACING_HEADROOM}")
         if min(self.max_message_bytes, self.inbox_capacity, self.seen_ttl_s) < 1:
             raise ValueError("sizes and capacities must be >= 1")
-        if self.publish_timeout_s <= 0 or self.peer_stream_timeout_s <= 0:
+        if min(self.publish_timeout_s, self.peer_stream_timeout_s, self.close_timeout_s) <= 0:
             raise ValueError("timeouts must be positive")
 
 
@@ -213,6 +223,10 @@ class Gossip:
         self._published: dict[str, deque[float]] = {}
         self._validators: dict[str, Validator] = {}
         self._dropped = 0
+        # Inbound pubsub stream readers (they run in the swarm's tasks, see the module docstring).
+        self._readers: set[trio.CancelScope] = set()
+        self._readers_gone = trio.Event()
+        self._closing = False
 
     @property
     def messages(self) -> trio.MemoryReceiveChannel[GossipMessage]:
@@ -235,16 +249,22 @@ class Gossip:
         return self._router
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run until cancelled. ``started()`` once pubsub streams to already-connected peers are open."""
+        """Run until cancelled. ``started()`` once pubsub streams to already-connected peers are open.
+
+        Leaving (cancelled or not) stops the pubsub stream readers first, then pubsub, within
+        ``2 * close_timeout_s``; the host stays up.
+        """
+        if self._closing:
+            raise GossipError("a Gossip runs once; make a new one")
         # Created here, not in __init__: its notifee blocks the swarm until the service reads it.
         pubsub = Pubsub(self._host, self._router, seen_ttl=self._config.seen_ttl_s)
         register_send, register_recv = trio.open_memory_channel[ID](self._config.inbox_capacity)
         self._wrap_stream_handlers(pubsub, register_send)
-        async with background_trio_service(pubsub), background_trio_service(self._router):
-            with trio.fail_after(self._config.peer_stream_timeout_s):
-                await pubsub.wait_until_ready()
-            self._pubsub = pubsub
+        stop = trio.Event()
+        async with trio.open_nursery() as services:
             try:
+                await services.start(self._run_services, pubsub, stop)
+                self._pubsub = pubsub
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     async with trio.open_nursery() as streams:
@@ -259,6 +279,36 @@ class Gossip:
                 self._pubsub = None
                 self._inbox_send.close()
                 register_send.close()
+                try:
+                    await self._stop_readers()
+                finally:
+                    stop.set()  # the services stop only now, after the readers
+
+    async def _run_services(
+        self, pubsub: Pubsub, stop: trio.Event, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Pubsub and the router, shielded from the caller's cancellation: they stop when ``stop`` is set
+        (after the stream readers are gone), within ``close_timeout_s``."""
+        with trio.CancelScope(shield=True) as scope:
+            async with background_trio_service(pubsub), background_trio_service(self._router):
+                with trio.fail_after(self._config.peer_stream_timeout_s):
+                    await pubsub.wait_until_ready()
+                task_status.started()
+                await stop.wait()
+                scope.deadline = trio.current_time() + self._config.close_timeout_s
+        if scope.cancelled_caught:
+            logger.warning("gossip did not stop within %.1f s", self._config.close_timeout_s)
+
+    async def _stop_readers(self) -> None:
+        """Refuse new pubsub streams, cancel every stream reader and wait (bounded) until all have left."""
+        self._closing = True
+        for reader in self._readers:
+            reader.cancel()
+        with trio.CancelScope(shield=True), trio.move_on_after(self._config.close_timeout_s) as bound:
+            if self._readers:
+                await self._readers_gone.wait()
+        if bound.cancelled_caught:
+            logger.warning("%d pubsub stream readers did not stop in time", len(self._readers))
 
     async def subscribe(self, topic: str, validator: Validator | None = None) -> None:
         """Join ``topic``; its accepted messages go to :attr:`messages`. Idempotent per topic."""
@@ -281,11 +331,11 @@ class Gossip:
         """
         if len(data) > self._config.max_message_bytes:
             raise MessageTooLarge(f"{len(data)} bytes > {self._config.max_message_bytes}")
-        pubsub = self.pubsub
         validator = self._validators.get(topic)
         if validator is not None:
             validator(self._host.get_id(), data)
         await self._pace(topic)
+        pubsub = self.pubsub  # after pacing: gossip may have stopped meanwhile
         with trio.fail_after(self._config.publish_timeout_s):
             await pubsub.publish(topic, data)
 
@@ -353,18 +403,33 @@ class Gossip:
             await trio.sleep_until(sent[0] + _PACING_WINDOW_S)
 
     def _wrap_stream_handlers(self, pubsub: Pubsub, register: trio.MemorySendChannel[ID]) -> None:
-        """An inbound pubsub stream from a peer we have no outbound stream to asks us to open one.
+        """Inbound pubsub streams: read under a cancel scope of ours, refused once we are closing.
 
-        0.8.1 opens our side only on a ``connected`` event, so a peer whose pubsub started after the
+        An inbound stream from a peer we have no outbound stream to also asks us to open one: 0.8.1
+        opens our side only on a ``connected`` event, so a peer whose pubsub started after the
         connection (or whose first attempt found no handler yet) would stay one-way forever.
         """
 
         async def handle(stream: INetStream) -> None:
+            if self._closing:
+                with contextlib.suppress(Exception):
+                    await stream.reset()
+                return
             peer_id = stream.muxed_conn.peer_id
             if peer_id not in pubsub.peers:
                 with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                     register.send_nowait(peer_id)
-            await pubsub.stream_handler(stream)
+            with trio.CancelScope() as reader:
+                self._readers.add(reader)
+                try:
+                    await pubsub.stream_handler(stream)
+                finally:
+                    self._readers.discard(reader)
+                    if self._closing and not self._readers:
+                        self._readers_gone.set()
+            if reader.cancelled_caught:
+                with contextlib.suppress(Exception):
+                    await stream.reset()
 
         for protocol in self._router.get_protocols():
             self._host.set_stream_handler(protocol, handle)

@@ -161,6 +161,9 @@ class Reason(StrEnum):
     STORE_FAILED = "store_failed"
     # kernel argument validators (specs/job-format.md §12)
     BAD_VALUE = "bad_value"
+    # advert addresses (specs/adverts.md §4)
+    FOREIGN_ADDRESS = "foreign_address"
+    BAD_ADDRESS = "bad_address"
 
 
 class P2PComputeError(Exception):

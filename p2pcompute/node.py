@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import json
 import logging
 import random
@@ -20,17 +21,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import h11
+import multiaddr
 import prometheus_client
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
+from libp2p.utils.address_validation import expand_wildcard_address
 
 from p2pcompute import __version__
 from p2pcompute.compute.gpu import HardwareReport, load_or_probe
 from p2pcompute.config import PROBE_TIMEOUT_S, STATUS_REQUEST_TIMEOUT_S, NodeConfig
 from p2pcompute.core import codec
-from p2pcompute.core.adverts import MarketView, SyncRequest, validate_advert
+from p2pcompute.core.adverts import MarketView, SyncRequest, check_advert_address, validate_advert
 from p2pcompute.core.envelope import seal
 from p2pcompute.core.identity import KeyPair, PeerId
 from p2pcompute.core.messages import GpuAdvert
@@ -189,7 +192,7 @@ class Node:
             peer_id=self.peer_id,
             seq=self._seq,
             issued_at=now,
-            addrs=tuple(host_addrs(self.host))[:16],
+            addrs=advert_addrs(self.host, self.peer_id),
             devices=self.hardware.devices,
             price_per_second=self.config.price_per_second,
             slots_total=self.config.slots,
@@ -566,6 +569,42 @@ async def serve(config: NodeConfig, *, task_status: TaskStatus[NodeInfo] = trio.
             await node.run(task_status=task_status)
     finally:
         store.close()
+
+
+MAX_ADVERT_ADDRS = 16  # GpuAdvert.addrs holds 1 … 16
+
+
+def advert_addrs(host: IHost, peer: PeerId) -> tuple[str, ...]:
+    """The addresses our adverts carry (specs/adverts.md §4 check 8): the host's, each ending in our own
+    ``/p2p/<id>``, with an unspecified listen address (``0.0.0.0``, ``::``) expanded to this machine's interface
+    addresses (loopback when it has none), and nothing a receiver would refuse."""
+    suffix = f"/p2p/{peer}"
+    out: list[str] = []
+    for addr in host_addrs(host):
+        base = addr.removesuffix(suffix)
+        candidates = [base]
+        parts = base.split("/")  # "", "ip4", "0.0.0.0", "tcp", "4001"
+        if len(parts) > 2 and parts[1] in ("ip4", "ip6") and _is_unspecified(parts[2]):
+            expanded = [str(m) for m in expand_wildcard_address(multiaddr.Multiaddr(base))]
+            loopback = "/".join(["", parts[1], "127.0.0.1" if parts[1] == "ip4" else "::1", *parts[3:]])
+            candidates = [a for a in expanded if a != base] or [loopback]
+        for candidate in candidates:
+            full = candidate + suffix
+            try:
+                check_advert_address(full, peer)
+            except RemoteProtocolError as exc:
+                log.debug("not advertising %s: %s", full, exc)
+                continue
+            if full not in out:
+                out.append(full)
+    return tuple(out[:MAX_ADVERT_ADDRS])
+
+
+def _is_unspecified(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_unspecified
+    except ValueError:
+        return False
 
 
 def _listen_ip(listen: tuple[str, ...]) -> str:

@@ -7,6 +7,7 @@ and penalise the forwarder", anything returned means "accept and forward".
 
 from __future__ import annotations
 
+import ipaddress
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +19,15 @@ from p2pcompute.core.messages import GpuAdvert
 from p2pcompute.core.schema import Range, Struct
 from p2pcompute.errors import DecodeError, Reason, ReplayError, SchemaError
 
-__all__ = ["MAX_SYNC_ADVERTS", "AdvertPolicy", "MarketEntry", "MarketView", "SyncRequest", "validate_advert"]
+__all__ = [
+    "MAX_SYNC_ADVERTS",
+    "AdvertPolicy",
+    "MarketEntry",
+    "MarketView",
+    "SyncRequest",
+    "check_advert_address",
+    "validate_advert",
+]
 
 MAX_SYNC_ADVERTS = 10_000
 
@@ -46,7 +55,7 @@ def validate_advert(data: bytes, now: int, policy: AdvertPolicy = AdvertPolicy()
     """Check an advert's bytes on their own (no market state): size, signature, schema and time.
 
     Reasons: ``too_large``, every envelope/codec/schema reason, ``future_dated``, ``expired``,
-    ``expiry_too_far`` and ``inconsistent``.
+    ``expiry_too_far``, ``inconsistent``, ``foreign_address`` and ``bad_address``.
     """
     if len(data) > policy.max_size:
         raise DecodeError(Reason.TOO_LARGE, f"advert of {len(data)} bytes, limit {policy.max_size}")
@@ -68,7 +77,33 @@ def validate_advert(data: bytes, now: int, policy: AdvertPolicy = AdvertPolicy()
     for i, device in enumerate(advert.devices):
         if device.free_memory_bytes > device.memory_bytes:
             raise SchemaError(Reason.INCONSISTENT, f"devices[{i}]: free memory exceeds total memory")
+    for i, addr in enumerate(advert.addrs):
+        check_advert_address(addr, opened.signer, where=f"addrs[{i}]")
     return opened
+
+
+def check_advert_address(addr: str, peer: PeerId, *, where: str = "address") -> None:
+    """Raise unless ``addr`` may stand in an advert of ``peer`` (specs/adverts.md §4, check 8).
+
+    It must end in ``/p2p/<peer>`` (``foreign_address`` otherwise: an advert cannot aim clients at a third
+    party), and every ``ip4``/``ip6`` component must be a concrete address, never the unspecified
+    ``0.0.0.0`` or ``::`` a peer listens on (``bad_address``).
+    """
+    head, sep, tail = addr.rpartition("/p2p/")
+    if not sep or tail != peer.to_base58():
+        raise SchemaError(Reason.FOREIGN_ADDRESS, f"{where} {addr!r} does not end in /p2p/{peer}")
+    parts = head.split("/")
+    for i, name in enumerate(parts):
+        if name not in ("ip4", "ip6"):
+            continue
+        try:
+            ip = ipaddress.ip_address(parts[i + 1]) if i + 1 < len(parts) else None
+        except ValueError:
+            ip = None
+        if ip is None or ip.version != int(name[2]):
+            raise SchemaError(Reason.BAD_ADDRESS, f"{where} {addr!r}: not an {name} address")
+        if ip.is_unspecified:
+            raise SchemaError(Reason.BAD_ADDRESS, f"{where} {addr!r}: the unspecified address {ip} is not dialable")
 
 
 @dataclass(frozen=True, slots=True)

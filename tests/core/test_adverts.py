@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from p2pcompute.core import codec
-from p2pcompute.core.adverts import AdvertPolicy, MarketView, validate_advert
+from p2pcompute.core.adverts import AdvertPolicy, MarketView, check_advert_address, validate_advert
 from p2pcompute.core.envelope import Envelope, seal
 from p2pcompute.core.identity import KeyPair
 from p2pcompute.core.messages import GpuAdvert, PeerRecord
@@ -24,8 +24,12 @@ DEVICE = SAMPLE_DEVICE
 SOFTWARE = SAMPLE_SOFTWARE
 
 
+def own_addr(pair: KeyPair = WORKER, base: str = "/ip4/127.0.0.1/tcp/4001") -> str:
+    return f"{base}/p2p/{pair.peer_id}"
+
+
 def advert(pair: KeyPair = WORKER, **changes: Any) -> GpuAdvert:
-    return sample_advert(pair, NOW, **changes)
+    return sample_advert(pair, NOW, **{"addrs": (own_addr(pair),), **changes})
 
 
 def sealed(pair: KeyPair = WORKER, **changes: Any) -> bytes:
@@ -82,12 +86,52 @@ def test_time_and_consistency_rejections(changes: dict[str, Any], now: int, expe
     assert reason(sealed(**changes), now) is expected
 
 
+@pytest.mark.parametrize(
+    ("addr", "expected"),
+    [
+        # Not ending in the advertiser's own id: a client would be aimed at someone else.
+        ("/ip4/127.0.0.1/tcp/4001", Reason.FOREIGN_ADDRESS),
+        (f"/ip4/127.0.0.1/tcp/4001/p2p/{OTHER.peer_id}", Reason.FOREIGN_ADDRESS),
+        (f"/ip4/127.0.0.1/tcp/4001/p2p/{WORKER.peer_id}/p2p-circuit/p2p/{OTHER.peer_id}", Reason.FOREIGN_ADDRESS),
+        (f"/ip4/127.0.0.1/tcp/4001/p2p/{WORKER.peer_id}/", Reason.FOREIGN_ADDRESS),
+        (f"/ip4/127.0.0.1/tcp/4001/ipfs/{WORKER.peer_id}", Reason.FOREIGN_ADDRESS),
+        (f"/ip4/127.0.0.1/tcp/4001/p2p/{str(WORKER.peer_id).lower()}", Reason.FOREIGN_ADDRESS),
+        # Unspecified (what a peer listens on, never what one can dial), or not an IP at all.
+        (own_addr(base="/ip4/0.0.0.0/tcp/4001"), Reason.BAD_ADDRESS),
+        (own_addr(base="/ip6/::/tcp/4001"), Reason.BAD_ADDRESS),
+        (own_addr(base="/ip6/0:0:0:0:0:0:0:0/tcp/4001"), Reason.BAD_ADDRESS),
+        (own_addr(base="/ip4/::1/tcp/4001"), Reason.BAD_ADDRESS),
+        (own_addr(base="/ip4/999.1.1.1/tcp/4001"), Reason.BAD_ADDRESS),
+        (own_addr(base="/ip4"), Reason.BAD_ADDRESS),
+    ],
+)
+def test_advert_addresses_must_be_the_advertisers_own_and_dialable(addr: str, expected: Reason) -> None:
+    assert reason(sealed(addrs=(own_addr(), addr))) is expected  # one bad address refuses the whole advert
+    with pytest.raises(RemoteProtocolError) as info:
+        check_advert_address(addr, WORKER.peer_id)
+    assert info.value.reason is expected
+
+
+@pytest.mark.parametrize(
+    "base",
+    [
+        "/ip4/192.0.2.7/tcp/4001",
+        "/ip6/2001:db8::7/tcp/4001",
+        "/dns4/worker.example/tcp/4001",
+        f"/ip4/198.51.100.1/tcp/4001/p2p/{OTHER.peer_id}/p2p-circuit",  # through a relay, ending in our own id
+    ],
+)
+def test_advert_addresses_that_pass(base: str) -> None:
+    check_advert_address(own_addr(base=base), WORKER.peer_id)
+    assert validate_advert(sealed(addrs=(own_addr(base=base),)), NOW).message.addrs == (own_addr(base=base),)
+
+
 def test_small_clock_skew_is_tolerated() -> None:
     validate_advert(sealed(issued_at=NOW + 29_000, expires_at=NOW + 60_000), NOW)
 
 
 def test_oversized_advert() -> None:
-    big = sealed(addrs=tuple(f"/ip4/127.0.0.1/tcp/{4000 + i}/" + "x" * 200 for i in range(16)))
+    big = sealed(addrs=tuple(own_addr(base=f"/ip4/127.0.0.1/tcp/{4000 + i}/" + "x" * 150) for i in range(16)))
     assert len(big) > 2048
     with pytest.raises(RemoteProtocolError) as info:
         validate_advert(big, NOW, AdvertPolicy(max_size=2048))

@@ -141,8 +141,8 @@ async def test_sync_serves_the_market(tmp_path: Path) -> None:
 def _advert(pair: KeyPair, now: int, **changes: Any) -> GpuAdvert:
     fields: dict[str, Any] = dict(
         id=b"\x07" * 16, nonce=1, expires_at=now + 60_000, peer_id=pair.peer_id, seq=now, issued_at=now,
-        addrs=("/ip4/127.0.0.1/tcp/1",), devices=HARDWARE.devices, price_per_second=1, slots_total=1, slots_free=1,
-        software=HARDWARE.software,
+        addrs=(f"/ip4/127.0.0.1/tcp/1/p2p/{pair.peer_id}",), devices=HARDWARE.devices, price_per_second=1,
+        slots_total=1, slots_free=1, software=HARDWARE.software,
     )  # fmt: skip
     fields.update(changes)
     return GpuAdvert(**fields)
@@ -196,6 +196,29 @@ async def test_invalid_adverts_are_rejected_and_never_reach_the_market(tmp_path:
         assert entry is not None and entry.opened.envelope == good  # only the valid one got in
         assert eve.peer_id not in honest.market
         assert len(honest.market) == 3  # itself, the other honest peer, Mallory's one valid advert
+
+
+async def test_an_advert_aiming_clients_at_another_peer_is_rejected(tmp_path: Path) -> None:
+    """Mallory signs her own advert but gives Bob's address (or none she can be dialled on): refused, so no
+    client ever dials Bob (or 0.0.0.0) on her behalf."""
+    async with open_peers("foreign", 2, tmp_path) as (honest, bob):
+        now = now_ms()
+        async with open_attacker("foreign-a", honest) as (mallory, gossip):
+            bobs = host_addrs(bob.host)[0]
+            assert bobs.endswith(f"/p2p/{bob.peer_id}")
+            await _send(honest, gossip, seal(mallory, _advert(mallory, now, addrs=(bobs,))), "foreign_address")
+            any_ip = f"/ip4/0.0.0.0/tcp/1/p2p/{mallory.peer_id}"
+            on_any = seal(mallory, _advert(mallory, now, seq=now + 1, addrs=(any_ip,)))
+            await _send(honest, gossip, on_any, "bad_address")
+            assert mallory.peer_id not in honest.market
+            # Her advert with her own address gets in: the refusals were about the addresses alone.
+            await _send(honest, gossip, seal(mallory, _advert(mallory, now, seq=now + 2)), "accepted")
+        entry = honest.market.get(mallory.peer_id)
+        assert entry is not None and entry.advert.addrs == (f"/ip4/127.0.0.1/tcp/1/p2p/{mallory.peer_id}",)
+        # Our own adverts comply: every address ends in the advertiser's own id (specs/adverts.md §4 check 8).
+        for node in (honest, bob):
+            own = node.market.get(node.peer_id)
+            assert own is not None and all(a.endswith(f"/p2p/{node.peer_id}") for a in own.advert.addrs)
 
 
 async def test_persistent_offender_is_cut_off(tmp_path: Path) -> None:

@@ -138,6 +138,12 @@ def node() -> None:
 @click.option("--connections", type=(int, int), default=None, help="Connection watermarks LOW HIGH [default: 16 96].")
 @click.option("--no-benchmark", is_flag=True, default=None, help="Skip the matmul benchmark of the hardware probe.")
 @click.option("--json-events", is_flag=True, help="Also print machine-readable JSON lines (used by the testnet).")
+@click.option(
+    "--sandbox",
+    type=click.Choice(["auto", "required", "off"]),
+    default=None,
+    help="Executor sandbox: every layer the kernel offers (auto), all or refuse to start (required), none (off).",
+)
 @click.option("--cheat-mode", hidden=True, default=None, help="Testnets only: make this worker cheat.")
 @click.pass_context
 @_friendly_errors
@@ -156,6 +162,7 @@ def node_run(
     connections: tuple[int, int] | None,
     no_benchmark: bool | None,
     json_events: bool,
+    sandbox: str | None,
     cheat_mode: str | None,
 ) -> None:
     """Run a peer until SIGINT/SIGTERM; print its peer id and the addresses others can dial."""
@@ -176,6 +183,7 @@ def node_run(
         "connections_low": connections[0] if connections else None,
         "connections_high": connections[1] if connections else None,
         "cheat_mode": cheat_mode,
+        "sandbox": sandbox,
         "probe_benchmark": False if no_benchmark else None,
         "log_level": ctx.obj["log_level"],
     }
@@ -198,6 +206,10 @@ async def _run_node(config: Any, json_events: bool) -> None:
             for addr in info.addrs:
                 click.echo(f"listening: {addr}")
             click.echo(f"status: {info.status_url}")
+            if info.sandbox:
+                from p2pcompute.compute.sandbox import describe
+
+                click.echo(f"sandbox: {describe(dict(info.sandbox))}")
             if json_events:
                 click.echo(json.dumps({"event": "ready", **info.to_json()}))
             sys.stdout.flush()

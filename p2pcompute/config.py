@@ -15,7 +15,8 @@ Example ``node.toml`` (every key optional)::
     connections_low = 16     # the host dials known peers while it has fewer than (low + high) / 2
     connections_high = 96    # ... and prunes connections above this
     serve_jobs = true        # run jobs for others (false: a bootstrap/relay-only peer)
-    job_memory_bytes = 4294967296  # the most memory one job may use
+    job_memory_bytes = 4294967296  # the most memory one job may use (enforced on the executor child)
+    sandbox = "auto"         # executor sandbox: "auto" (every layer the kernel offers), "required" or "off"
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ CHEAT_MODES = ("random", "zeros", "stale", "lazy", "collude")  # p2pcompute.test
 DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/4001",)
 DEFAULT_STATUS_PORT = 8470
 LOG_LEVELS = ("debug", "info", "warning", "error")
+SANDBOX_MODES = ("auto", "required", "off")  # p2pcompute.compute.sandbox.SandboxMode
 
 # Named timeouts (seconds) used at the adapter edge.
 PROBE_TIMEOUT_S = 120.0
@@ -72,6 +74,8 @@ class NodeConfig:
     connections_high: int = 96
     serve_jobs: bool = True  # run jobs for others (a worker); false: a relay/bootstrap-only peer
     job_memory_bytes: int = 4 * 1024**3  # the most memory one job may use on this worker
+    sandbox: str = "auto"  # executor sandbox layers: "auto" (what the kernel offers), "required" (all or refuse), "off"
+    sandbox_uid_base: int = 2_000_000_000  # a root node runs executor children as this uid/gid plus an offset
     cheat_mode: str = ""  # testnets only: make this worker cheat (p2pcompute.testing.adversary)
 
     def validate(self) -> NodeConfig:
@@ -97,6 +101,10 @@ class NodeConfig:
             raise ConfigError("need 0 <= connections_low <= connections_high <= 1024")
         if self.cheat_mode and self.cheat_mode not in CHEAT_MODES:
             raise ConfigError(f"cheat_mode must be one of {', '.join(CHEAT_MODES)}")
+        if self.sandbox not in SANDBOX_MODES:
+            raise ConfigError(f"sandbox must be one of {', '.join(SANDBOX_MODES)}, got {self.sandbox!r}")
+        if not 1 <= self.sandbox_uid_base <= 2_000_000_000:
+            raise ConfigError(f"sandbox_uid_base must be 1..2000000000, got {self.sandbox_uid_base}")
         if self.job_memory_bytes < 1024**2:
             raise ConfigError(f"job_memory_bytes must be at least 1 MiB, got {self.job_memory_bytes}")
         if not 0 <= self.status_port <= 65535:
@@ -137,6 +145,7 @@ def _from_mapping(base: NodeConfig, values: dict[str, Any], where: str) -> NodeC
                 "connections_low",
                 "connections_high",
                 "job_memory_bytes",
+                "sandbox_uid_base",
             ):
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise ConfigError(f"{where}: {key} must be an integer")

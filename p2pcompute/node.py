@@ -93,9 +93,13 @@ class NodeInfo:
     peer_id: str
     addrs: tuple[str, ...]
     status_url: str
+    sandbox: tuple[tuple[str, str], ...] = ()  # the executor's sandbox layers (a worker), in LAYERS order
 
     def to_json(self) -> dict[str, Any]:
-        return {"peer_id": self.peer_id, "addrs": list(self.addrs), "status_url": self.status_url}
+        info: dict[str, Any] = {"peer_id": self.peer_id, "addrs": list(self.addrs), "status_url": self.status_url}
+        if self.sandbox:
+            info["sandbox"] = dict(self.sandbox)
+        return info
 
 
 class _Metrics:
@@ -479,6 +483,7 @@ class Node:
                 peer_id=str(self.peer_id),
                 addrs=tuple(host_addrs(self.host)),
                 status_url=f"http://127.0.0.1:{self.status_port}/status" if serve_status else "",
+                sandbox=tuple(self.worker.executor.sandbox.items()) if self.worker is not None else (),
             )
             if serve_status:
                 _write_node_info(self.config.data_dir, info)
@@ -544,7 +549,15 @@ async def serve(config: NodeConfig, *, task_status: TaskStatus[NodeInfo] = trio.
         async with contextlib.AsyncExitStack() as stack:
             executor = None
             if config.serve_jobs:
-                executor = await stack.enter_async_context(open_executor(workers=config.slots))
+                executor = await stack.enter_async_context(
+                    open_executor(
+                        workers=config.slots,
+                        memory_limit=config.job_memory_bytes,  # enforced on the child, not only advertised
+                        sandbox=config.sandbox,
+                        sandbox_uid_base=config.sandbox_uid_base,
+                    )
+                )
+                _report_sandbox(executor.sandbox)
             host = await stack.enter_async_context(open_host(keypair.seed, config.listen, config=host_config))
             node = Node(config, keypair, hardware, host, store=store)
             if executor is not None:
@@ -605,6 +618,16 @@ def _is_unspecified(ip: str) -> bool:
         return ipaddress.ip_address(ip).is_unspecified
     except ValueError:
         return False
+
+
+def _report_sandbox(layers: dict[str, str]) -> None:
+    """Say once which sandbox layers protect this worker, and warn about each one the kernel does not offer."""
+    from p2pcompute.compute.sandbox import describe
+
+    log.info("executor sandbox: %s", describe(layers))
+    for name, state in layers.items():
+        if state.startswith("unavailable"):
+            log.warning("sandbox layer %s is %s; jobs still run (set sandbox = \"required\" to refuse)", name, state)
 
 
 def _listen_ip(listen: tuple[str, ...]) -> str:

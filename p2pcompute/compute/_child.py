@@ -9,14 +9,22 @@ imports torch only inside :func:`main`):
 - a *message* is one header frame (canonical msgpack map, at most :data:`MAX_HEADER_SIZE`) followed by the raw
   blob frames its header announces.
 
-Parent → child: ``{"type": "job", "blobs": [digest, ...]}`` + spec frame + one frame per digest.
-Child → parent: ``{"type": "ready", "hardware_class": str, "device_kind": "cpu"|"cuda"}`` once at start
-(``{"type": "fatal", "detail": str}`` instead when the device cannot be used), then per job zero or more
+Parent → child: ``{"type": "job", "blobs": [digest, ...]}`` + spec frame + one frame per digest, or
+``{"type": "estimate"}`` + spec frame (the worker's own dry run, before it offers).
+Child → parent: ``{"type": "ready", "hardware_class": str, "device_kind": "cpu"|"cuda", "sandbox": {layer:
+status}}`` once at start (``{"type": "fatal", "detail": str}`` instead when the device cannot be used or a
+required sandbox layer is missing), then per estimate ``{"type": "estimate", "peak_bytes": int, "output_bytes":
+int, "flops": int}`` or an error, and per job zero or more
 ``{"type": "progress", "stage": str}``, and one ``{"type": "result", "outputs": [TensorMeta wire map, ...],
 "dtype": str, "load_ms": int, "exec_ms": int}`` + one frame per output, or ``{"type": "error", "kind":
 "job_format"|"execution", "reason": str, "detail": str, "recycle": bool}``.
 
 Nothing is pickled: headers are canonical msgpack and tensors raw little-endian bytes.
+
+The child confines itself (:mod:`p2pcompute.compute.sandbox`): its own network namespace before torch is
+imported, then, after warm-up, its own uid, no new privileges, Landlock, rlimits and a seccomp allow-list. Every
+estimate and job runs its meta dry run under the job's address-space ceiling, so a graph whose dry run alone
+would take the memory (millions of tensor objects) fails there, as ``memory_limit``.
 """
 
 from __future__ import annotations
@@ -29,9 +37,11 @@ import struct
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import IO, Any
 
+from p2pcompute.compute import sandbox
 from p2pcompute.core import codec
 from p2pcompute.core.schema import to_wire
 from p2pcompute.errors import ExecutionError, JobFormatError, P2PComputeError, Reason
@@ -49,6 +59,7 @@ MAX_HEADER_SIZE = codec.MAX_FRAME_SIZE
 MAX_BLOB_FRAME = 1 << 40  # 1 TiB: a sanity cap; the real bounds are the job's limits, checked before reading
 MEMORY_HEADROOM = 512 << 20  # address space allowed above baseline + the job's memory + its outputs
 MAX_ERROR_DETAIL = 1000
+_U64_MAX = (1 << 64) - 1
 _DETERMINISTIC_ENV = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
 
 
@@ -80,10 +91,21 @@ def _write_message(stream: IO[bytes], header: dict[str, Any], blobs: list[bytes]
     stream.flush()
 
 
+class _Statm:
+    """``/proc/self/statm``, opened once before the sandbox closes the file system."""
+
+    fd: int | None = None
+
+    @classmethod
+    def open(cls) -> int:
+        if cls.fd is None:
+            cls.fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+        return cls.fd
+
+
 def _virtual_size() -> int:
     """This process's current address-space size in bytes (what RLIMIT_AS is compared with)."""
-    with open("/proc/self/statm", "rb") as f:
-        pages = int(f.read().split()[0])
+    pages = int(os.pread(_Statm.open(), 256, 0).split()[0])
     return pages * resource.getpagesize()
 
 
@@ -131,46 +153,73 @@ class _Worker:
 
     def run(self, out: IO[bytes], spec_bytes: bytes, blobs: Mapping[bytes, bytes]) -> None:
         """Run one job and write its result or error message."""
+        self._answer(out, lambda: self._run(out, spec_bytes, blobs))
+
+    def estimate(self, out: IO[bytes], spec_bytes: bytes) -> None:
+        """The worker's own dry run of a job: peak bytes (with per-tensor overhead), output bytes, flops."""
+        self._answer(out, lambda: self._estimate(spec_bytes))
+
+    def _answer(self, out: IO[bytes], work: Callable[[], tuple[dict[str, Any], list[bytes]]]) -> None:
+        cuda = self.device == "cuda"  # after any CUDA error the context may be poisoned: recycle the child
         try:
-            header, payload = self._run(out, spec_bytes, blobs)
+            header, payload = work()
         except JobFormatError as exc:
             header, payload = _error("job_format", exc.reason, exc.detail, recycle=False), []
         except ExecutionError as exc:
             if exc.reason == Reason.MEMORY_LIMIT or (exc.__cause__ and _is_allocation_failure(exc.__cause__)):
                 header, payload = _error("execution", Reason.MEMORY_LIMIT, exc.detail, recycle=True), []
             else:
-                header, payload = _error("execution", exc.reason, exc.detail, recycle=False), []
+                header, payload = _error("execution", exc.reason, exc.detail, recycle=cuda), []
         except P2PComputeError as exc:  # e.g. a SchemaError/DecodeError from decoding the spec
             header, payload = _error("job_format", exc.reason, exc.detail, recycle=False), []
         except Exception as exc:  # any op failure is reported, never fatal to the worker
             if _is_allocation_failure(exc):
                 header, payload = _error("execution", Reason.MEMORY_LIMIT, _describe(exc), recycle=True), []
             else:
-                header, payload = _error("execution", Reason.EXECUTION_FAILED, _describe(exc), recycle=False), []
+                header, payload = _error("execution", Reason.EXECUTION_FAILED, _describe(exc), recycle=cuda), []
         _write_message(out, header, payload)
+
+    def _limits(self, spec_bytes: bytes) -> tuple[Any, Any, int]:
+        from p2pcompute.core.jobspec import DEFAULT_JOB_LIMITS, decode_job, tighter
+
+        spec = decode_job(spec_bytes)
+        limits = tighter(spec.limits, DEFAULT_JOB_LIMITS)
+        memory = limits.memory_bytes if self.memory_limit is None else min(limits.memory_bytes, self.memory_limit)
+        return spec, limits, memory
+
+    def _guard(self, memory: int, max_output_bytes: int) -> contextlib.AbstractContextManager[object]:
+        """The job's address-space ceiling (CPU): its memory, its outputs twice (tensor and wire), slack."""
+        if self.device == "cpu":
+            return address_space_limit(memory + 2 * max_output_bytes + MEMORY_HEADROOM)
+        return contextlib.nullcontext()
+
+    def _estimate(self, spec_bytes: bytes) -> tuple[dict[str, Any], list[bytes]]:
+        from p2pcompute.compute import interpreter
+
+        spec, limits, memory = self._limits(spec_bytes)
+        with self._guard(memory, limits.max_output_bytes):
+            run = interpreter.dry_run(spec, limits=_with_memory(limits, memory))
+        header = {
+            "type": "estimate",
+            "peak_bytes": run.peak_bytes,
+            "output_bytes": run.output_bytes,
+            "flops": min(run.flops, _U64_MAX),
+        }
+        return header, []
 
     def _run(
         self, out: IO[bytes], spec_bytes: bytes, blobs: Mapping[bytes, bytes]
     ) -> tuple[dict[str, Any], list[bytes]]:
         from p2pcompute.compute import interpreter
-        from p2pcompute.core.jobspec import DEFAULT_JOB_LIMITS, decode_job, tighter
 
         torch = self.torch
         start = time.perf_counter()
-        spec = decode_job(spec_bytes)
-        limits = tighter(spec.limits, DEFAULT_JOB_LIMITS)
-        memory = limits.memory_bytes if self.memory_limit is None else min(limits.memory_bytes, self.memory_limit)
-        interpreter.check_memory(spec, memory_limit=memory)
-        loaded = time.perf_counter()
-        _write_message(out, {"type": "progress", "stage": "running"})
-        if self.device == "cpu":
-            # the job's memory, its outputs twice (tensor and wire bytes), allocator slack
-            guard: contextlib.AbstractContextManager[object] = address_space_limit(
-                memory + 2 * limits.max_output_bytes + MEMORY_HEADROOM
-            )
-        else:
-            guard = contextlib.nullcontext()
-        with guard:
+        spec, limits, memory = self._limits(spec_bytes)
+        # The ceiling is in place before the dry run: the dry run itself builds one (meta) tensor per value.
+        with self._guard(memory, limits.max_output_bytes):
+            interpreter.check_memory(spec, memory_limit=memory)
+            loaded = time.perf_counter()
+            _write_message(out, {"type": "progress", "stage": "running"})
             outputs = interpreter.execute(spec, blobs, device=self.device)
             if self.device == "cuda":
                 torch.cuda.synchronize()
@@ -187,6 +236,12 @@ class _Worker:
             "exec_ms": round((done - loaded) * 1000),
         }
         return header, [data for _, data in pairs]
+
+
+def _with_memory(limits: Any, memory: int) -> Any:
+    from dataclasses import replace
+
+    return replace(limits, memory_bytes=memory)
 
 
 def _job_dtype(spec: Any, output_dtypes: list[str]) -> str:
@@ -227,17 +282,29 @@ def _cpu_model() -> str:
     return (platform.processor() or platform.machine() or "unknown")[:128]
 
 
-def _serve(proto_in: IO[bytes], proto_out: IO[bytes], device: str, threads: int, memory_limit: int | None) -> int:
+@dataclass(frozen=True, slots=True)
+class _Options:
+    device: str
+    threads: int
+    memory_limit: int | None
+    sandbox: sandbox.SandboxSpec
+
+
+def _prepare(options: _Options, lock: sandbox.LockDown) -> tuple[_Worker | None, str]:
+    """Import torch, fix the deterministic settings, warm up, then lock the sandbox down.
+
+    Returns the worker, or None and the one-line reason it cannot serve (sent as ``fatal``).
+    """
     os.environ.update(_DETERMINISTIC_ENV)  # before torch initialises CUDA/cuBLAS
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     import torch
 
+    device = options.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and not torch.cuda.is_available():
-        _write_message(proto_out, {"type": "fatal", "detail": "device 'cuda' requested but torch sees no CUDA device"})
-        return 2
-    torch.set_num_threads(threads)
+        return None, "device 'cuda' requested but torch sees no CUDA device"
+    torch.set_num_threads(options.threads)
     with contextlib.suppress(RuntimeError):  # fails if already set in this process; it is not
         torch.set_num_interop_threads(1)
     torch.use_deterministic_algorithms(True)
@@ -245,19 +312,70 @@ def _serve(proto_in: IO[bytes], proto_out: IO[bytes], device: str, threads: int,
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    # Import the interpreter and warm up the intra-op thread pool (and the CUDA context) now, not in the first job
-    # nor under a job's address-space limit.
-    from p2pcompute.compute import interpreter  # noqa: F401
-    from p2pcompute.core import jobspec  # noqa: F401
+    # Import the interpreter and warm up the intra-op thread pool, the CUDA context and the modules torch loads
+    # lazily now: once the sandbox is locked the child can no longer read files outside the install (and under
+    # its own uid not even those where the install lives in a private home directory).
+    from p2pcompute.compute import interpreter
+    from p2pcompute.core import jobspec
 
     a = torch.ones(256, 256, device=device)
     float((a @ a).sum().item())
-    worker = _Worker(torch, device, threads, memory_limit)
-    _write_message(proto_out, {"type": "ready", "hardware_class": worker.hardware_class, "device_kind": device})
+    _warm_up(interpreter, jobspec, device)
+    worker = _Worker(torch, device, options.threads, options.memory_limit)
+    _Statm.open()
+    spec = options.sandbox
+    if spec.device != device:
+        from dataclasses import replace
+
+        spec = replace(spec, device=device)
+    sandbox.lock_down(spec, lock)  # after this: no network, no files, no new processes, no syscalls unlisted
+    missing = lock.missing(spec)
+    if missing and spec.mode is sandbox.SandboxMode.REQUIRED:
+        reasons = ", ".join(f"{name} ({lock.layers[name].removeprefix('unavailable: ')})" for name in missing)
+        return None, f'sandbox = "required" but these layers are unavailable: {reasons}'
+    return worker, ""
+
+
+def _warm_up(interpreter: Any, jobspec: Any, device: str) -> None:
+    """Run a small job through the dry run and the interpreter, so their lazy imports happen now."""
+    from p2pcompute.core.tensors import TensorMeta, tensor_digest
+
+    data = bytes(16)
+    meta = TensorMeta(digest=tensor_digest(data), dtype="float32", shape=(2, 2))
+    x = jobspec.InputRef(0)
+    nodes = (
+        jobspec.Node(op="aten.mm.default", args=(x, x)),
+        jobspec.Node(op="aten.relu.default", args=(jobspec.NodeRef(0),)),
+        jobspec.Node(op="aten._softmax.default", args=(jobspec.NodeRef(1), 1, False)),
+        jobspec.Node(op="aten.sum.dim_IntList", args=(jobspec.NodeRef(2), (0,))),
+    )
+    spec = jobspec.JobSpec(inputs=(meta,), nodes=nodes, outputs=(jobspec.NodeRef(3),))
+    spec = jobspec.decode_job(jobspec.encode_job(spec))
+    interpreter.dry_run(spec)
+    interpreter.tensor_to_blob(interpreter.execute(spec, {meta.digest: data}, device=device)[0])
+
+
+def _serve(proto_in: IO[bytes], proto_out: IO[bytes], options: _Options) -> int:
+    lock = sandbox.enter_early(options.sandbox)
+    worker, fatal = _prepare(options, lock)
+    if worker is None:
+        _write_message(proto_out, {"type": "fatal", "detail": fatal})
+        return 2
+    ready = {
+        "type": "ready",
+        "hardware_class": worker.hardware_class,
+        "device_kind": worker.device,
+        "sandbox": lock.report(),
+    }
+    _write_message(proto_out, ready)
     while True:
         try:
             header = codec.unpack(_read_frame(proto_in, MAX_HEADER_SIZE))
-            if not isinstance(header, dict) or header.get("type") != "job":
+            kind = header.get("type") if isinstance(header, dict) else None
+            if kind == "estimate":
+                worker.estimate(proto_out, _read_frame(proto_in, MAX_BLOB_FRAME))
+                continue
+            if kind != "job":
                 return 3
             digests = header.get("blobs")
             if not isinstance(digests, list) or not all(isinstance(d, bytes) for d in digests):
@@ -270,12 +388,63 @@ def _serve(proto_in: IO[bytes], proto_out: IO[bytes], device: str, threads: int,
         del spec_bytes, blobs
 
 
+def _probe(proto_out: IO[bytes], options: _Options, args: argparse.Namespace) -> int:
+    """Test-only: confine this process exactly as a serving child does, then try what the layers forbid."""
+    lock = sandbox.enter_early(options.sandbox)
+    worker, fatal = _prepare(options, lock)
+    if worker is None:
+        _write_message(proto_out, {"type": "fatal", "detail": fatal})
+        return 2
+    connect_to = None
+    if args.probe_connect:
+        host, _, port = args.probe_connect.rpartition(":")
+        connect_to = (host, int(port))
+    report = sandbox.probe(
+        options.sandbox, lock, connect_to=connect_to, secret=args.probe_secret, writable=args.probe_writable
+    )
+    _write_message(proto_out, {"type": "probe", "report": report})
+    return 0
+
+
+def _address_space(memory_limit: int | None) -> int:
+    """The child's hard RLIMIT_AS above its warm baseline: the largest job it may run, outputs, slack."""
+    from p2pcompute.core.jobspec import DEFAULT_JOB_LIMITS
+
+    memory = DEFAULT_JOB_LIMITS.memory_bytes if memory_limit is None else memory_limit
+    return memory + 2 * DEFAULT_JOB_LIMITS.max_output_bytes + MEMORY_HEADROOM
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m p2pcompute.compute._child")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--memory-limit", type=int, default=None)
+    parser.add_argument("--sandbox", choices=[m.value for m in sandbox.SandboxMode], default="auto")
+    parser.add_argument("--sandbox-uid", type=int, default=None)
+    # test-only (never set by the executor): a subset of layers, and the probe instead of serving
+    parser.add_argument("--sandbox-layers", default=",".join(sandbox.LAYERS), help=argparse.SUPPRESS)
+    parser.add_argument("--sandbox-probe", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--probe-connect", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--probe-secret", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--probe-writable", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    layers = frozenset(name for name in args.sandbox_layers.split(",") if name)
+    unknown = layers - set(sandbox.LAYERS)
+    if unknown:
+        parser.error(f"unknown sandbox layers: {', '.join(sorted(unknown))}")
+    device = args.device if args.device != "auto" else "cpu"
+    options = _Options(
+        device=args.device,
+        threads=max(1, args.threads),
+        memory_limit=args.memory_limit,
+        sandbox=sandbox.SandboxSpec(
+            mode=sandbox.SandboxMode(args.sandbox),
+            uid=args.sandbox_uid,
+            device=device,
+            address_space_bytes=_address_space(args.memory_limit),
+            layers=layers,
+        ),
+    )
     # Keep the protocol on private descriptors; stray prints (ours, torch's, C libraries') go to stderr.
     proto_out = os.fdopen(os.dup(1), "wb", buffering=1 << 16)
     proto_in = os.fdopen(os.dup(0), "rb", buffering=1 << 16)
@@ -285,7 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     os.close(devnull)
     sys.stdout = sys.stderr
     try:
-        return _serve(proto_in, proto_out, args.device, max(1, args.threads), args.memory_limit)
+        if args.sandbox_probe:
+            return _probe(proto_out, options, args)
+        return _serve(proto_in, proto_out, options)
     except BrokenPipeError:
         return 0
 

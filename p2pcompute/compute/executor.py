@@ -12,6 +12,14 @@ and raw tensor bytes (see :mod:`p2pcompute.compute._child`); nothing is pickled.
 channel whose capacity is the pool size, so at most ``workers`` jobs run at once and the wait for a child is
 the job's ``queue_ms``.
 
+The worker prices and admits a job from its own numbers, never the client's: :meth:`Executor.estimate` runs the
+job's meta dry run (peak bytes with per-tensor overhead, output bytes, flops) in a dedicated warm child, under
+the same address-space ceiling and sandbox as a job, bounded by :data:`ESTIMATE_TIMEOUT_S`.
+
+Every child confines itself (:mod:`p2pcompute.compute.sandbox`); a root node gives each its own uid
+(``sandbox_uid_base + n``). :attr:`Executor.sandbox` says which layers are active; with ``sandbox="required"``
+a missing layer makes :func:`open_executor` raise :class:`ConfigError` with a one-line reason.
+
 Limits: the parent decodes the spec (pure :mod:`p2pcompute.core.jobspec`) and kills the child when the job
 passes ``limits.wall_time_ms`` (``ExecutionError(wall_time)``); the child runs the meta-device dry run
 (``check_memory``) against the job's ``memory_bytes`` (capped by the executor's ``memory_limit``) and, for a
@@ -24,8 +32,10 @@ child in the pool.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import subprocess
@@ -38,6 +48,7 @@ from typing import Any
 
 import trio
 
+from p2pcompute.compute import sandbox as sandbox_layers
 from p2pcompute.compute._child import FRAME_PREFIX, MAX_HEADER_SIZE
 from p2pcompute.core import codec
 from p2pcompute.core.jobspec import DEFAULT_JOB_LIMITS, decode_job, tighter
@@ -54,11 +65,13 @@ from p2pcompute.errors import (
     SchemaError,
 )
 
-__all__ = ["ExecResult", "Executor", "open_executor"]
+__all__ = ["Estimate", "ExecResult", "Executor", "open_executor"]
 
 log = logging.getLogger(__name__)
 
 CHILD_START_TIMEOUT_S = 120.0  # python start + import torch + warm-up, on a loaded machine
+ESTIMATE_TIMEOUT_S = 5.0  # one meta dry run in the estimator child (the client's offer timeout is 10 s)
+ESTIMATE_CACHE = 256  # estimates kept by job digest
 KILL_WAIT_S = 5.0  # how long to wait for a SIGKILLed child to be reaped
 RESPAWN_ATTEMPTS = 3  # consecutive failed starts before a pool slot is given up
 RESPAWN_BACKOFF_S = 1.0
@@ -78,6 +91,15 @@ class ExecResult:
     output_digest: bytes
     hardware_class: str
     timings: Timings
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """The worker's own measurement of a job (its meta dry run): what admission and the price use."""
+
+    peak_bytes: int
+    output_bytes: int
+    flops: int
 
 
 class _ChildDied(Exception):
@@ -134,10 +156,23 @@ class _Child:
     reader: _FrameReader
     hardware_class: str
     device_kind: str
+    sandbox: dict[str, str]
+    uid: int | None = None
 
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    async def estimate(self, spec_bytes: bytes) -> dict[str, Any]:
+        stdin = self.process.stdin
+        assert stdin is not None
+        header = codec.pack({"type": "estimate"})
+        try:
+            await stdin.send_all(FRAME_PREFIX.pack(len(header)) + header + FRAME_PREFIX.pack(len(spec_bytes)))
+            await stdin.send_all(spec_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise _ChildDied from exc
+        return await self.reader.read_header()
 
     async def send_job(self, spec_bytes: bytes, blobs: Mapping[bytes, bytes]) -> None:
         stdin = self.process.stdin
@@ -160,11 +195,16 @@ class _ChildArgs:
     device: str
     threads: int
     memory_limit: int | None
+    sandbox: str = "auto"
+    sandbox_uid_base: int = sandbox_layers.SANDBOX_UID_BASE
 
-    def argv(self) -> list[str]:
+    def argv(self, uid: int | None) -> list[str]:
         argv = [sys.executable, "-m", _CHILD_MODULE, "--device", self.device, "--threads", str(self.threads)]
         if self.memory_limit is not None:
             argv += ["--memory-limit", str(self.memory_limit)]
+        argv += ["--sandbox", self.sandbox]
+        if uid is not None:
+            argv += ["--sandbox-uid", str(uid)]
         return argv
 
 
@@ -178,10 +218,10 @@ def _child_env(threads: int) -> dict[str, str]:
     return env
 
 
-async def _spawn(args: _ChildArgs) -> _Child:
+async def _spawn(args: _ChildArgs, uid: int | None = None) -> _Child:
     """Start one child and wait for its ``ready``; raises ConfigError or ExecutionError(worker_crashed)."""
     process = await trio.lowlevel.open_process(
-        args.argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_child_env(args.threads)
+        args.argv(uid), stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_child_env(args.threads)
     )
     assert process.stdout is not None and process.stdin is not None
     _widen_pipe(process.stdin)
@@ -202,8 +242,10 @@ async def _spawn(args: _ChildArgs) -> _Child:
     kind = header.get("type")
     if kind == "ready":
         hardware_class, device_kind = header.get("hardware_class"), header.get("device_kind")
-        if isinstance(hardware_class, str) and device_kind in ("cpu", "cuda"):
-            return _Child(process, reader, hardware_class, str(device_kind))
+        layers = header.get("sandbox")
+        if isinstance(hardware_class, str) and device_kind in ("cpu", "cuda") and isinstance(layers, dict):
+            report = {str(k): str(v) for k, v in layers.items()}
+            return _Child(process, reader, hardware_class, str(device_kind), report, uid)
     process.kill()
     with trio.CancelScope(shield=True), trio.move_on_after(KILL_WAIT_S):
         await process.wait()
@@ -242,7 +284,68 @@ class Executor:
     _children: set[_Child] = field(default_factory=set)
     _dying: set[trio.Process] = field(default_factory=set)
     _slots: int = 0
+    _slots_total: int = 0
     _closed: bool = False
+    sandbox: dict[str, str] = field(default_factory=dict)
+    """Each sandbox layer of the children: ``active``, ``off`` or ``unavailable: <why>``."""
+    _estimator: _Child | None = None
+    _estimator_lock: trio.Lock = field(default_factory=trio.Lock)
+    _estimates: collections.OrderedDict[bytes, Estimate] = field(default_factory=collections.OrderedDict)
+
+    def _uid(self, index: int) -> int | None:
+        """The sandbox uid of pool slot ``index`` (the estimator is slot ``workers``); None unless root."""
+        if os.geteuid() != 0:
+            return None
+        return self._args.sandbox_uid_base + (os.getpid() % 1_000_000) * 2048 + index % 2048
+
+    async def estimate(self, spec_bytes: bytes) -> Estimate:
+        """The worker's own dry run of ``spec_bytes``: peak bytes (per-tensor overhead included), outputs, flops.
+
+        Runs in the estimator child under the job's memory ceiling and the sandbox, bounded by
+        :data:`ESTIMATE_TIMEOUT_S`. Raises :class:`JobFormatError` (the job breaks the format or the limits,
+        e.g. ``memory_limit``) or :class:`ExecutionError` (``wall_time``: the dry run took too long;
+        ``worker_crashed``; ``executor_closed``).
+        """
+        digest = hashlib.sha256(spec_bytes).digest()
+        cached = self._estimates.get(digest)
+        if cached is not None:
+            self._estimates.move_to_end(digest)
+            return cached
+        async with self._estimator_lock:
+            if self._closed:
+                raise ExecutionError(Reason.EXECUTOR_CLOSED, "the executor is closed")
+            if self._estimator is None:
+                self._estimator = await _spawn(self._args, self._uid(self._slots_total))
+            child = self._estimator
+            keep = False
+            try:
+                with trio.move_on_after(ESTIMATE_TIMEOUT_S) as scope:
+                    header = await child.estimate(spec_bytes)
+                if scope.cancelled_caught:
+                    raise ExecutionError(Reason.WALL_TIME, f"the dry run took longer than {ESTIMATE_TIMEOUT_S} s")
+                keep = not header.get("recycle", False)
+                if header["type"] == "error":
+                    raise _child_error(header)
+                if header["type"] != "estimate":
+                    raise _ChildDied(f"unexpected message {header['type']!r} from the estimator")
+            except _ChildDied as exc:
+                if self._closed:
+                    raise ExecutionError(Reason.EXECUTOR_CLOSED, "the executor closed during a dry run") from exc
+                raise ExecutionError(Reason.WORKER_CRASHED, str(exc) or "the estimator died") from exc
+            finally:
+                if not keep:
+                    self._estimator = None
+                    child.process.kill()
+                    self._dying.add(child.process)
+        estimate = Estimate(
+            peak_bytes=_int(header.get("peak_bytes")),
+            output_bytes=_int(header.get("output_bytes")),
+            flops=_int(header.get("flops")),
+        )
+        self._estimates[digest] = estimate
+        while len(self._estimates) > ESTIMATE_CACHE:
+            self._estimates.popitem(last=False)
+        return estimate
 
     @property
     def worker_pids(self) -> tuple[int, ...]:
@@ -368,7 +471,7 @@ class Executor:
             if self._closed:
                 return
             try:
-                child = await _spawn(self._args)
+                child = await _spawn(self._args, old.uid)
             except P2PComputeError as exc:
                 log.warning("worker start failed (attempt %d/%d): %s", attempt, RESPAWN_ATTEMPTS, exc)
                 await trio.sleep(RESPAWN_BACKOFF_S * attempt)
@@ -382,16 +485,22 @@ class Executor:
             self._idle_send.close()
 
     async def _start(self, workers: int) -> None:
-        async def one() -> None:
-            child = await _spawn(self._args)
+        self._slots_total = workers
+
+        async def one(index: int) -> None:
+            child = await _spawn(self._args, self._uid(index))
             self._children.add(child)
             self._slots += 1
             self._release(child)
 
+        async def estimator() -> None:
+            self._estimator = await _spawn(self._args, self._uid(workers))
+
         try:
             async with trio.open_nursery() as nursery:
-                for _ in range(workers):
-                    nursery.start_soon(one)
+                for index in range(workers):
+                    nursery.start_soon(one, index)
+                nursery.start_soon(estimator)
         except BaseExceptionGroup as group:
             failed, _ = group.split(P2PComputeError)
             if failed is None:
@@ -405,12 +514,17 @@ class Executor:
             raise ExecutionError(Reason.WORKER_CRASHED, f"workers disagree on their hardware class: {classes}")
         child = next(iter(self._children))
         self.hardware_class_base, self.device_kind = child.hardware_class, child.device_kind
+        self.sandbox = dict(child.sandbox)
 
     def _close(self) -> None:
         self._closed = True
         self._idle_send.close()
         for child in list(self._children):
             self._kill(child)
+        if self._estimator is not None:
+            self._estimator.process.kill()
+            self._dying.add(self._estimator.process)
+            self._estimator = None
 
     async def _reap(self) -> None:
         """Wait (bounded, shielded) for every killed worker to exit."""
@@ -441,14 +555,22 @@ def _default_threads(workers: int) -> int:
 
 @asynccontextmanager
 async def open_executor(
-    *, workers: int = 1, device: str = "auto", memory_limit: int | None = None, threads: int | None = None
+    *,
+    workers: int = 1,
+    device: str = "auto",
+    memory_limit: int | None = None,
+    threads: int | None = None,
+    sandbox: str = "auto",
+    sandbox_uid_base: int = sandbox_layers.SANDBOX_UID_BASE,
 ) -> AsyncIterator[Executor]:
     """Start a warm pool of ``workers`` worker processes; kill them all on exit.
 
     ``device`` is ``"auto"`` (CUDA when torch sees it, else CPU), ``"cuda"`` or ``"cpu"``. ``memory_limit``
     caps every job's memory below its own ``memory_bytes``. ``threads`` is each worker's intra-op thread
-    count (part of the hardware class); by default the CPU count divided among the workers.
-    Raises :class:`ConfigError` for bad arguments or an unusable device.
+    count (part of the hardware class); by default the CPU count divided among the workers. ``sandbox`` is
+    ``"auto"`` (every layer the kernel offers), ``"required"`` (refuse to start without all of them) or
+    ``"off"``; a root node runs its children as ``sandbox_uid_base`` plus a per-child offset.
+    Raises :class:`ConfigError` for bad arguments, an unusable device or a required sandbox layer missing.
     """
     if workers < 1:
         raise ConfigError(f"workers must be at least 1, not {workers}")
@@ -458,7 +580,9 @@ async def open_executor(
         raise ConfigError(f"memory_limit must be positive, not {memory_limit}")
     if threads is not None and threads < 1:
         raise ConfigError(f"threads must be at least 1, not {threads}")
-    args = _ChildArgs(device, threads or _default_threads(workers), memory_limit)
+    if sandbox not in [mode.value for mode in sandbox_layers.SandboxMode]:
+        raise ConfigError(f"sandbox must be 'auto', 'required' or 'off', not {sandbox!r}")
+    args = _ChildArgs(device, threads or _default_threads(workers), memory_limit, sandbox, sandbox_uid_base)
     idle_send, idle_recv = trio.open_memory_channel[_Child](workers)
     body_exc: BaseException | None = None
     try:

@@ -159,8 +159,7 @@ class Reason(StrEnum):
     BAD_EVIDENCE = "bad_evidence"
     CHAIN_BROKEN = "chain_broken"
     STORE_FAILED = "store_failed"
-    # kernel argument validators (specs/job-format.md §12)
-    BAD_VALUE = "bad_value"
+    DUPLICATE_ID = "duplicate_id"
     # advert addresses (specs/adverts.md §4)
     FOREIGN_ADDRESS = "foreign_address"
     BAD_ADDRESS = "bad_address"

@@ -2,11 +2,12 @@
 
 py-libp2p 0.8.1's Noise+yamux streams carry 0.04-0.15x of raw TCP on loopback, too slow for tensors. A worker
 runs one :class:`DataServer`; the negotiation (over the Noise-authenticated libp2p stream) hands the client a
-:class:`Ticket`: port, a single-use random token, the direction, the blobs expected and, for sealed mode, a key.
-The client dials, proves the ticket by sending the token first, then the blobs flow. Every blob is checked
-against its length and SHA-256 before it is handed over; in sealed mode every byte is also in ChaCha20-Poly1305
-records. Sealed mode is off by default: with both ends in one process on loopback, clear mode measured 0.6-1.0x
-of raw TCP and sealed mode 0.3-0.45x (specs/data-channel.md section 9).
+:class:`Ticket`: port, a single-use random token, a single-use key, the direction and the blobs expected. The
+client dials the IP of that authenticated connection (the ticket names only a port), proves the ticket by sending
+its token first, then the blobs flow, sealed in AEAD records (AES-256-GCM where the dialling CPU has AES
+instructions, else ChaCha20-Poly1305: the client picks, the server accepts either). Every blob is checked against
+its length and SHA-256 before it is handed over. Clear mode (no key, bytes readable on the path) exists for
+loopback testnets only and needs an explicit opt-in at both ends (:attr:`DataChannelConfig.clear`).
 
 The server side and the client functions only move bytes and time: what is expected comes from the ticket, and
 every wait is bounded by a named timeout.
@@ -15,20 +16,23 @@ every wait is bounded by a named timeout.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import hmac
 import logging
 import mmap
+import platform
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
+from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import trio
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from p2pcompute.core.tensors import DIGEST_SIZE, TensorMeta
 from p2pcompute.errors import Reason, TransferError
@@ -39,22 +43,25 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHUNK_SIZE",
+    "Blob",
+    "Cipher",
     "DataChannelConfig",
     "DataServer",
     "Direction",
-    "Blob",
     "Ticket",
     "download",
     "expected_blobs",
+    "has_aes_instructions",
     "upload",
 ]
 
 logger = logging.getLogger(__name__)
 
-MAGIC: Final = b"p2pcdat1"
+MAGIC: Final = b"p2pcdat2"
 TOKEN_SIZE: Final = 32
 KEY_SIZE: Final = 32
-HELLO_SIZE: Final = len(MAGIC) + 1 + TOKEN_SIZE
+#: The hello: magic, direction byte, cipher byte, token.
+HELLO_SIZE: Final = len(MAGIC) + 2 + TOKEN_SIZE
 #: A blob header: digest, then the byte length as u64 big-endian.
 HEADER_SIZE: Final = DIGEST_SIZE + 8
 #: Blob data moves in pieces of this size (the last piece of a blob may be shorter); one sealed record each.
@@ -64,9 +71,8 @@ TAG_SIZE: Final = 16
 HUGE_BUFFER_MIN: Final = 2 << 20
 #: Blobs from this size on are hashed in a worker thread, behind the receiving task.
 HASH_THREAD_MIN: Final = 2 * CHUNK_SIZE
-#: Pieces received ahead of the hashing thread before the receiver waits for it.
-HASH_PIPELINE_DEPTH: Final = 8
-RECORD_PREFIX_SIZE: Final = 4
+#: The most bytes one call into the hashing thread takes (a cancelled transfer waits for at most one call).
+HASH_BATCH_MAX: Final = 16 * CHUNK_SIZE
 
 #: Dialling the data server.
 CONNECT_TIMEOUT_S: Final = 10.0
@@ -95,7 +101,20 @@ class Direction(StrEnum):
     DOWNLOAD = "download"
 
 
+class Cipher(StrEnum):
+    """The AEAD that seals a connection's records (both: 32-byte key, 12-byte nonce, 16-byte tag)."""
+
+    AES_256_GCM = "aes-256-gcm"
+    CHACHA20_POLY1305 = "chacha20-poly1305"
+
+
 _DIRECTION_BYTE: Final = {Direction.UPLOAD: 1, Direction.DOWNLOAD: 2}
+#: The hello's cipher byte; 0 is clear mode (a ticket without a key).
+_CIPHER_BYTE: Final = {None: 0, Cipher.CHACHA20_POLY1305: 1, Cipher.AES_256_GCM: 2}
+_AEAD: Final[dict[Cipher, type[AESGCM] | type[ChaCha20Poly1305]]] = {
+    Cipher.AES_256_GCM: AESGCM,
+    Cipher.CHACHA20_POLY1305: ChaCha20Poly1305,
+}
 #: Nonce prefixes of sealed records: client-to-server and server-to-client never share a nonce.
 _NONCE_PREFIX: Final = {Direction.UPLOAD: b"\x01\x00\x00\x00", Direction.DOWNLOAD: b"\x02\x00\x00\x00"}
 
@@ -137,6 +156,25 @@ def _wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+@functools.cache
+def has_aes_instructions() -> bool:
+    """Whether this CPU has AES instructions with carry-less multiply (what makes AES-GCM fast and constant-time).
+
+    Linux: the ``aes`` and ``pclmulqdq`` (x86) or ``aes`` and ``pmull`` (ARMv8) flags of ``/proc/cpuinfo``.
+    Elsewhere: true on x86-64 and 64-bit ARM, whose current CPUs (and every Apple one) all have them.
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return platform.machine().lower() in ("x86_64", "amd64", "arm64", "aarch64")
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in ("flags", "Features"):
+            flags = set(value.split())
+            return "aes" in flags and ("pclmulqdq" in flags or "pmull" in flags)
+    return False
+
+
 @dataclass(frozen=True, slots=True)
 class DataChannelConfig:
     """Limits of one data server (and of what a client accepts to download). Named defaults."""
@@ -147,9 +185,13 @@ class DataChannelConfig:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     max_blobs: int = DEFAULT_MAX_BLOBS
     max_ticket_bytes: int = DEFAULT_MAX_TICKET_BYTES
-    #: Issue tickets with a key: the bytes are sealed (ChaCha20-Poly1305). Hashing is always on. Off by default:
-    #: sealing measured under half of raw TCP throughput (specs/data-channel.md section 9).
-    encrypt: bool = False
+    #: Clear mode, an explicit opt-in for loopback testnets: a server issues tickets without a key, and a client
+    #: accepts them (bytes readable on the path; lengths and hashes are still checked). Off: every ticket is
+    #: sealed, and a client refuses a ticket without a key before it dials.
+    clear: bool = False
+    #: The AEAD a client asks for when it dials; None: AES-256-GCM where :func:`has_aes_instructions`, else
+    #: ChaCha20-Poly1305. A server accepts either.
+    cipher: Cipher | None = None
 
     def __post_init__(self) -> None:
         if min(self.ticket_ttl_ms, self.max_tickets, self.max_connections, self.max_blobs) < 1:
@@ -157,12 +199,19 @@ class DataChannelConfig:
         if self.result_retention_ms < 0 or self.max_ticket_bytes < 0:
             raise ValueError("result_retention_ms and max_ticket_bytes must be >= 0")
 
+    def dial_cipher(self) -> Cipher:
+        """The cipher this end asks for when it dials a sealed ticket."""
+        if self.cipher is not None:
+            return self.cipher
+        return Cipher.AES_256_GCM if has_aes_instructions() else Cipher.CHACHA20_POLY1305
+
 
 @dataclass(frozen=True, slots=True)
 class Ticket:
     """What the negotiation hands the client: where to dial, what proves it, what flows. Single use."""
 
     token: bytes = field(repr=False)
+    #: The connection's key; None only from a server in clear mode.
     key: bytes | None = field(repr=False)
     port: int
     direction: Direction
@@ -205,25 +254,27 @@ def expected_blobs(
 # Wire helpers (both roles)
 
 
-def _hello(direction: Direction, token: bytes) -> bytes:
+def _hello(direction: Direction, cipher: Cipher | None, token: bytes) -> bytes:
     if len(token) != TOKEN_SIZE:
         raise TransferError(Reason.BAD_TOKEN, f"a token is {TOKEN_SIZE} bytes, got {len(token)}")
-    return MAGIC + bytes([_DIRECTION_BYTE[direction]]) + token
+    return MAGIC + bytes([_DIRECTION_BYTE[direction], _CIPHER_BYTE[cipher]]) + token
 
 
-def _parse_hello(hello: bytes) -> tuple[Direction, bytes]:
-    """(direction, token) of a hello, or :class:`TransferError` ``bad_token``."""
+def _parse_hello(hello: bytes) -> tuple[Direction, Cipher | None, bytes]:
+    """(direction, cipher or None for clear, token) of a hello, or :class:`TransferError` ``bad_token``."""
     directions = {byte: direction for direction, byte in _DIRECTION_BYTE.items()}
-    if len(hello) != HELLO_SIZE or hello[: len(MAGIC)] != MAGIC or hello[len(MAGIC)] not in directions:
+    ciphers = {byte: cipher for cipher, byte in _CIPHER_BYTE.items()}
+    at = len(MAGIC)
+    if len(hello) != HELLO_SIZE or hello[:at] != MAGIC or hello[at] not in directions or hello[at + 1] not in ciphers:
         raise TransferError(Reason.BAD_TOKEN, "not a data-channel hello")
-    return directions[hello[len(MAGIC)]], hello[len(MAGIC) + 1 :]
+    return directions[hello[at]], ciphers[hello[at + 1]], hello[at + 2 :]
 
 
 def _blob_header(digest: bytes, nbytes: int) -> bytes:
     return digest + nbytes.to_bytes(8, "big")
 
 
-def _parse_blob_header(header: bytes | bytearray) -> tuple[bytes, int]:
+def _parse_blob_header(header: bytes | bytearray | memoryview) -> tuple[bytes, int]:
     return bytes(header[:DIGEST_SIZE]), int.from_bytes(header[DIGEST_SIZE:HEADER_SIZE], "big")
 
 
@@ -233,12 +284,12 @@ def _status_error(status: int, context: str) -> TransferError:
 
 
 class _Sealer:
-    """ChaCha20-Poly1305 with a per-direction counter nonce (never reused: one key per single-use ticket)."""
+    """One direction's AEAD with a counter nonce (never reused: one key per single-use ticket, one connection)."""
 
-    def __init__(self, key: bytes, direction: Direction) -> None:
+    def __init__(self, key: bytes, direction: Direction, cipher: Cipher) -> None:
         if len(key) != KEY_SIZE:
             raise TransferError(Reason.BAD_TOKEN, f"a key is {KEY_SIZE} bytes, got {len(key)}")
-        self.aead = ChaCha20Poly1305(key)
+        self.aead: AESGCM | ChaCha20Poly1305 = _AEAD[cipher](key)
         self._prefix = _NONCE_PREFIX[direction]
         self._counter = 0
 
@@ -263,25 +314,84 @@ class _Writer:
     def __init__(self, stream: trio.SocketStream, sealer: _Sealer | None) -> None:
         self._stream = stream
         self._sealer = sealer
-        self._scratch = memoryview(bytearray(RECORD_PREFIX_SIZE + CHUNK_SIZE + TAG_SIZE)) if sealer else None
+        self._scratch = memoryview(bytearray(CHUNK_SIZE + TAG_SIZE)) if sealer else None
 
     async def send_piece(self, piece: bytes | memoryview) -> None:
         with trio.fail_after(CHUNK_TIMEOUT_S):
             if self._sealer is None or self._scratch is None:
                 await self._stream.send_all(piece)
                 return
-            size = len(piece) + TAG_SIZE
-            record = self._scratch[: RECORD_PREFIX_SIZE + size]
-            record[:RECORD_PREFIX_SIZE] = size.to_bytes(RECORD_PREFIX_SIZE, "big")
-            self._sealer.aead.encrypt_into(self._sealer.nonce(), piece, None, record[RECORD_PREFIX_SIZE:])
+            record = self._scratch[: len(piece) + TAG_SIZE]
+            self._sealer.aead.encrypt_into(self._sealer.nonce(), piece, None, record)
             await self._stream.send_all(record)
 
     async def send_blobs(self, blobs: Iterable[tuple[bytes, Blob]]) -> None:
         for digest, data in blobs:
             await self.send_piece(_blob_header(digest, len(data)))
-            view = memoryview(data)
+            view = memoryview(data).cast("B")
             for start in range(0, len(view), CHUNK_SIZE):
                 await self.send_piece(view[start : start + CHUNK_SIZE])
+
+
+@dataclass(eq=False, slots=True)
+class _Pending:
+    """A large blob being received: the hashing task hashes ``view[:arrived]`` behind the receiving one."""
+
+    digest: bytes
+    view: memoryview
+    arrived: int = 0
+
+
+class _HashBehind:
+    """Hashes large blobs in a worker thread (``update`` releases the GIL), in arrival order, behind the receiver.
+
+    The receiver never waits for it until the end of the stream: every blob already has its own buffer, so
+    hashing may lag by any amount without more memory, and the next blob is received while the last one is hashed.
+    """
+
+    def __init__(self) -> None:
+        self._blobs: list[_Pending] = []
+        self._closed = False
+        self._changed = trio.Event()
+
+    def add(self, digest: bytes, view: memoryview) -> _Pending:
+        pending = _Pending(digest, view)
+        self._blobs.append(pending)
+        return pending
+
+    def arrived(self, pending: _Pending, upto: int) -> None:
+        pending.arrived = upto
+        self._changed.set()
+
+    def close(self) -> None:
+        """Nothing more will be added: :meth:`run` returns once every blob is hashed."""
+        self._closed = True
+        self._changed.set()
+
+    async def _changes(self) -> None:
+        self._changed = trio.Event()
+        await self._changed.wait()
+
+    async def run(self) -> None:
+        """Hash every blob as its bytes arrive; ``hash_mismatch`` at the first that does not match its digest."""
+        done = 0
+        while done < len(self._blobs) or not self._closed:
+            if done == len(self._blobs):
+                await self._changes()
+                continue
+            blob = self._blobs[done]
+            hasher = hashlib.sha256()
+            hashed = 0
+            while hashed < len(blob.view):
+                if blob.arrived == hashed:
+                    await self._changes()
+                    continue
+                upto = min(blob.arrived, hashed + HASH_BATCH_MAX)
+                await trio.to_thread.run_sync(hasher.update, blob.view[hashed:upto])
+                hashed = upto
+            if hasher.digest() != blob.digest:
+                raise TransferError(Reason.HASH_MISMATCH, f"blob bytes do not hash to {blob.digest.hex()[:16]}")
+            done += 1
 
 
 class _Reader:
@@ -290,19 +400,14 @@ class _Reader:
     def __init__(self, stream: trio.SocketStream, sealer: _Sealer | None) -> None:
         self._sock = stream.socket
         self._sealer = sealer
-        self._scratch = memoryview(bytearray(max(RECORD_PREFIX_SIZE, CHUNK_SIZE + TAG_SIZE))) if sealer else None
+        self._scratch = memoryview(bytearray(CHUNK_SIZE + TAG_SIZE)) if sealer else None
 
     async def read_piece(self, view: memoryview) -> None:
         with trio.fail_after(CHUNK_TIMEOUT_S):
             if self._sealer is None or self._scratch is None:
                 await _recv_exactly_into(self._sock, view)
                 return
-            prefix = self._scratch[:RECORD_PREFIX_SIZE]
-            await _recv_exactly_into(self._sock, prefix)
-            size = int.from_bytes(prefix, "big")
-            if size != len(view) + TAG_SIZE:
-                raise TransferError(Reason.TRANSFER_FAILED, f"a record of {size} bytes where {len(view)} were due")
-            record = self._scratch[:size]
+            record = self._scratch[: len(view) + TAG_SIZE]
             await _recv_exactly_into(self._sock, record)
             try:
                 self._sealer.aead.decrypt_into(self._sealer.nonce(), record, None, view)
@@ -315,68 +420,59 @@ class _Reader:
                 raise TransferError(Reason.TOO_LARGE, "bytes after the last stated blob")
 
     async def receive_blobs(self, expected: Mapping[bytes, int]) -> dict[bytes, memoryview]:
-        """Exactly the ``expected`` blobs (any order), each length- and hash-checked, then the end of the stream."""
+        """Exactly the ``expected`` blobs (any order), each length- and hash-checked, then the end of the stream.
+
+        Blobs of :data:`HASH_THREAD_MIN` bytes and more are hashed by a second task (:class:`_HashBehind`); the
+        first failure of either task is raised as it is, not wrapped in the nursery's exception group.
+        """
         received: dict[bytes, memoryview] = {}
-        header = bytearray(HEADER_SIZE)
-        while len(received) < len(expected):
-            await self.read_piece(memoryview(header))
-            digest, nbytes = _parse_blob_header(header)
-            if digest not in expected or digest in received:
-                raise TransferError(Reason.UNEXPECTED_BLOB, f"blob {digest.hex()[:16]} is not (or no longer) due")
-            if nbytes != expected[digest]:
-                raise TransferError(
-                    Reason.SHAPE_MISMATCH, f"blob {digest.hex()[:16]}: {nbytes} bytes announced, {expected[digest]} due"
-                )
-            buffer = _allocate(nbytes)
-            if await self._receive_hashed(buffer) != digest:
-                raise TransferError(Reason.HASH_MISMATCH, f"blob bytes do not hash to {digest.hex()[:16]}")
-            received[digest] = buffer
-        await self.expect_eof()
+        behind = _HashBehind()
+        failures: list[Exception] = []
+
+        async def guarded(work: Callable[[], Awaitable[None]], scope: trio.CancelScope) -> None:
+            try:
+                await work()
+            except Exception as exc:
+                failures.append(exc)
+                scope.cancel()
+
+        async def receive() -> None:
+            header = memoryview(bytearray(HEADER_SIZE))
+            while len(received) < len(expected):
+                await self.read_piece(header)
+                digest, nbytes = _parse_blob_header(header)
+                if digest not in expected or digest in received:
+                    raise TransferError(Reason.UNEXPECTED_BLOB, f"blob {digest.hex()[:16]} is not (or no longer) due")
+                if nbytes != expected[digest]:
+                    raise TransferError(
+                        Reason.SHAPE_MISMATCH,
+                        f"blob {digest.hex()[:16]}: {nbytes} bytes announced, {expected[digest]} due",
+                    )
+                buffer = _allocate(nbytes)
+                if nbytes < HASH_THREAD_MIN:
+                    await self._receive_into(buffer, None)
+                    if hashlib.sha256(buffer).digest() != digest:
+                        raise TransferError(Reason.HASH_MISMATCH, f"blob bytes do not hash to {digest.hex()[:16]}")
+                else:
+                    pending = behind.add(digest, buffer)
+                    await self._receive_into(buffer, functools.partial(behind.arrived, pending))
+                received[digest] = buffer
+            await self.expect_eof()
+            behind.close()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(guarded, behind.run, nursery.cancel_scope)
+            await guarded(receive, nursery.cancel_scope)
+        if failures:
+            raise failures[0]
         return received
 
-    async def _receive_hashed(self, view: memoryview) -> bytes:
-        """Fill ``view`` piece by piece and return its SHA-256.
-
-        Past one piece, a second task hashes what has arrived in a worker thread (``update`` releases the GIL)
-        while this one receives the next pieces.
-        """
-        hasher = hashlib.sha256()
-        if len(view) < HASH_THREAD_MIN:
-            for start in range(0, len(view), CHUNK_SIZE):  # an empty blob has no data piece
-                piece = view[start : start + CHUNK_SIZE]
-                await self.read_piece(piece)
-                hasher.update(piece)
-            return hasher.digest()
-        arrived_send, arrived_receive = trio.open_memory_channel[int](HASH_PIPELINE_DEPTH)
-        failure: Exception | None = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_hash_behind, hasher, view, arrived_receive)
-            async with arrived_send:
-                try:
-                    for start in range(0, len(view), CHUNK_SIZE):
-                        piece = view[start : start + CHUNK_SIZE]
-                        await self.read_piece(piece)
-                        await arrived_send.send(start + len(piece))
-                except Exception as exc:  # raised as is, not wrapped in the nursery's exception group
-                    failure = exc
-                    nursery.cancel_scope.cancel()
-        if failure is not None:
-            raise failure
-        return hasher.digest()
-
-
-async def _hash_behind(hasher: hashlib._Hash, view: memoryview, arrived: trio.MemoryReceiveChannel[int]) -> None:
-    """Hash ``view`` up to each offset announced on ``arrived``, batching whatever has arrived meanwhile."""
-    hashed = 0
-    async with arrived:
-        async for upto in arrived:
-            while True:
-                try:
-                    upto = arrived.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-            await trio.to_thread.run_sync(hasher.update, view[hashed:upto])
-            hashed = upto
+    async def _receive_into(self, view: memoryview, arrived: Callable[[int], None] | None) -> None:
+        for start in range(0, len(view), CHUNK_SIZE):  # an empty blob has no data piece
+            piece = view[start : start + CHUNK_SIZE]
+            await self.read_piece(piece)
+            if arrived is not None:
+                arrived(start + len(piece))
 
 
 async def _read_status(stream: trio.SocketStream, timeout_s: float) -> int | None:
@@ -404,9 +500,11 @@ async def _dial(host: str, port: int) -> trio.SocketStream:
         raise TransferError(Reason.TRANSFER_FAILED, f"cannot reach the data server {host}:{port}: {exc}") from exc
 
 
-async def _open_session(host: str, port: int, direction: Direction, token: bytes) -> trio.SocketStream:
+async def _open_session(
+    host: str, port: int, direction: Direction, cipher: Cipher | None, token: bytes
+) -> trio.SocketStream:
     """Dial, send the hello, and wait for the server to accept the ticket."""
-    hello = _hello(direction, token)
+    hello = _hello(direction, cipher, token)
     stream = await _dial(host, port)
     try:
         with trio.fail_after(HELLO_TIMEOUT_S):
@@ -435,18 +533,40 @@ def _transfer_error(exc: Exception) -> TransferError:
     return TransferError(Reason.TRANSFER_FAILED, f"connection broken: {exc!r}")
 
 
+def _client_cipher(key: bytes | None, config: DataChannelConfig) -> Cipher | None:
+    """The cipher to dial a ticket with (None: clear), or ``bad_token`` for a keyless ticket without the opt-in."""
+    if key is not None:
+        return config.dial_cipher()
+    if not config.clear:
+        raise TransferError(
+            Reason.BAD_TOKEN, "the ticket has no key (clear mode) and this end did not opt in to clear transfers"
+        )
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Client
 
 
-async def upload(host: str, port: int, token: bytes, key: bytes | None, blobs: Mapping[bytes, Blob]) -> None:
+async def upload(
+    host: str,
+    port: int,
+    token: bytes,
+    key: bytes | None,
+    blobs: Mapping[bytes, Blob],
+    *,
+    config: DataChannelConfig = DataChannelConfig(),
+) -> None:
     """Send ``blobs`` (digest -> bytes) on an upload ticket; returns once the server has checked them all.
 
+    ``host`` must be the IP of the authenticated connection the ticket came over (the ticket names only a port).
+    A ticket without a key is refused (``bad_token``, nothing dialled) unless ``config.clear``.
     Raises :class:`TransferError` with the server's verdict (``bad_token``, ``expired``, ``hash_mismatch``, ...),
     ``timeout`` or ``transfer_failed``.
     """
-    sealer = _Sealer(key, Direction.UPLOAD) if key is not None else None
-    stream = await _open_session(host, port, Direction.UPLOAD, token)
+    cipher = _client_cipher(key, config)
+    sealer = _Sealer(key, Direction.UPLOAD, cipher) if key is not None and cipher is not None else None
+    stream = await _open_session(host, port, Direction.UPLOAD, cipher, token)
     async with stream:
         try:
             await _Writer(stream, sealer).send_blobs(blobs.items())
@@ -478,12 +598,14 @@ async def download(
 ) -> dict[bytes, memoryview]:
     """Fetch exactly the ``expected`` blobs on a download ticket; each is length- and hash-checked.
 
+    ``host`` and a keyless ticket: as for :func:`upload`.
     Raises :class:`TransferError` (``bad_token``, ``expired``, ``hash_mismatch``, ``shape_mismatch``,
     ``unexpected_blob``, ``too_large``, ``timeout``, ``transfer_failed``).
     """
     wanted = dict(expected_blobs(expected, max_blobs=config.max_blobs, max_bytes=config.max_ticket_bytes))
-    sealer = _Sealer(key, Direction.DOWNLOAD) if key is not None else None
-    stream = await _open_session(host, port, Direction.DOWNLOAD, token)
+    cipher = _client_cipher(key, config)
+    sealer = _Sealer(key, Direction.DOWNLOAD, cipher) if key is not None and cipher is not None else None
+    stream = await _open_session(host, port, Direction.DOWNLOAD, cipher, token)
     async with stream:
         try:
             return await _Reader(stream, sealer).receive_blobs(wanted)
@@ -572,25 +694,19 @@ class DataServer:
 
     # -- tickets ------------------------------------------------------------------------------------------------
 
-    def expect_upload(self, metas: Iterable[TensorMeta | tuple[bytes, int]], *, encrypt: bool | None = None) -> Ticket:
-        """Issue an upload ticket for ``metas``; then await :meth:`receive_upload` with it.
-
-        ``encrypt`` overrides ``config.encrypt`` for this ticket (sealed mode when true).
-        """
+    def expect_upload(self, metas: Iterable[TensorMeta | tuple[bytes, int]]) -> Ticket:
+        """Issue an upload ticket for ``metas``; then await :meth:`receive_upload` with it."""
         blobs = expected_blobs(metas, max_blobs=self._config.max_blobs, max_bytes=self._config.max_ticket_bytes)
-        return self._issue(Direction.UPLOAD, blobs, (), encrypt)
+        return self._issue(Direction.UPLOAD, blobs, ())
 
-    def offer_download(self, blobs: Mapping[bytes, Blob], *, encrypt: bool | None = None) -> Ticket:
-        """Issue a download ticket serving ``blobs`` (digest -> bytes, trusted: not re-hashed) once.
-
-        ``encrypt`` overrides ``config.encrypt`` for this ticket (sealed mode when true).
-        """
+    def offer_download(self, blobs: Mapping[bytes, Blob]) -> Ticket:
+        """Issue a download ticket serving ``blobs`` (digest -> bytes, trusted: not re-hashed) once."""
         specs = expected_blobs(
             ((digest, len(data)) for digest, data in blobs.items()),
             max_blobs=self._config.max_blobs,
             max_bytes=self._config.max_ticket_bytes,
         )
-        return self._issue(Direction.DOWNLOAD, specs, tuple(blobs.items()), encrypt)
+        return self._issue(Direction.DOWNLOAD, specs, tuple(blobs.items()))
 
     def discard(self, ticket: Ticket) -> None:
         """Forget a ticket early (the negotiation was abandoned); a waiting :meth:`receive_upload` fails."""
@@ -628,17 +744,15 @@ class DataServer:
         direction: Direction,
         specs: tuple[tuple[bytes, int], ...],
         blobs: tuple[tuple[bytes, Blob], ...],
-        encrypt: bool | None,
     ) -> Ticket:
         now = self._clock()
         self._prune(now)
         if len(self._slots) >= self._config.max_tickets:
             raise TransferError(Reason.TOO_LARGE, f"{len(self._slots)} tickets open, limit {self._config.max_tickets}")
         token = self._random_bytes(TOKEN_SIZE)
-        use_key = self._config.encrypt if encrypt is None else encrypt
         ticket = Ticket(
             token=token,
-            key=self._random_bytes(KEY_SIZE) if use_key else None,
+            key=None if self._config.clear else self._random_bytes(KEY_SIZE),
             port=self.port,
             direction=direction,
             expires_at_ms=now + self._config.ticket_ttl_ms,
@@ -657,8 +771,9 @@ class DataServer:
             elif slot.state is _State.DONE and expiry + self._config.result_retention_ms <= now:
                 del self._slots[key]
 
-    def _claim(self, hello: bytes) -> _Slot:
-        direction, token = _parse_hello(hello)
+    def _claim(self, hello: bytes) -> tuple[_Slot, Cipher | None]:
+        """The slot a hello names, claimed, and the cipher the client asked for (None: clear)."""
+        direction, cipher, token = _parse_hello(hello)
         key = _slot_key(token)
         slot = self._slots.get(key)
         if (
@@ -666,6 +781,7 @@ class DataServer:
             or not hmac.compare_digest(slot.ticket.token, token)
             or slot.state is not _State.OPEN
             or slot.ticket.direction is not direction
+            or (cipher is None) != (slot.ticket.key is None)
         ):
             raise TransferError(Reason.BAD_TOKEN, "unknown, used or mismatched ticket")
         if slot.ticket.expires_at_ms <= self._clock():
@@ -676,7 +792,7 @@ class DataServer:
         slot.claimed.set()
         if direction is Direction.DOWNLOAD:
             del self._slots[key]  # single use; the handler holds the blobs now
-        return slot
+        return slot, cipher
 
     # -- connections --------------------------------------------------------------------------------------------
 
@@ -698,11 +814,11 @@ class DataServer:
             hello = bytearray(HELLO_SIZE)
             with trio.fail_after(HELLO_TIMEOUT_S):
                 await _recv_exactly_into(stream.socket, memoryview(hello))
-            slot = self._claim(bytes(hello))
+            slot, cipher = self._claim(bytes(hello))
             self._prune(self._clock())
             await _send_status(stream, _STATUS_OK)
             ticket = slot.ticket
-            sealer = _Sealer(ticket.key, ticket.direction) if ticket.key is not None else None
+            sealer = _Sealer(ticket.key, ticket.direction, cipher) if ticket.key and cipher else None
             if ticket.direction is Direction.UPLOAD:
                 result = await _Reader(stream, sealer).receive_blobs(dict(ticket.blobs))
                 slot.finish(result, None)

@@ -9,29 +9,55 @@ import hashlib
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
+from dataclasses import fields
+from functools import partial
+from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from libp2p.abc import INetStream
+from libp2p.custom_types import TProtocol
 
+from p2pcompute.config import load_config
+from p2pcompute.core import codec
+from p2pcompute.core.negotiation import (
+    TicketBlob,
+    TicketDirection,
+    TicketFrame,
+    decode_frame_payload,
+    encode_frame_payload,
+)
 from p2pcompute.core.tensors import TensorMeta
-from p2pcompute.errors import Reason, TransferError
+from p2pcompute.errors import Reason, SchemaError, TransferError
+from p2pcompute.net.host import connect, host_addrs, open_host
+from p2pcompute.net.negotiate import remote_host
 from p2pcompute.net.transfer import (
     CHUNK_SIZE,
+    Cipher,
     DataChannelConfig,
     DataServer,
     Ticket,
     download,
     expected_blobs,
+    has_aes_instructions,
     upload,
 )
+from p2pcompute.testing.net import seed_for
 
 HOST = "127.0.0.1"
 WAIT_S = 30.0
-MAGIC = b"p2pcdat1"
+MAGIC = b"p2pcdat2"
 UPLOAD, DOWNLOAD = 1, 2
+CLEAR_BYTE, CHACHA_BYTE, AES_BYTE = 0, 1, 2
 DEFAULT_CONFIG = DataChannelConfig()
+#: Clear mode, opted in (both ends use it: the server to issue keyless tickets, the client to accept them).
+CLEAR = DataChannelConfig(clear=True)
+AES = DataChannelConfig(cipher=Cipher.AES_256_GCM)
+CHACHA = DataChannelConfig(cipher=Cipher.CHACHA20_POLY1305)
+#: The modes of a transfer: (server config, client config).
+MODES = {"aes": (DEFAULT_CONFIG, AES), "chacha": (DEFAULT_CONFIG, CHACHA), "clear": (CLEAR, CLEAR)}
 
 
 def blob(data: bytes) -> tuple[bytes, bytes]:
@@ -72,47 +98,107 @@ def specs(blobs: dict[bytes, bytes]) -> list[tuple[bytes, int]]:
     return [(digest, len(data)) for digest, data in blobs.items()]
 
 
-async def upload_expecting(server: DataServer, ticket: Ticket, blobs: dict[bytes, bytes]) -> dict[bytes, memoryview]:
+async def upload_expecting(
+    server: DataServer, ticket: Ticket, blobs: dict[bytes, bytes], config: DataChannelConfig = DEFAULT_CONFIG
+) -> dict[bytes, memoryview]:
     """Run an honest upload and return what the server received."""
     with trio.fail_after(WAIT_S):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(upload, HOST, server.port, ticket.token, ticket.key, blobs)
+            nursery.start_soon(partial(upload, HOST, server.port, ticket.token, ticket.key, blobs, config=config))
             return await server.receive_upload(ticket)
 
 
 # -- honest transfers ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("encrypt", [True, False], ids=["sealed", "clear"])
-async def test_upload_round_trip(encrypt: bool) -> None:
-    async with running_server(DataChannelConfig(encrypt=encrypt)) as server:
+@pytest.mark.parametrize("mode", MODES)
+async def test_upload_round_trip(mode: str) -> None:
+    server_config, client_config = MODES[mode]
+    async with running_server(server_config) as server:
         ticket = server.expect_upload(specs(BLOBS))
-        assert (ticket.key is not None) is encrypt
+        assert (ticket.key is None) is (mode == "clear")
         assert ticket.total_bytes == sum(map(len, BLOBS.values()))
-        received = await upload_expecting(server, ticket, BLOBS)
+        received = await upload_expecting(server, ticket, BLOBS, client_config)
         assert received == BLOBS
         assert server.open_tickets == 0
 
 
-@pytest.mark.parametrize("encrypt", [True, False], ids=["sealed", "clear"])
-async def test_download_round_trip(encrypt: bool) -> None:
-    async with running_server(DataChannelConfig(encrypt=encrypt)) as server:
+@pytest.mark.parametrize("mode", MODES)
+async def test_download_round_trip(mode: str) -> None:
+    server_config, client_config = MODES[mode]
+    async with running_server(server_config) as server:
         ticket = server.offer_download(BLOBS)
+        assert (ticket.key is None) is (mode == "clear")
         with trio.fail_after(WAIT_S):
-            received = await download(HOST, server.port, ticket.token, ticket.key, specs(BLOBS))
+            received = await download(HOST, server.port, ticket.token, ticket.key, specs(BLOBS), config=client_config)
         assert received == BLOBS
         assert server.open_tickets == 0
 
 
-async def test_sealed_mode_per_ticket() -> None:
-    async with running_server(DataChannelConfig(encrypt=False)) as server:
-        up = server.expect_upload(specs(BLOBS), encrypt=True)
-        down = server.offer_download(BLOBS, encrypt=True)
-        assert up.key is not None and down.key is not None and up.key != down.key
+async def test_sealed_by_default() -> None:
+    assert DEFAULT_CONFIG.clear is False
+    expected = Cipher.AES_256_GCM if has_aes_instructions() else Cipher.CHACHA20_POLY1305
+    assert DEFAULT_CONFIG.dial_cipher() is expected
+    assert CHACHA.dial_cipher() is Cipher.CHACHA20_POLY1305
+    async with running_server() as server:
+        up, down = server.expect_upload(specs(BLOBS)), server.offer_download(BLOBS)
+        assert up.key is not None and down.key is not None and len({up.key, down.key}) == 2
         assert await upload_expecting(server, up, BLOBS) == BLOBS
-        with pytest.raises(TransferError) as caught:  # a client without the key cannot read the records
-            await download(HOST, server.port, down.token, None, specs(BLOBS))
-        assert caught.value.reason in {Reason.UNEXPECTED_BLOB, Reason.SHAPE_MISMATCH}
+        assert await download(HOST, server.port, down.token, down.key, specs(BLOBS)) == BLOBS
+
+
+async def test_clear_ticket_refused_unless_the_client_opted_in() -> None:
+    async with running_server(CLEAR) as server:
+        up, down = server.expect_upload(specs(BLOBS)), server.offer_download(BLOBS)
+        assert up.key is None and down.key is None
+        with pytest.raises(TransferError) as caught:
+            await upload(HOST, server.port, up.token, up.key, BLOBS)
+        assert caught.value.reason is Reason.BAD_TOKEN and "clear" in caught.value.detail
+        with pytest.raises(TransferError) as caught:
+            await download(HOST, server.port, down.token, down.key, specs(BLOBS))
+        assert caught.value.reason is Reason.BAD_TOKEN and "clear" in caught.value.detail
+        assert server.open_tickets == 2  # refused before dialling: both tickets are still unclaimed
+        assert await upload_expecting(server, up, BLOBS, CLEAR) == BLOBS
+        assert await download(HOST, server.port, down.token, down.key, specs(BLOBS), config=CLEAR) == BLOBS
+
+
+async def test_opting_in_to_clear_does_not_downgrade_a_sealed_ticket() -> None:
+    async with running_server() as server:
+        ticket = server.expect_upload([(SMALL[0], len(SMALL[1]))])
+        async with RawSession.open(server.port, ticket, cipher=CLEAR_BYTE) as raw:  # a clear hello, refused
+            assert raw.status == bytes([1])  # bad_token
+        assert server.open_tickets == 1  # a mismatched hello does not claim the ticket
+        assert await upload_expecting(server, ticket, dict([SMALL]), CLEAR) == dict([SMALL])  # sealed after all
+
+
+async def test_a_sealed_hello_for_a_clear_ticket_is_refused() -> None:
+    async with running_server(CLEAR) as server:
+        ticket = server.expect_upload([(SMALL[0], len(SMALL[1]))])
+        async with RawSession.open(server.port, ticket, cipher=AES_BYTE) as raw:
+            assert raw.status == bytes([1])  # bad_token
+        assert await upload_expecting(server, ticket, dict([SMALL]), CLEAR) == dict([SMALL])
+
+
+@pytest.mark.parametrize("config", [AES, CHACHA], ids=["aes", "chacha"])
+async def test_wrong_key_does_not_authenticate(config: DataChannelConfig) -> None:
+    async with running_server() as server:
+        up, down = server.expect_upload(specs(BLOBS)), server.offer_download(BLOBS)
+        with pytest.raises(TransferError) as caught:
+            await upload(HOST, server.port, up.token, os.urandom(32), BLOBS, config=config)
+        assert caught.value.reason is Reason.TRANSFER_FAILED
+        await expect_upload_failure(server, up, Reason.TRANSFER_FAILED)
+        with pytest.raises(TransferError) as caught:
+            await download(HOST, server.port, down.token, os.urandom(32), specs(BLOBS), config=config)
+        assert caught.value.reason is Reason.TRANSFER_FAILED
+
+
+async def test_records_sealed_with_another_cipher_than_the_hello_names_are_refused() -> None:
+    async with running_server() as server:
+        ticket = server.expect_upload([(SMALL[0], len(SMALL[1]))])
+        async with RawSession.open(server.port, ticket, cipher=AES_BYTE, seal_with=CHACHA_BYTE) as raw:
+            await raw.send_blob(*SMALL)
+            assert await raw.verdict() == bytes([7])  # transfer_failed
+        await expect_upload_failure(server, ticket, Reason.TRANSFER_FAILED)
 
 
 async def test_upload_expected_as_tensor_metas() -> None:
@@ -149,7 +235,7 @@ async def test_wrong_token_refused_and_server_keeps_serving() -> None:
             await upload(HOST, server.port, os.urandom(32), ticket.key, BLOBS)
         assert caught.value.reason is Reason.BAD_TOKEN
         with pytest.raises(TransferError) as caught:
-            await download(HOST, server.port, os.urandom(32), None, specs(BLOBS))
+            await download(HOST, server.port, os.urandom(32), os.urandom(32), specs(BLOBS))
         assert caught.value.reason is Reason.BAD_TOKEN
         assert await upload_expecting(server, ticket, BLOBS) == BLOBS
 
@@ -244,28 +330,41 @@ def test_expected_blobs_bounds() -> None:
 class RawSession:
     """A hand-written client: hello, then whatever bytes the test chooses (clear or sealed records)."""
 
-    def __init__(self, stream: trio.SocketStream, key: bytes | None) -> None:
+    def __init__(self, stream: trio.SocketStream, status: bytes, key: bytes | None, seal_with: int) -> None:
         self.stream = stream
-        self.aead = ChaCha20Poly1305(key) if key else None
+        self.status = status
+        aeads: dict[int, type[AESGCM] | type[ChaCha20Poly1305]] = {AES_BYTE: AESGCM, CHACHA_BYTE: ChaCha20Poly1305}
+        self.aead = aeads[seal_with](key) if key and seal_with else None
         self.counter = 0
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, port: int, ticket: Ticket, direction: int = UPLOAD) -> AsyncIterator[RawSession]:
+    async def open(
+        cls,
+        port: int,
+        ticket: Ticket,
+        direction: int = UPLOAD,
+        *,
+        cipher: int | None = None,
+        seal_with: int | None = None,
+    ) -> AsyncIterator[RawSession]:
+        """Send a hello for ``ticket`` naming ``cipher`` (default: AES, or clear for a keyless ticket)."""
+        if cipher is None:
+            cipher = AES_BYTE if ticket.key else CLEAR_BYTE
         stream = await trio.open_tcp_stream(HOST, port)
         async with stream:
-            await stream.send_all(MAGIC + bytes([direction]) + ticket.token)
-            assert await stream.receive_some(1) == b"\x00"
-            yield cls(stream, ticket.key)
+            await stream.send_all(MAGIC + bytes([direction, cipher]) + ticket.token)
+            status = await stream.receive_some(1)
+            yield cls(stream, status, ticket.key, cipher if seal_with is None else seal_with)
 
-    async def send(self, plaintext: bytes, *, tamper: bool = False) -> None:
+    async def send(self, plaintext: bytes, *, tamper: bool = False, replay: bool = False) -> None:
         if self.aead is None:
             data = bytearray(plaintext)
         else:
+            self.counter -= replay
             nonce = b"\x01\x00\x00\x00" + self.counter.to_bytes(8, "big")
             self.counter += 1
-            sealed = self.aead.encrypt(nonce, plaintext, None)
-            data = bytearray(len(sealed).to_bytes(4, "big") + sealed)
+            data = bytearray(self.aead.encrypt(nonce, plaintext, None))
         if tamper:
             data[-1] ^= 0x01
         await self.stream.send_all(bytes(data))
@@ -294,9 +393,9 @@ BIG = blob(os.urandom(2 * CHUNK_SIZE + 7))
 SMALL = blob(b"small blob")
 
 
-@pytest.mark.parametrize("encrypt", [False, True], ids=["clear", "sealed"])
-async def test_corrupted_blob_is_a_hash_mismatch(encrypt: bool) -> None:
-    async with running_server(DataChannelConfig(encrypt=encrypt)) as server:
+@pytest.mark.parametrize("config", [CLEAR, DEFAULT_CONFIG], ids=["clear", "sealed"])
+async def test_corrupted_blob_is_a_hash_mismatch(config: DataChannelConfig) -> None:
+    async with running_server(config) as server:
         ticket = server.expect_upload([(BIG[0], len(BIG[1]))])
         async with RawSession.open(server.port, ticket) as raw:
             corrupted = bytearray(BIG[1])
@@ -306,19 +405,32 @@ async def test_corrupted_blob_is_a_hash_mismatch(encrypt: bool) -> None:
         await expect_upload_failure(server, ticket, Reason.HASH_MISMATCH)
 
 
-async def test_tampered_record_does_not_authenticate() -> None:
-    async with running_server(DataChannelConfig(encrypt=True)) as server:
+@pytest.mark.parametrize("cipher", [AES_BYTE, CHACHA_BYTE], ids=["aes", "chacha"])
+async def test_tampered_record_does_not_authenticate(cipher: int) -> None:
+    async with running_server() as server:
         ticket = server.expect_upload([(SMALL[0], len(SMALL[1]))])
-        async with RawSession.open(server.port, ticket) as raw:
+        async with RawSession.open(server.port, ticket, cipher=cipher) as raw:
             await raw.send(SMALL[0] + len(SMALL[1]).to_bytes(8, "big"))
             await raw.send(SMALL[1], tamper=True)
-            await raw.verdict()
+            assert await raw.verdict() == bytes([7])  # transfer_failed
         await expect_upload_failure(server, ticket, Reason.TRANSFER_FAILED)
 
 
-@pytest.mark.parametrize("encrypt", [False, True], ids=["clear", "sealed"])
-async def test_truncated_upload_detected(encrypt: bool) -> None:
-    async with running_server(DataChannelConfig(encrypt=encrypt)) as server:
+async def test_replayed_record_does_not_authenticate() -> None:
+    """Each record has the next nonce: a record sent twice fails the second time."""
+    async with running_server() as server:
+        ticket = server.expect_upload([(BIG[0], len(BIG[1]))])
+        async with RawSession.open(server.port, ticket) as raw:
+            await raw.send(BIG[0] + len(BIG[1]).to_bytes(8, "big"))
+            await raw.send(BIG[1][:CHUNK_SIZE])
+            await raw.send(BIG[1][:CHUNK_SIZE], replay=True)
+            assert await raw.verdict() == bytes([7])  # transfer_failed
+        await expect_upload_failure(server, ticket, Reason.TRANSFER_FAILED)
+
+
+@pytest.mark.parametrize("config", [CLEAR, DEFAULT_CONFIG], ids=["clear", "sealed"])
+async def test_truncated_upload_detected(config: DataChannelConfig) -> None:
+    async with running_server(config) as server:
         ticket = server.expect_upload([(BIG[0], len(BIG[1])), (SMALL[0], len(SMALL[1]))])
         async with RawSession.open(server.port, ticket) as raw:
             await raw.send_blob(*SMALL)
@@ -329,7 +441,7 @@ async def test_truncated_upload_detected(encrypt: bool) -> None:
 
 
 async def test_missing_blob_detected() -> None:
-    async with running_server(DataChannelConfig(encrypt=False)) as server:
+    async with running_server() as server:
         ticket = server.expect_upload([(BIG[0], len(BIG[1])), (SMALL[0], len(SMALL[1]))])
         with pytest.raises(TransferError) as caught:
             await upload(HOST, server.port, ticket.token, ticket.key, dict([SMALL]))
@@ -337,9 +449,9 @@ async def test_missing_blob_detected() -> None:
         await expect_upload_failure(server, ticket, Reason.TRANSFER_FAILED)
 
 
-@pytest.mark.parametrize("encrypt", [False, True], ids=["clear", "sealed"])
-async def test_bytes_after_the_last_blob_refused(encrypt: bool) -> None:
-    async with running_server(DataChannelConfig(encrypt=encrypt)) as server:
+@pytest.mark.parametrize("config", [CLEAR, DEFAULT_CONFIG], ids=["clear", "sealed"])
+async def test_bytes_after_the_last_blob_refused(config: DataChannelConfig) -> None:
+    async with running_server(config) as server:
         ticket = server.expect_upload([(SMALL[0], len(SMALL[1]))])
         async with RawSession.open(server.port, ticket) as raw:
             await raw.send_blob(*SMALL)
@@ -349,7 +461,7 @@ async def test_bytes_after_the_last_blob_refused(encrypt: bool) -> None:
 
 
 async def test_longer_blob_than_stated_refused() -> None:
-    async with running_server(DataChannelConfig(encrypt=False)) as server:
+    async with running_server(CLEAR) as server:
         ticket = server.expect_upload([(SMALL[0], len(SMALL[1]))])
         async with RawSession.open(server.port, ticket) as raw:
             await raw.send_blob(SMALL[0], SMALL[1] + b"!")
@@ -358,7 +470,7 @@ async def test_longer_blob_than_stated_refused() -> None:
 
 
 async def test_unknown_and_repeated_blobs_refused() -> None:
-    async with running_server(DataChannelConfig(encrypt=False)) as server:
+    async with running_server() as server:
         ticket = server.expect_upload([(SMALL[0], len(SMALL[1])), (BIG[0], len(BIG[1]))])
         async with RawSession.open(server.port, ticket) as raw:
             await raw.send_blob(*blob(b"not expected"))
@@ -406,7 +518,7 @@ async def hostile_server(payload: bytes) -> AsyncIterator[int]:
     async def serve_one(stream: trio.SocketStream) -> None:
         async with stream:
             got = b""
-            while len(got) < len(MAGIC) + 1 + 32:
+            while len(got) < len(MAGIC) + 2 + 32:
                 got += await stream.receive_some(64)
             await stream.send_all(b"\x00" + payload)
 
@@ -434,5 +546,62 @@ def header(digest: bytes, nbytes: int) -> bytes:
 async def test_download_checks_what_the_server_sends(payload: bytes, reason: Reason) -> None:
     async with hostile_server(payload) as port:
         with pytest.raises(TransferError) as caught, trio.fail_after(WAIT_S):
-            await download(HOST, port, os.urandom(32), None, [(BIG[0], len(BIG[1]))])
+            await download(HOST, port, os.urandom(32), None, [(BIG[0], len(BIG[1]))], config=CLEAR)
         assert caught.value.reason is reason, caught.value
+
+
+# -- where the client dials ------------------------------------------------------------------------------------------
+
+TEST_PROTOCOL = TProtocol("/p2pcompute/test-transfer/1.0.0")
+
+
+def test_a_ticket_names_no_host() -> None:
+    """A ticket carries a port, never an address: a ticket frame with one is refused when decoded."""
+    assert not {f.name for f in fields(TicketFrame)} & {"host", "ip", "addr", "address", "addrs", "multiaddr"}
+    frame = TicketFrame(
+        direction=TicketDirection.DOWNLOAD,
+        port=4001,
+        token=bytes(32),
+        key=bytes(32),
+        expires_at=1,
+        blobs=(TicketBlob(digest=SMALL[0], nbytes=len(SMALL[1])),),
+    )
+    assert decode_frame_payload(encode_frame_payload(frame)) == frame
+    wire = codec.unpack(encode_frame_payload(frame))
+    wire["host"] = "203.0.113.9"  # TEST-NET-3: a third party
+    with pytest.raises(SchemaError) as caught:
+        decode_frame_payload(codec.pack(wire))
+    assert caught.value.reason is Reason.UNKNOWN_FIELD
+
+
+async def test_the_client_dials_the_ip_of_the_authenticated_connection(test_name: str) -> None:
+    """The worker on 127.0.0.2 hands out the port of a third party's data server on 127.0.0.1: the client dials
+    127.0.0.2 (the IP its libp2p connection to the worker uses) and never reaches the third party."""
+    served = trio.Event()
+
+    async def handler(stream: INetStream) -> None:
+        served.set()
+        await stream.close()
+
+    async with (
+        running_server() as third_party,
+        open_host(seed_for(test_name, 0), ["/ip4/127.0.0.2/tcp/0"]) as worker,
+        open_host(seed_for(test_name, 1), [f"/ip4/{HOST}/tcp/0"]) as client,
+    ):
+        worker.set_stream_handler(TEST_PROTOCOL, handler)
+        peer = await connect(client, host_addrs(worker)[0])
+        stream = await client.new_stream(peer, [TEST_PROTOCOL])
+        assert remote_host(stream) == "127.0.0.2"
+        ticket = third_party.offer_download(dict([SMALL]))
+        with pytest.raises(TransferError) as caught, trio.fail_after(WAIT_S):
+            await download(remote_host(stream), ticket.port, ticket.token, ticket.key, specs(dict([SMALL])))
+        assert caught.value.reason is Reason.TRANSFER_FAILED
+        assert "127.0.0.2" in caught.value.detail
+        assert third_party.open_tickets == 1  # never claimed: nobody reached the third party
+        await stream.close()
+
+
+def test_a_node_opts_in_to_clear_mode_only_explicitly(tmp_path: Path) -> None:
+    assert load_config().data_channel_clear is False
+    (tmp_path / "node.toml").write_text("data_channel_clear = true\n")
+    assert load_config(tmp_path / "node.toml").data_channel_clear is True

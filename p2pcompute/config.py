@@ -17,6 +17,7 @@ Example ``node.toml`` (every key optional)::
     serve_jobs = true        # run jobs for others (false: a bootstrap/relay-only peer)
     job_memory_bytes = 4294967296  # the most memory one job may use (enforced on the executor child)
     sandbox = "auto"         # executor sandbox: "auto" (every layer the kernel offers), "required" or "off"
+    data_channel_clear = false  # true: tensors cross the data channel unsealed (loopback testnets only)
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ class NodeConfig:
     job_memory_bytes: int = 4 * 1024**3  # the most memory one job may use on this worker
     sandbox: str = "auto"  # executor sandbox layers: "auto" (what the kernel offers), "required" (all or refuse), "off"
     sandbox_uid_base: int = 2_000_000_000  # a root node runs executor children as this uid/gid plus an offset
+    # Data-channel tickets without a key (tensors unsealed on the wire): an explicit opt-in for loopback testnets.
+    data_channel_clear: bool = False
     cheat_mode: str = ""  # testnets only: make this worker cheat (p2pcompute.testing.adversary)
 
     def validate(self) -> NodeConfig:
@@ -152,7 +155,7 @@ def _from_mapping(base: NodeConfig, values: dict[str, Any], where: str) -> NodeC
                 changes[key] = value
             elif key in ("advertise_interval", "advert_ttl"):
                 changes[key] = float(value)
-            elif key in ("mdns", "probe_benchmark", "serve_jobs"):
+            elif key in ("mdns", "probe_benchmark", "serve_jobs", "data_channel_clear"):
                 if not isinstance(value, bool):
                     raise ConfigError(f"{where}: {key} must be true or false")
                 changes[key] = value

@@ -525,7 +525,7 @@ async def serve(config: NodeConfig, *, task_status: TaskStatus[NodeInfo] = trio.
     """
     # Imported here: a worker's modules (executor pool, data channel, store) cost start-up time only where used.
     from p2pcompute.compute.executor import open_executor
-    from p2pcompute.net.transfer import DataServer
+    from p2pcompute.net.transfer import DataChannelConfig, DataServer
     from p2pcompute.store import STORE_FILE, open_store
     from p2pcompute.testing.adversary import make_tamper
     from p2pcompute.worker import Worker, WorkerSettings
@@ -566,7 +566,9 @@ async def serve(config: NodeConfig, *, task_status: TaskStatus[NodeInfo] = trio.
                     keypair=keypair,
                     executor=executor,
                     store=store,
-                    data=DataServer(_listen_ip(config.listen)),
+                    data=DataServer(
+                        _listen_ip(config.listen), config=DataChannelConfig(clear=config.data_channel_clear)
+                    ),
                     settings=WorkerSettings(
                         price_per_second=config.price_per_second,
                         slots=config.slots,

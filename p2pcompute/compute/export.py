@@ -21,8 +21,10 @@ from p2pcompute.compute.interpreter import NAME_BY_DTYPE, tensor_to_blob
 from p2pcompute.core.jobspec import (
     ALLOWED_OPS,
     DEFAULT_JOB_LIMITS,
+    OP_SCHEMAS,
     TUPLE_OPS,
     Arg,
+    ArgType,
     Comparison,
     ConstRef,
     Device,
@@ -45,6 +47,16 @@ from p2pcompute.errors import JobError, P2PComputeError, Reason
 __all__ = ["ExportedJob", "export_job"]
 
 _SKIPPED_OPS = frozenset({"aten._assert_tensor_metadata.default", "aten._assert_scalar.default"})
+_SCALAR_OVERLOADS = {
+    **{
+        (f"aten.{name}.Tensor", "other"): f"aten.{name}.Scalar"
+        for name in ("add", "sub", "mul", "div", "eq", "ne", "lt", "le", "gt", "ge", "remainder", "fmod")
+    },
+    ("aten.pow.Tensor_Tensor", "exponent"): "aten.pow.Tensor_Scalar",
+    ("aten.pow.Tensor_Tensor", "self"): "aten.pow.Scalar",
+}
+"""A number where an op takes a ``Tensor`` (torch wraps it in a 0-dim tensor): the overload taking a ``Scalar`` there,
+which computes exactly the same (the ``.Scalar`` overloads wrap their number the same way)."""
 _MEMORY_FORMAT_NAMES = {
     torch.contiguous_format: "contiguous_format",
     torch.preserve_format: "preserve_format",
@@ -193,8 +205,61 @@ class _Builder:
             raise JobError(Reason.NOT_EXPORTABLE, f"op {name} is not in the job format's allow-list")
         args = tuple(self._arg(a, fx_node) for a in fx_node.args)
         kwargs = tuple(sorted((key, self._arg(value, fx_node)) for key, value in fx_node.kwargs.items()))
+        name, args, kwargs = self._wrap_numbers(name, args, kwargs, fx_node)
         self.refs[fx_node] = NodeRef(len(self.nodes))
         self.nodes.append(Node(op=name, args=args, kwargs=kwargs))  # tuple outputs are reached through getitem
+
+    def _wrap_numbers(
+        self, name: str, args: tuple[Arg, ...], kwargs: tuple[tuple[str, Arg], ...], fx_node: fx.Node
+    ) -> tuple[str, tuple[Arg, ...], tuple[tuple[str, Arg], ...]]:
+        """Numbers where the op takes a ``Tensor`` (the job format's ``Tensor`` takes tensor references only).
+
+        torch.export leaves ``x * 2`` as ``mul.Tensor(x, 2)``: such a call becomes the ``.Scalar`` overload; a number
+        elsewhere becomes a ``scalar_tensor`` node of the dtype torch would give the wrapped number.
+        """
+        schema = OP_SCHEMAS[name]
+        positional = [p for p in schema.params if not p.kwarg_only]
+        numbers = [
+            param.name
+            for param, value in [
+                *zip(positional, args, strict=False),
+                *((_schema_param(schema, k), v) for k, v in kwargs),
+            ]
+            if param.type is ArgType.TENSOR and not param.is_list and type(value) in (bool, int, float)
+        ]
+        if len(numbers) == 1 and (name, numbers[0]) in _SCALAR_OVERLOADS:
+            return _SCALAR_OVERLOADS[name, numbers[0]], args, kwargs
+        if not numbers:
+            return name, args, kwargs
+        floating = any(
+            isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor) and a.meta["val"].is_floating_point()
+            for a in fx_node.args
+        )
+
+        def wrap(param_name: str, value: Arg) -> Arg:
+            if param_name not in numbers:
+                return value
+            assert isinstance(value, (bool, int, float))
+            return self._scalar_tensor(value, floating=floating)
+
+        new_args = tuple(wrap(p.name, v) for p, v in zip(positional, args, strict=False))
+        return name, new_args, tuple((k, wrap(k, v)) for k, v in kwargs)
+
+    def _scalar_tensor(self, value: bool | int | float, *, floating: bool) -> NodeRef:
+        if isinstance(value, bool):
+            dtype = torch.bool
+        elif isinstance(value, int):
+            dtype = torch.int64
+        else:  # a float next to a floating tensor keeps full precision; next to integers it is the default dtype
+            dtype = torch.float64 if floating else torch.get_default_dtype()
+        self.nodes.append(
+            Node(
+                op="aten.scalar_tensor.default",
+                args=(value,),
+                kwargs=(("device", Device()), ("dtype", DType(NAME_BY_DTYPE[dtype]))),
+            )
+        )
+        return NodeRef(len(self.nodes) - 1)
 
     def _arg(self, value: Any, where: fx.Node, *, in_list: bool = False) -> Arg:
         if isinstance(value, fx.Node):
@@ -233,6 +298,14 @@ class _Builder:
                 raise JobError(Reason.NOT_EXPORTABLE, f"output {value!r:.80} is not a tensor")
             refs.append(ref)
         return tuple(refs)
+
+
+def _schema_param(schema: Any, name: str) -> Any:
+    """The parameter ``name`` of an op schema (a keyword the schema lacks is refused later, by ``encode_job``)."""
+    for param in schema.params:
+        if param.name == name:
+            return param
+    raise JobError(Reason.NOT_EXPORTABLE, f"{schema.name} has no argument {name!r}")
 
 
 def _blob(tensor: torch.Tensor, what: str) -> tuple[TensorMeta, bytes]:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Annotated, Any, TypeVar
 
@@ -32,9 +33,13 @@ __all__ = [
     "MAX_LIST_LEN",
     "MAX_OUTPUTS",
     "MAX_SPEC_SIZE",
+    "MAX_TUPLE_OUTPUTS",
     "MEMORY_FORMATS",
+    "OP_SCHEMAS",
+    "SPEC_DECODE_LIMITS",
     "TUPLE_OPS",
     "Arg",
+    "ArgType",
     "CompareMode",
     "Comparison",
     "ConstRef",
@@ -48,7 +53,10 @@ __all__ = [
     "MemoryFormat",
     "Node",
     "NodeRef",
+    "OpSchema",
+    "Param",
     "TensorRef",
+    "check_args",
     "decode_bundle",
     "decode_job",
     "encode_bundle",
@@ -59,8 +67,10 @@ __all__ = [
 ]
 
 JOB_FORMAT_VERSION = 1
-MAX_SPEC_SIZE = 16 << 20
-"""Largest encoded job spec accepted (bytes). Tensor data never travels inside the spec."""
+MAX_SPEC_SIZE = codec.MAX_FRAME_SIZE - (65 << 10)
+"""Largest encoded job spec (982,016 bytes): the spec travels in one negotiation request frame (1 MiB) next to the
+signed request (at most 64 KiB) and 1 KiB of framing. ``core/negotiation.py`` uses this constant. Tensor data never
+travels inside the spec."""
 MAX_INPUTS = 256
 MAX_CONSTANTS = 16384
 MAX_OUTPUTS = 64  # = the outputs bound of JobResult
@@ -80,56 +90,268 @@ _S = TypeVar("_S", bound=Struct)
 
 # --- the allow-list --------------------------------------------------------------------------------------------------
 
-TUPLE_OPS: Mapping[str, int] = {
-    "aten.native_layer_norm.default": 3,
-    "aten._native_batch_norm_legit_no_training.default": 3,
-    "aten.native_group_norm.default": 3,
-    "aten.max_pool2d_with_indices.default": 2,
-    "aten.max.dim": 2,
-    "aten.min.dim": 2,
-    "aten.var_mean.correction": 2,
-    "aten.sort.default": 2,
-    "aten.topk.default": 2,
-    "aten.split_with_sizes.default": -1,
-    "aten.split.Tensor": -1,
-    "aten.unbind.int": -1,
-}
-"""Ops that return a tuple or list of tensors: the number of elements, or -1 when it depends on the arguments."""
+_SCHEMA_TEXT = """
+_adaptive_avg_pool2d(Tensor self, SymInt[2] output_size) -> Tensor
+_log_softmax(Tensor self, int dim, bool half_to_float) -> Tensor
+_native_batch_norm_legit_no_training(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean,
+    Tensor running_var, float momentum, float eps) -> (Tensor, Tensor, Tensor)
+_softmax(Tensor self, int dim, bool half_to_float) -> Tensor
+_to_copy(Tensor self, *, ScalarType? dtype=None, Layout? layout=None, Device? device=None, bool? pin_memory=None,
+    bool non_blocking=False, MemoryFormat? memory_format=None) -> Tensor
+_unsafe_view(Tensor self, SymInt[] size) -> Tensor
+abs(Tensor self) -> Tensor
+add.Scalar(Tensor self, Scalar other, Scalar alpha=1) -> Tensor
+add.Tensor(Tensor self, Tensor other, *, Scalar alpha=1) -> Tensor
+addmm(Tensor self, Tensor mat1, Tensor mat2, *, Scalar beta=1, Scalar alpha=1) -> Tensor
+alias(Tensor(a) self) -> Tensor(a)
+amax(Tensor self, int[1] dim=[], bool keepdim=False) -> Tensor
+amin(Tensor self, int[1] dim=[], bool keepdim=False) -> Tensor
+any(Tensor self) -> Tensor
+any.dim(Tensor self, int dim, bool keepdim=False) -> Tensor
+any.dims(Tensor self, int[]? dim=None, bool keepdim=False) -> Tensor
+arange(Scalar end, *, ScalarType? dtype=None, Layout? layout=None, Device? device=None,
+    bool? pin_memory=None) -> Tensor
+arange.start(Scalar start, Scalar end, *, ScalarType? dtype=None, Layout? layout=None, Device? device=None,
+    bool? pin_memory=None) -> Tensor
+arange.start_step(Scalar start, Scalar end, Scalar step=1, *, ScalarType? dtype=None, Layout? layout=None,
+    Device? device=None, bool? pin_memory=None) -> Tensor
+argmax(Tensor self, int? dim=None, bool keepdim=False) -> Tensor
+argmin(Tensor self, int? dim=None, bool keepdim=False) -> Tensor
+avg_pool2d(Tensor self, int[2] kernel_size, int[2] stride=[], int[2] padding=0, bool ceil_mode=False,
+    bool count_include_pad=True, int? divisor_override=None) -> Tensor
+bmm(Tensor self, Tensor mat2) -> Tensor
+cat(Tensor[] tensors, int dim=0) -> Tensor
+ceil(Tensor self) -> Tensor
+clamp(Tensor self, Scalar? min=None, Scalar? max=None) -> Tensor
+clamp.Tensor(Tensor self, Tensor? min=None, Tensor? max=None) -> Tensor
+clone(Tensor self, *, MemoryFormat? memory_format=None) -> Tensor
+constant_pad_nd(Tensor self, SymInt[] pad, Scalar value=0) -> Tensor
+convolution(Tensor input, Tensor weight, Tensor? bias, SymInt[] stride, SymInt[] padding, SymInt[] dilation,
+    bool transposed, SymInt[] output_padding, SymInt groups) -> Tensor
+cos(Tensor self) -> Tensor
+cumsum(Tensor self, int dim, *, ScalarType? dtype=None) -> Tensor
+div.Scalar(Tensor self, Scalar other) -> Tensor
+div.Tensor(Tensor self, Tensor other) -> Tensor
+div.Tensor_mode(Tensor self, Tensor other, *, str? rounding_mode) -> Tensor
+embedding(Tensor weight, Tensor indices, SymInt padding_idx=-1, bool scale_grad_by_freq=False,
+    bool sparse=False) -> Tensor
+empty.memory_format(SymInt[] size, *, ScalarType? dtype=None, Layout? layout=None, Device? device=None,
+    bool? pin_memory=None, MemoryFormat? memory_format=None) -> Tensor
+empty_like(Tensor self, *, ScalarType? dtype=None, Layout? layout=None, Device? device=None,
+    bool? pin_memory=None, MemoryFormat? memory_format=None) -> Tensor
+eq.Scalar(Tensor self, Scalar other) -> Tensor
+eq.Tensor(Tensor self, Tensor other) -> Tensor
+erf(Tensor self) -> Tensor
+exp(Tensor self) -> Tensor
+expand(Tensor(a) self, SymInt[] size, *, bool implicit=False) -> Tensor(a)
+expm1(Tensor self) -> Tensor
+flip(Tensor self, int[] dims) -> Tensor
+floor(Tensor self) -> Tensor
+fmod.Scalar(Tensor self, Scalar other) -> Tensor
+fmod.Tensor(Tensor self, Tensor other) -> Tensor
+full(SymInt[] size, Scalar fill_value, *, ScalarType? dtype=None, Layout? layout=None, Device? device=None,
+    bool? pin_memory=None) -> Tensor
+full_like(Tensor self, Scalar fill_value, *, ScalarType? dtype=None, Layout? layout=None, Device? device=None,
+    bool? pin_memory=None, MemoryFormat? memory_format=None) -> Tensor
+gather(Tensor self, int dim, Tensor index, *, bool sparse_grad=False) -> Tensor
+ge.Scalar(Tensor self, Scalar other) -> Tensor
+ge.Tensor(Tensor self, Tensor other) -> Tensor
+gelu(Tensor self, *, str approximate="none") -> Tensor
+gt.Scalar(Tensor self, Scalar other) -> Tensor
+gt.Tensor(Tensor self, Tensor other) -> Tensor
+hardtanh(Tensor self, Scalar min_val=-1, Scalar max_val=1) -> Tensor
+index.Tensor(Tensor self, Tensor?[] indices) -> Tensor
+index_select(Tensor self, int dim, Tensor index) -> Tensor
+isnan(Tensor self) -> Tensor
+le.Scalar(Tensor self, Scalar other) -> Tensor
+le.Tensor(Tensor self, Tensor other) -> Tensor
+leaky_relu(Tensor self, Scalar negative_slope=0.01) -> Tensor
+linalg_vector_norm(Tensor self, Scalar ord=2, int[1]? dim=None, bool keepdim=False, *,
+    ScalarType? dtype=None) -> Tensor
+log(Tensor self) -> Tensor
+log1p(Tensor self) -> Tensor
+log2(Tensor self) -> Tensor
+logical_and(Tensor self, Tensor other) -> Tensor
+logical_not(Tensor self) -> Tensor
+logical_or(Tensor self, Tensor other) -> Tensor
+logical_xor(Tensor self, Tensor other) -> Tensor
+lt.Scalar(Tensor self, Scalar other) -> Tensor
+lt.Tensor(Tensor self, Tensor other) -> Tensor
+max.dim(Tensor self, int dim, bool keepdim=False) -> (Tensor values, Tensor indices)
+max_pool2d_with_indices(Tensor self, int[2] kernel_size, int[2] stride=[], int[2] padding=0, int[2] dilation=1,
+    bool ceil_mode=False) -> (Tensor, Tensor)
+maximum(Tensor self, Tensor other) -> Tensor
+mean(Tensor self, *, ScalarType? dtype=None) -> Tensor
+mean.dim(Tensor self, int[1]? dim, bool keepdim=False, *, ScalarType? dtype=None) -> Tensor
+min.dim(Tensor self, int dim, bool keepdim=False) -> (Tensor values, Tensor indices)
+minimum(Tensor self, Tensor other) -> Tensor
+mm(Tensor self, Tensor mat2) -> Tensor
+mul.Scalar(Tensor self, Scalar other) -> Tensor
+mul.Tensor(Tensor self, Tensor other) -> Tensor
+native_group_norm(Tensor input, Tensor? weight, Tensor? bias, SymInt N, SymInt C, SymInt HxW, int group,
+    float eps) -> (Tensor, Tensor, Tensor)
+native_layer_norm(Tensor input, SymInt[] normalized_shape, Tensor? weight, Tensor? bias, float eps) -> (Tensor,
+    Tensor, Tensor)
+ne.Scalar(Tensor self, Scalar other) -> Tensor
+ne.Tensor(Tensor self, Tensor other) -> Tensor
+neg(Tensor self) -> Tensor
+ones_like(Tensor self, *, ScalarType? dtype=None, Layout? layout=None, Device? device=None,
+    bool? pin_memory=None, MemoryFormat? memory_format=None) -> Tensor
+permute(Tensor(a) self, int[] dims) -> Tensor(a)
+pow.Scalar(Scalar self, Tensor exponent) -> Tensor
+pow.Tensor_Scalar(Tensor self, Scalar exponent) -> Tensor
+pow.Tensor_Tensor(Tensor self, Tensor exponent) -> Tensor
+prod(Tensor self, *, ScalarType? dtype=None) -> Tensor
+prod.dim_int(Tensor self, int dim, bool keepdim=False, *, ScalarType? dtype=None) -> Tensor
+reciprocal(Tensor self) -> Tensor
+relu(Tensor self) -> Tensor
+remainder.Scalar(Tensor self, Scalar other) -> Tensor
+remainder.Tensor(Tensor self, Tensor other) -> Tensor
+repeat(Tensor self, SymInt[] repeats) -> Tensor
+round(Tensor self) -> Tensor
+rsqrt(Tensor self) -> Tensor
+scalar_tensor(Scalar s, *, ScalarType? dtype=None, Layout? layout=None, Device? device=None,
+    bool? pin_memory=None) -> Tensor
+select.int(Tensor(a) self, int dim, SymInt index) -> Tensor(a)
+sigmoid(Tensor self) -> Tensor
+sign(Tensor self) -> Tensor
+sin(Tensor self) -> Tensor
+slice.Tensor(Tensor(a) self, int dim=0, SymInt? start=None, SymInt? end=None, SymInt step=1) -> Tensor(a)
+sort(Tensor self, int dim=-1, bool descending=False) -> (Tensor values, Tensor indices)
+split.Tensor(Tensor(a -> *) self, SymInt split_size, int dim=0) -> Tensor(a)[]
+split_with_sizes(Tensor(a -> *) self, SymInt[] split_sizes, int dim=0) -> Tensor(a)[]
+sqrt(Tensor self) -> Tensor
+squeeze(Tensor(a) self) -> Tensor(a)
+squeeze.dim(Tensor(a) self, int dim) -> Tensor(a)
+squeeze.dims(Tensor(a) self, int[] dim) -> Tensor(a)
+sub.Scalar(Tensor self, Scalar other, Scalar alpha=1) -> Tensor
+sub.Tensor(Tensor self, Tensor other, *, Scalar alpha=1) -> Tensor
+sum(Tensor self, *, ScalarType? dtype=None) -> Tensor
+sum.dim_IntList(Tensor self, int[1]? dim, bool keepdim=False, *, ScalarType? dtype=None) -> Tensor
+tanh(Tensor self) -> Tensor
+topk(Tensor self, SymInt k, int dim=-1, bool largest=True, bool sorted=True) -> (Tensor values, Tensor indices)
+tril(Tensor self, SymInt diagonal=0) -> Tensor
+triu(Tensor self, SymInt diagonal=0) -> Tensor
+trunc(Tensor self) -> Tensor
+unbind.int(Tensor(a -> *) self, int dim=0) -> Tensor(a)[]
+unsqueeze(Tensor(a) self, int dim) -> Tensor(a)
+var.correction(Tensor self, int[1]? dim=None, *, Scalar? correction=None, bool keepdim=False) -> Tensor
+var_mean.correction(Tensor self, int[1]? dim=None, *, Scalar? correction=None, bool keepdim=False) -> (Tensor,
+    Tensor)
+view(Tensor(a) self, SymInt[] size) -> Tensor(a)
+where.self(Tensor condition, Tensor self, Tensor other) -> Tensor
+zeros_like(Tensor self, *, ScalarType? dtype=None, Layout? layout=None, Device? device=None,
+    bool? pin_memory=None, MemoryFormat? memory_format=None) -> Tensor
+"""
+"""The allow-list: every op a job may use, as its ATen schema (``str(op._schema)`` without ``aten::``; a line that
+starts with spaces continues the one before). The interpreter refuses to run an op whose installed schema differs."""
 
-_SINGLE_OPS = (
-    # matrix products and convolution
-    "mm.default addmm.default bmm.default convolution.default "
-    # elementwise arithmetic
-    "add.Tensor add.Scalar sub.Tensor sub.Scalar mul.Tensor mul.Scalar div.Tensor div.Scalar div.Tensor_mode "
-    "pow.Tensor_Scalar pow.Tensor_Tensor pow.Scalar maximum.default minimum.default remainder.Scalar "
-    "remainder.Tensor fmod.Scalar fmod.Tensor neg.default abs.default reciprocal.default sign.default "
-    "clamp.default clamp.Tensor floor.default ceil.default round.default trunc.default "
-    # elementwise functions
-    "relu.default gelu.default tanh.default sigmoid.default exp.default expm1.default log.default log1p.default "
-    "log2.default sqrt.default rsqrt.default sin.default cos.default erf.default hardtanh.default "
-    "leaky_relu.default _softmax.default _log_softmax.default "
-    # comparisons and logic
-    "eq.Scalar eq.Tensor ne.Scalar ne.Tensor lt.Scalar lt.Tensor le.Scalar le.Tensor gt.Scalar gt.Tensor "
-    "ge.Scalar ge.Tensor logical_not.default logical_and.default logical_or.default logical_xor.default "
-    "isnan.default where.self "
-    # reductions
-    "sum.dim_IntList sum.default mean.dim mean.default amax.default amin.default argmax.default argmin.default "
-    "any.dim any.dims any.default prod.default prod.dim_int var.correction cumsum.default "
-    "linalg_vector_norm.default "
-    # shapes and indexing
-    "view.default _unsafe_view.default permute.default expand.default unsqueeze.default squeeze.dim "
-    "squeeze.dims squeeze.default slice.Tensor select.int cat.default clone.default alias.default "
-    "index.Tensor index_select.default gather.default embedding.default constant_pad_nd.default flip.default "
-    "repeat.default tril.default triu.default _to_copy.default "
-    # pooling
-    "avg_pool2d.default _adaptive_avg_pool2d.default "
-    # creation (memory-checked before running)
-    "full.default full_like.default empty.memory_format empty_like.default arange.default arange.start "
-    "arange.start_step scalar_tensor.default zeros_like.default ones_like.default"
-)
 
-ALLOWED_OPS: frozenset[str] = frozenset(f"aten.{name}" for name in _SINGLE_OPS.split()) | frozenset(TUPLE_OPS)
+class ArgType(StrEnum):
+    """The base type of an op parameter, as the schema writes it."""
+
+    TENSOR = "Tensor"
+    INT = "int"
+    SYMINT = "SymInt"
+    FLOAT = "float"
+    BOOL = "bool"
+    SCALAR = "Scalar"
+    SCALAR_TYPE = "ScalarType"
+    LAYOUT = "Layout"
+    DEVICE = "Device"
+    MEMORY_FORMAT = "MemoryFormat"
+    STR = "str"
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """One parameter of an op schema: ``T``, ``T?`` (optional), ``T[]``/``T[N]`` (a list), ``T?[]`` (list of optional).
+
+    ``size`` is the ``N`` of ``T[N]``, where a bare ``T`` is accepted too. ``default`` is the schema's default text, or
+    ``None`` when the parameter is required.
+    """
+
+    name: str
+    type: ArgType
+    optional: bool = False
+    is_list: bool = False
+    size: int | None = None
+    item_optional: bool = False
+    kwarg_only: bool = False
+    default: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OpSchema:
+    """An allowed op: its name, parameters, number of outputs (-1: a list whose length depends on the arguments)
+    and whether its outputs are views of an argument (``Tensor(a)``)."""
+
+    name: str
+    params: tuple[Param, ...]
+    outputs: int
+    aliases: bool
+    text: str
+
+
+_TYPE_RE = re.compile(r"^(?P<base>[A-Za-z]+)(?:\([^)]*\))?(?P<opt>\?)?(?:\[(?P<size>\d*)\])?(?P<list_opt>\?)?$")
+
+
+def _parse_schema(text: str) -> OpSchema:
+    head, _, returns = text.rpartition(" -> ")
+    qualified, _, params_text = head.partition("(")
+    packet, _, overload = qualified.partition(".")
+    params: list[Param] = []
+    kwarg_only = False
+    for raw in params_text.removesuffix(")").split(", ") if params_text != ")" else []:
+        if raw == "*":
+            kwarg_only = True
+            continue
+        type_text, _, rest = raw.rpartition(" ")
+        name, has_default, default = rest.partition("=")
+        match = _TYPE_RE.match(type_text)
+        if match is None:  # pragma: no cover - the table is fixed
+            raise ValueError(f"bad schema type {type_text!r}")
+        is_list = match["size"] is not None
+        params.append(
+            Param(
+                name=name,
+                type=ArgType(match["base"]),
+                optional=bool(match["list_opt"]) if is_list else bool(match["opt"]),
+                is_list=is_list,
+                size=int(match["size"]) if match["size"] else None,
+                item_optional=is_list and bool(match["opt"]),
+                kwarg_only=kwarg_only,
+                default=default if has_default else None,
+            )
+        )
+    outputs = returns.count(",") + 1 if returns.startswith("(") else -1 if returns.endswith("[]") else 1
+    return OpSchema(
+        name=f"aten.{packet}.{overload or 'default'}",
+        params=tuple(params),
+        outputs=outputs,
+        aliases="Tensor(a" in returns,
+        text=text,
+    )
+
+
+def _schemas(text: str) -> dict[str, OpSchema]:
+    joined = re.sub(r"\n {4}", " ", text.strip())
+    parsed = [_parse_schema(line) for line in joined.splitlines()]
+    return {schema.name: schema for schema in parsed}
+
+
+OP_SCHEMAS: Mapping[str, OpSchema] = _schemas(_SCHEMA_TEXT)
+"""Every allowed op by name (``aten.<name>.<overload>``): the one table of ops and their typed parameters."""
+
+ALLOWED_OPS: frozenset[str] = frozenset(OP_SCHEMAS)
 """Core ATen overloads a worker runs: pure, deterministic given their inputs, no I/O, no randomness."""
+
+TUPLE_OPS: Mapping[str, int] = {name: schema.outputs for name, schema in OP_SCHEMAS.items() if schema.outputs != 1}
+"""Ops that return a tuple or list of tensors: the number of elements, or -1 when it depends on the arguments
+(``split.Tensor``, ``split_with_sizes``, ``unbind.int``; at most :data:`MAX_TUPLE_OUTPUTS`)."""
+
+MAX_TUPLE_OUTPUTS = 1024
+"""Most tensors one node may return (a list-valued op's length is computed from the arguments before it runs)."""
 
 LAYOUTS: frozenset[str] = frozenset({"strided"})
 MEMORY_FORMATS: frozenset[str] = frozenset({"contiguous_format", "preserve_format", "channels_last"})
@@ -199,6 +421,82 @@ class Node:
     op: str
     args: tuple[Arg, ...] = ()
     kwargs: tuple[tuple[str, Arg], ...] = ()
+
+
+def check_args(schema: OpSchema, args: tuple[Arg, ...], kwargs: tuple[tuple[str, Arg], ...], path: str) -> None:
+    """Type a node's arguments against its op's schema; raise :class:`JobFormatError` on the first mismatch.
+
+    Arity and names: at most as many positional arguments as the schema has before ``*``, keyword names from the
+    schema, none given twice, every parameter without a default given. Values (specs/job-format.md §3.1): a
+    ``Tensor`` takes a tensor reference, ``int``/``SymInt`` an int (never a bool or float), ``float`` an int or
+    float, ``bool`` a bool, ``Scalar`` a bool, int or float, ``ScalarType`` a :class:`DType` (anything else is
+    ``bad_dtype``), ``Layout``/``Device``/``MemoryFormat`` their tags, ``str`` nothing (only ``None`` where it is
+    optional); ``T?`` also takes ``None``; a list type takes a list of its items, ``T[N]`` a bare item too.
+    """
+    positional = [p for p in schema.params if not p.kwarg_only]
+    if len(args) > len(positional):
+        raise JobFormatError(
+            Reason.BAD_ARGUMENT, f"{path}: {schema.name} takes at most {len(positional)} positional arguments"
+        )
+    given: dict[str, Arg] = {p.name: value for p, value in zip(positional, args, strict=False)}
+    by_name = {p.name: p for p in schema.params}
+    for name, value in kwargs:
+        if name not in by_name:
+            raise JobFormatError(Reason.BAD_ARGUMENT, f"{path}: {schema.name} has no argument {name[:MAX_NAME_LEN]!r}")
+        if name in given:
+            raise JobFormatError(Reason.BAD_ARGUMENT, f"{path}: argument {name!r} given twice")
+        given[name] = value
+    for param in schema.params:
+        if param.name in given:
+            _check_value(param, given[param.name], f"{path}: {schema.name} argument {param.name!r}")
+        elif param.default is None:
+            raise JobFormatError(Reason.BAD_ARGUMENT, f"{path}: {schema.name} needs argument {param.name!r}")
+
+
+def _check_value(param: Param, value: Arg, where: str) -> None:
+    if value is None:
+        if not param.optional:
+            raise JobFormatError(Reason.BAD_ARGUMENT, f"{where}: None where {_type_text(param)} is required")
+        return
+    if isinstance(value, tuple):
+        if not param.is_list:
+            raise JobFormatError(Reason.BAD_ARGUMENT, f"{where}: a list where {_type_text(param)} is required")
+        for item in value:
+            if item is None and param.item_optional:
+                continue
+            _check_item(param, item, where)
+        return
+    if param.is_list and param.size is None:
+        raise JobFormatError(Reason.BAD_ARGUMENT, f"{where}: {_type_text(param)} needs a list")
+    _check_item(param, value, where)
+
+
+_ITEM_CHECKS: Mapping[ArgType, Any] = {
+    ArgType.TENSOR: lambda v: isinstance(v, (InputRef, ConstRef, NodeRef)),
+    ArgType.INT: lambda v: type(v) is int,
+    ArgType.SYMINT: lambda v: type(v) is int,
+    ArgType.FLOAT: lambda v: type(v) in (int, float),
+    ArgType.BOOL: lambda v: type(v) is bool,
+    ArgType.SCALAR: lambda v: type(v) in (bool, int, float),
+    ArgType.SCALAR_TYPE: lambda v: isinstance(v, DType),
+    ArgType.LAYOUT: lambda v: isinstance(v, Layout),
+    ArgType.DEVICE: lambda v: isinstance(v, Device),
+    ArgType.MEMORY_FORMAT: lambda v: isinstance(v, MemoryFormat),
+    ArgType.STR: lambda v: False,  # strings are not job arguments: only an optional str's None
+}
+
+
+def _check_item(param: Param, value: Arg, where: str) -> None:
+    if not _ITEM_CHECKS[param.type](value):
+        reason = Reason.BAD_DTYPE if param.type is ArgType.SCALAR_TYPE else Reason.BAD_ARGUMENT
+        raise JobFormatError(reason, f"{where}: {type(value).__name__} where {_type_text(param)} is required")
+
+
+def _type_text(param: Param) -> str:
+    text = param.type.value + ("?" if param.item_optional else "")
+    if param.is_list:
+        text += f"[{param.size or ''}]"
+    return text + ("?" if param.optional and param.is_list else "?" if param.optional else "")
 
 
 # --- limits, comparison, the spec ------------------------------------------------------------------------------------
@@ -286,7 +584,10 @@ def encode_job(spec: JobSpec) -> bytes:
         _spec_from_wire(wire, spec.limits)
     except JobFormatError as exc:
         raise LocalProtocolError(exc.reason, exc.detail) from exc
-    return codec.pack(wire)
+    data = codec.pack(wire)
+    if len(data) > MAX_SPEC_SIZE:  # negotiation could not carry it
+        raise LocalProtocolError(Reason.TOO_LARGE, f"job spec of {len(data)} bytes, limit {MAX_SPEC_SIZE}")
+    return data
 
 
 def job_digest(spec_bytes: bytes) -> bytes:
@@ -344,6 +645,15 @@ def _arg_to_wire(arg: object) -> Any:
 
 # --- decoding --------------------------------------------------------------------------------------------------------
 
+SPEC_DECODE_LIMITS = codec.DecodeLimits(
+    max_bytes=MAX_SPEC_SIZE,
+    max_str_len=256,
+    max_bin_len=2 * DIGEST_SIZE,
+    max_array_len=MAX_SPEC_SIZE,
+    max_map_len=64,
+    max_depth=8,
+)
+"""The codec limits of a job spec's decoding; ``max_array_len`` is lowered to ``max(16, len(data))`` per spec."""
 _SPEC_KEYS = frozenset({"version", "inputs", "constants", "nodes", "outputs", "limits", "compare"})
 _NODE_KEYS = frozenset({"op", "args", "kwargs"})
 
@@ -357,14 +667,8 @@ def decode_job(data: bytes, limits: JobLimits = DEFAULT_JOB_LIMITS) -> JobSpec:
     """
     if len(data) > MAX_SPEC_SIZE:
         raise JobFormatError(Reason.TOO_LARGE, f"job spec of {len(data)} bytes, limit {MAX_SPEC_SIZE}")
-    decode_limits = codec.DecodeLimits(
-        max_bytes=MAX_SPEC_SIZE,
-        max_str_len=256,
-        max_bin_len=2 * DIGEST_SIZE,
-        max_array_len=max(16, len(data)),  # an element takes at least one byte
-        max_map_len=64,
-        max_depth=8,
-    )
+    # an array element takes at least one byte, so no array is longer than the spec
+    decode_limits = replace(SPEC_DECODE_LIMITS, max_array_len=max(16, len(data)))
     try:
         wire = codec.unpack(data, decode_limits)
     except P2PComputeError as exc:
@@ -431,6 +735,7 @@ class _Graph:
             if not (0 < len(name) <= MAX_NAME_LEN and name.isidentifier()):
                 raise JobFormatError(Reason.BAD_ARGUMENT, f"{path}.kwargs: bad name {name[:MAX_NAME_LEN]!r}")
             kwargs.append((name, self.arg(raw_kwargs[name], index, f"{path}.kwargs.{name}")))
+        check_args(OP_SCHEMAS[op], args, tuple(kwargs), path)
         self.ops.append(op)
         return Node(op=op, args=args, kwargs=tuple(kwargs))
 

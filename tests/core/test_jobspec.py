@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pcompute.core import codec
+from p2pcompute.core import codec, negotiation
 from p2pcompute.core.jobspec import (
     ALLOWED_OPS,
     DEFAULT_JOB_LIMITS,
     LAYOUTS,
     MAX_OUTPUTS,
+    MAX_SPEC_SIZE,
     MEMORY_FORMATS,
+    OP_SCHEMAS,
+    SPEC_DECODE_LIMITS,
     TUPLE_OPS,
     Arg,
+    ArgType,
     CompareMode,
     Comparison,
     ConstRef,
@@ -31,6 +36,7 @@ from p2pcompute.core.jobspec import (
     MemoryFormat,
     Node,
     NodeRef,
+    Param,
     TensorRef,
     decode_bundle,
     decode_job,
@@ -43,7 +49,7 @@ from p2pcompute.core.jobspec import (
 from p2pcompute.core.tensors import DTYPES, TensorMeta, tensor_digest
 from p2pcompute.errors import JobFormatError, LocalProtocolError, Reason
 
-SINGLE_OPS = sorted(ALLOWED_OPS - set(TUPLE_OPS))
+SCHEMAS = [OP_SCHEMAS[name] for name in sorted(ALLOWED_OPS)]
 BIG = codec.DecodeLimits(max_bytes=1 << 24, max_array_len=1 << 20, max_bin_len=1 << 24)
 
 
@@ -108,6 +114,33 @@ tags = st.one_of(
 )
 
 
+def typed_value(draw: st.DrawFn, param: Param, refs: list[TensorRef]) -> Arg:
+    """A value of the parameter's schema type (specs/job-format.md §3.1)."""
+    ref_st: st.SearchStrategy[Arg] = st.sampled_from(refs) if refs else st.nothing()
+    ints = st.integers(-(1 << 63), (1 << 63) - 1)
+    item: st.SearchStrategy[Arg] = {
+        ArgType.TENSOR: ref_st,
+        ArgType.INT: ints,
+        ArgType.SYMINT: ints,
+        ArgType.FLOAT: st.one_of(ints, st.floats(allow_nan=False)),
+        ArgType.BOOL: st.booleans(),
+        ArgType.SCALAR: scalars.filter(lambda v: v is not None),
+        ArgType.SCALAR_TYPE: st.sampled_from(sorted(DTYPES)).map(DType),
+        ArgType.LAYOUT: st.sampled_from(sorted(LAYOUTS)).map(Layout),
+        ArgType.DEVICE: st.just(Device()),
+        ArgType.MEMORY_FORMAT: st.sampled_from(sorted(MEMORY_FORMATS)).map(MemoryFormat),
+        ArgType.STR: st.nothing(),
+    }[param.type]
+    if param.item_optional:
+        item = st.one_of(st.none(), item)
+    value = st.lists(item, max_size=4).map(tuple) if param.is_list else item
+    if param.is_list and param.size is not None:
+        value = st.one_of(value, item)
+    if param.optional:
+        value = st.one_of(st.none(), value)
+    return draw(value)
+
+
 @st.composite
 def specs(draw: st.DrawFn) -> JobSpec:
     inputs = tuple(draw(st.lists(metas, max_size=3)))
@@ -127,14 +160,23 @@ def specs(draw: st.DrawFn) -> JobSpec:
 
     for _ in range(draw(st.integers(0, 6))):
         available = refs()
-        ref_st = st.sampled_from(available) if available else st.nothing()
-        item = st.one_of(scalars, ref_st)
-        arg: st.SearchStrategy[Arg] = st.one_of(item, tags, st.lists(item, max_size=4).map(tuple))
-        op = draw(st.one_of(st.sampled_from(SINGLE_OPS), st.sampled_from(sorted(TUPLE_OPS))))
-        args = tuple(draw(st.lists(arg, max_size=4)))
-        names = draw(st.lists(st.sampled_from(["dim", "dtype", "keepdim", "out_dtype"]), max_size=3, unique=True))
-        kwargs = tuple((name, draw(arg)) for name in sorted(names))
-        nodes.append(Node(op=op, args=args, kwargs=kwargs))
+        takes_tensor = [s for s in SCHEMAS if any(p.type is ArgType.TENSOR and p.default is None for p in s.params)]
+        schema = draw(st.sampled_from(SCHEMAS if available else [s for s in SCHEMAS if s not in takes_tensor]))
+        if any(p.type is ArgType.STR and not p.optional and p.default is None for p in schema.params):
+            continue
+        positional = [p for p in schema.params if not p.kwarg_only]
+        n_args = draw(st.integers(0, len(positional)))
+        # past the first n_args, a parameter is given by keyword or (when it has a default) left out
+        args, kwargs = [], []
+        for i, param in enumerate(schema.params):
+            left_out = param.default is not None and (param.type is ArgType.STR or draw(st.booleans()))
+            if i < n_args:
+                if param.type is ArgType.STR and not param.optional:  # nothing to give: stop here
+                    break
+                args.append(typed_value(draw, param, available))
+            elif not left_out:
+                kwargs.append((param.name, typed_value(draw, param, available)))
+        nodes.append(Node(op=schema.name, args=tuple(args), kwargs=tuple(sorted(kwargs))))
     available = refs()
     if not available:
         inputs = (draw(metas),)
@@ -340,8 +382,113 @@ def test_encode_refuses_an_invalid_spec() -> None:
 
 def test_oversized_spec_is_refused_before_decoding() -> None:
     with pytest.raises(JobFormatError) as info:
-        decode_job(b"\x00" * (16 << 20) + b"\x00")
+        decode_job(b"\x00" * (MAX_SPEC_SIZE + 1))
     assert info.value.reason == Reason.TOO_LARGE
+
+
+def test_the_largest_spec_is_what_a_request_frame_carries() -> None:
+    # issue 9: 16 MiB here and ~0.94 MiB in negotiation; a spec between the two exported, then failed to send
+    assert MAX_SPEC_SIZE == negotiation.MAX_SPEC_SIZE == 982_016
+    assert MAX_SPEC_SIZE + negotiation.MAX_SIGNED_SIZE + 1024 <= codec.MAX_FRAME_SIZE
+    x = meta_for(bytes(16))
+    nodes = tuple(Node(op="aten.relu.default", args=(InputRef(0),)) for _ in range(40_000))
+    big = JobSpec(inputs=(x,), nodes=nodes, outputs=(NodeRef(0),), limits=JobLimits(max_ops=1_000_000))
+    with pytest.raises(LocalProtocolError) as info:
+        encode_job(big)
+    assert info.value.reason == Reason.TOO_LARGE
+
+
+def test_the_decoders_codec_limits() -> None:
+    assert (
+        codec.DecodeLimits(
+            max_bytes=MAX_SPEC_SIZE,
+            max_str_len=256,
+            max_bin_len=64,
+            max_array_len=MAX_SPEC_SIZE,
+            max_map_len=64,
+            max_depth=8,
+        )
+        == SPEC_DECODE_LIMITS
+    )
+
+
+def test_tuple_lengths() -> None:
+    assert dict(TUPLE_OPS) == {
+        "aten._native_batch_norm_legit_no_training.default": 3,
+        "aten.native_layer_norm.default": 3,
+        "aten.native_group_norm.default": 3,
+        "aten.max_pool2d_with_indices.default": 2,
+        "aten.max.dim": 2,
+        "aten.min.dim": 2,
+        "aten.sort.default": 2,
+        "aten.topk.default": 2,
+        "aten.var_mean.correction": 2,
+        "aten.split.Tensor": -1,
+        "aten.split_with_sizes.default": -1,
+        "aten.unbind.int": -1,
+    }
+    assert len(ALLOWED_OPS) == len(OP_SCHEMAS) == 131
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "reason"),
+    [
+        # issue 9: torch takes an int as a dtype (9 complex64, 12 qint8) and as a layout (1 sparse)
+        (("nodes", 3, "kwargs", "dtype"), 9, Reason.BAD_DTYPE),
+        (("nodes", 3, "kwargs", "dtype"), 12, Reason.BAD_DTYPE),
+        (("nodes", 3, "kwargs", "layout"), 1, Reason.BAD_ARGUMENT),
+        (("nodes", 3, "kwargs", "device"), 0, Reason.BAD_ARGUMENT),
+        (("nodes", 3, "kwargs", "dtype"), {"layout": "strided"}, Reason.BAD_DTYPE),
+        (("nodes", 3, "kwargs", "pin_memory"), 0, Reason.BAD_ARGUMENT),  # an int where a bool goes
+        (("nodes", 3, "args", 0), [2.0, 2], Reason.BAD_ARGUMENT),  # floats in an int[] (SymInt[] size)
+        (("nodes", 3, "args", 0), [True, 2], Reason.BAD_ARGUMENT),  # bools in an int[]
+        (("nodes", 3, "args", 0), 2, Reason.BAD_ARGUMENT),  # a bare int where SymInt[] (no size) goes
+        (("nodes", 3, "args", 1), {"input": 0}, Reason.BAD_ARGUMENT),  # a tensor where a Scalar goes
+        (("nodes", 3, "args", 1), None, Reason.BAD_ARGUMENT),  # None where a Scalar goes
+        (("nodes", 0, "args", 1), 1, Reason.BAD_ARGUMENT),  # a number where a Tensor goes
+        (("nodes", 0, "args", 1), [{"input": 0}], Reason.BAD_ARGUMENT),  # a list where a Tensor goes
+        (("nodes", 1, "args", 4), True, Reason.BAD_ARGUMENT),  # a bool where a float goes
+        (("nodes", 1, "args", 2), {"dtype": "float32"}, Reason.BAD_ARGUMENT),  # a tag where a Tensor? goes
+        (("nodes", 0, "kwargs", "alpha"), {"dtype": "float32"}, Reason.BAD_ARGUMENT),
+        (("nodes", 0, "kwargs", "self"), {"input": 0}, Reason.BAD_ARGUMENT),  # given twice
+        (("nodes", 0, "kwargs", "out"), {"input": 0}, Reason.BAD_ARGUMENT),  # not a parameter
+    ],
+)
+def test_arguments_are_typed_by_the_op_schema(where: tuple[Any, ...], value: object, reason: Reason) -> None:
+    wire = to_wire(small_spec())
+    *path, last = where
+    target = wire
+    for key in path:
+        target = target[key]
+    target[last] = value
+    reject(wire, reason)
+
+
+@pytest.mark.parametrize(
+    ("node", "ok"),
+    [
+        (Node(op="aten.relu.default", args=()), False),  # a required argument missing
+        (Node(op="aten.add.Tensor", args=(InputRef(0), InputRef(0), 1)), False),  # alpha is keyword-only
+        (Node(op="aten.add.Tensor", args=(InputRef(0), InputRef(0)), kwargs=(("alpha", 2),)), True),
+        (Node(op="aten.add.Tensor", args=(InputRef(0), InputRef(0)), kwargs=(("alpha", 0.5),)), True),
+        (Node(op="aten.amax.default", args=(InputRef(0), 0)), True),  # int[1] takes a bare int
+        (Node(op="aten.amax.default", args=(InputRef(0), (0, 1), True)), True),
+        (Node(op="aten.native_layer_norm.default", args=(InputRef(0), (4,), None, None, 1)), True),  # int as float
+        (Node(op="aten.index.Tensor", args=(InputRef(0), (None, InputRef(0)))), True),  # Tensor?[]
+        (Node(op="aten.cat.default", args=((InputRef(0), None),)), False),  # None in a Tensor[]
+        (Node(op="aten.div.Tensor_mode", args=(InputRef(0), InputRef(0)), kwargs=(("rounding_mode", None),)), True),
+        (Node(op="aten.div.Tensor_mode", args=(InputRef(0), InputRef(0))), False),  # rounding_mode is required
+        (Node(op="aten.gelu.default", args=(InputRef(0),)), True),  # a str with a default is left out
+    ],
+)
+def test_arity_names_and_defaults_follow_the_schema(node: Node, ok: bool) -> None:
+    spec = small_spec(nodes=(node,), outputs=(NodeRef(0, 0) if node.op in TUPLE_OPS else NodeRef(0),))
+    if ok:
+        assert decode_job(encode_job(spec)) == spec
+    else:
+        with pytest.raises(LocalProtocolError) as info:
+            encode_job(spec)
+        assert info.value.reason == Reason.BAD_ARGUMENT
 
 
 # --- bundles ---------------------------------------------------------------------------------------------------------
@@ -409,3 +556,10 @@ def test_hostile_wire_values_raise_only_job_format_errors(where: str, value: obj
         assert exc.reason in set(Reason)
     else:
         assert encode_job(spec) == data
+
+
+def test_the_specs_schema_appendix_is_the_allow_list() -> None:
+    text = (Path(__file__).parents[2] / "specs" / "job-format.md").read_text(encoding="utf-8")
+    appendix = text.split("## 14. Appendix: the op schemas", 1)[1]
+    block = appendix.split("```\n", 2)[1]
+    assert block.splitlines() == [OP_SCHEMAS[name].text for name in sorted(OP_SCHEMAS)]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from enum import Enum, StrEnum
 from typing import Annotated, Any, ClassVar, NoReturn, TypeVar
 
-from p2pcompute.core import codec, matching
+from p2pcompute.core import codec, jobspec, matching
 from p2pcompute.core.envelope import Opened, open_envelope, seal
 from p2pcompute.core.identity import KeyPair, PeerId
 from p2pcompute.core.matching import run_estimate_ms
@@ -117,8 +117,9 @@ PROTOCOL_ID = "/p2pcompute/job/1.0.0"
 
 MAX_SIGNED_SIZE = 64 * 1024
 """Largest signed envelope carried in a ``request`` or ``signed`` frame."""
-MAX_SPEC_SIZE = codec.MAX_FRAME_SIZE - MAX_SIGNED_SIZE - 1024
-"""Largest job spec: it travels in the request frame next to the request envelope."""
+MAX_SPEC_SIZE = jobspec.MAX_SPEC_SIZE
+"""Largest job spec (the job format's own limit): it travels in the request frame next to the request envelope."""
+assert MAX_SPEC_SIZE + MAX_SIGNED_SIZE + 1024 <= codec.MAX_FRAME_SIZE
 MAX_BLOB_CHUNK_SIZE = codec.MAX_FRAME_SIZE - 1024
 """Largest piece of one tensor in one ``blobs`` frame (a tensor of any size travels as several chunks)."""
 MAX_CHUNKS_PER_FRAME = 256

@@ -1,66 +1,128 @@
-"""The ``p2pcompute`` command."""
+"""The ``p2pcompute`` command.
+
+Every failure of every command is **one line** on stderr (``Error: ...``, with the option to change where there is
+one) and exit status 1; click's usage errors exit 2. The traceback is logged at DEBUG: ``--log-level debug`` shows it.
+py-libp2p's own log records are kept at DEBUG too (:mod:`p2pcompute.net.logs`).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import tempfile
 import warnings
-from collections.abc import Callable
-from functools import wraps
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
 from p2pcompute import __version__
-from p2pcompute.errors import P2PComputeError, Reason
+from p2pcompute.errors import ConfigError, DialError, HostStartError, P2PComputeError, Reason
 from p2pcompute.keys import default_key_path, generate_keypair, read_key_file, write_key_file
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 _LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 
-def _friendly_errors(func: F) -> F:
-    """Turn a P2PComputeError into a one-line message and exit status 1 (no traceback)."""
+log = logging.getLogger(__name__)
 
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+# What passes through the one-line handler untouched: click's own exits, and the user's Ctrl-C.
+_PASS_THROUGH = (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, KeyboardInterrupt)
+
+
+class _OneLineErrors(click.Group):
+    """The command group: whatever a command raises becomes one line on stderr and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
         try:
-            return func(*args, **kwargs)
-        except P2PComputeError as exc:
-            raise click.ClickException(f"{exc.detail or exc.reason.value} [{exc.reason.value}]") from exc
-        except BaseExceptionGroup as group:  # trio nurseries wrap what their tasks raise
-            leaf = _single_leaf(group)
-            if isinstance(leaf, P2PComputeError):
-                raise click.ClickException(f"{leaf.detail or leaf.reason.value} [{leaf.reason.value}]") from group
+            return super().invoke(ctx)
+        except _PASS_THROUGH:
             raise
+        except BaseException as exc:
+            leaf = _leaf(exc)
+            if isinstance(leaf, (*_PASS_THROUGH, SystemExit)):
+                raise leaf from None
+            log.debug("%s failed", ctx.invoked_subcommand or "p2pcompute", exc_info=exc)
+            raise click.ClickException(one_line(leaf)) from exc
 
-    return wrapper  # type: ignore[return-value]
+
+def one_line(exc: BaseException) -> str:
+    """The message of a failure, on one line: ``detail [reason]`` for our errors, else what the exception says."""
+    if isinstance(exc, P2PComputeError):
+        text = f"{exc.detail or exc.reason.value} [{exc.reason.value}]"
+    elif isinstance(exc, click.ClickException):
+        text = exc.format_message()
+    elif isinstance(exc, OSError) and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    else:
+        text = f"unexpected {type(exc).__name__}: {exc} (--log-level debug shows where)"
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip()) or type(exc).__name__
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _leaf(exc: BaseException) -> BaseException:
+    """The failure that matters inside (nested) exception groups: ours first, then any other but a cancellation."""
+    if not isinstance(exc, BaseExceptionGroup):
+        return exc
+    leaves = list(_leaves(exc))
+    for kind in (KeyboardInterrupt, P2PComputeError, click.ClickException, OSError):
+        for leaf in leaves:
+            if isinstance(leaf, kind):
+                return leaf
+    return next((leaf for leaf in leaves if type(leaf).__name__ != "Cancelled"), leaves[0] if leaves else exc)
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+def _check_addrs(what: str, addrs: Sequence[str], where: str, *, peer: bool = False) -> None:
+    """Refuse, in one line naming where to fix it, a multiaddr the network layer could not use (before any work)."""
+    import multiaddr
+
+    for addr in addrs:
+        try:
+            multiaddr.Multiaddr(addr)
+        except Exception as exc:  # multiaddr raises several ValueError subclasses, and others on odd input
+            why = str(exc).split(" (string: ")[0].split("': ", 1)[-1]
+            raise ConfigError(f"{what} {addr!r} is not a multiaddr: {why}; fix {where}") from exc
+        if peer and not addr.rpartition("/p2p/")[2]:
+            raise ConfigError(f"{what} {addr!r} does not end in /p2p/<peer id>; fix {where}")
+
+
+def _check_data_dir(path: Path, where: str) -> None:
+    """Create ``path`` (mode 0700) if needed and make sure files can be made there; one line naming ``where``."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied", str(path))
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"data directory {path} is not usable ({exc.strerror or exc}); choose another with {where}"
+        ) from exc
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", "-V", prog_name="p2pcompute")
 @click.option(
     "--log-level",
     type=click.Choice(_LOG_LEVELS, case_sensitive=False),
     default=None,
     envvar="P2PCOMPUTE_LOG_LEVEL",
-    help="Verbosity of log messages on stderr [default: warning; info for `node run`].",
+    help="Verbosity of log messages on stderr [default: warning; info for `node run`, error for `submit`].",
 )
 @click.pass_context
 def main(ctx: click.Context, log_level: str | None) -> None:
     """p2pcompute: sell idle GPU time, or run PyTorch work on other people's GPUs, peer to peer."""
     ctx.obj = {"log_level": log_level}
     _setup_logging(log_level or "warning")
-
-
-def _single_leaf(exc: BaseException) -> BaseException:
-    """The one exception inside (nested) exception groups, else ``exc`` itself."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 def _setup_logging(level: str) -> None:
@@ -90,12 +152,14 @@ _path_option = click.option(
 @keys.command("new")
 @_path_option
 @click.option("--force", is_flag=True, help="Replace an existing key file (its identity is lost).")
-@_friendly_errors
 def keys_new(path: Path | None, force: bool) -> None:
     """Create a new identity key (file mode 0600)."""
     path = path or default_key_path()
     keypair = generate_keypair()
-    write_key_file(path, keypair, force=force)
+    try:
+        write_key_file(path, keypair, force=force)
+    except OSError as exc:
+        raise click.ClickException(f"cannot create {path}: {exc.strerror or exc}; choose another with --path") from exc
     click.echo(f"created {path}")
     click.echo(f"peer id: {keypair.peer_id}")
 
@@ -103,7 +167,6 @@ def keys_new(path: Path | None, force: bool) -> None:
 @keys.command("show")
 @_path_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-@_friendly_errors
 def keys_show(path: Path | None, as_json: bool) -> None:
     """Show the peer id and public key of a key file."""
     path = path or default_key_path()
@@ -133,7 +196,11 @@ def node() -> None:
 @click.option("--slots", type=int, help="Jobs run at once.")
 @click.option("--advertise-interval", type=float, help="Seconds between adverts.")
 @click.option("--advert-ttl", type=float, help="Seconds an advert stays valid.")
-@click.option("--status-port", type=int, help="Port of the status/metrics endpoint on 127.0.0.1 (0: any).")
+@click.option(
+    "--status-port",
+    type=int,
+    help="Port of the status/metrics endpoint on 127.0.0.1 [default: 8470; if taken, any free port, printed] (0: any).",
+)
 @click.option("--mdns/--no-mdns", default=None, help="Find peers on the local network with mDNS.")
 @click.option("--connections", type=(int, int), default=None, help="Connection watermarks LOW HIGH [default: 16 96].")
 @click.option("--no-benchmark", is_flag=True, default=None, help="Skip the matmul benchmark of the hardware probe.")
@@ -146,7 +213,6 @@ def node() -> None:
 )
 @click.option("--cheat-mode", hidden=True, default=None, help="Testnets only: make this worker cheat.")
 @click.pass_context
-@_friendly_errors
 def node_run(
     ctx: click.Context,
     config_file: Path | None,
@@ -189,7 +255,23 @@ def node_run(
     }
     config = load_config(config_file, overrides)
     _setup_logging(config.log_level)
-    trio.run(_run_node, config, json_events)
+
+    def where(option: str, key: str) -> str:
+        return f"--{option}" + (f" (or `{key}` in {config_file})" if config_file else "")
+
+    _check_addrs("listen address", config.listen, where("listen", "listen"))
+    _check_addrs("bootstrap address", config.bootstrap, where("bootstrap", "bootstrap"), peer=True)
+    _check_data_dir(config.data_dir, where("data-dir", "data_dir"))
+    try:
+        trio.run(_run_node, config, json_events)
+    except BaseException as exc:
+        leaf = _leaf(exc)
+        if isinstance(leaf, HostStartError) and "listen on" in leaf.detail:
+            log.debug("node run failed", exc_info=exc)
+            fix = where("listen", "listen")
+            message = f"{leaf.detail}; choose another address or port with {fix} [{leaf.reason.value}]"
+            raise click.ClickException(message) from exc
+        raise
 
 
 async def _run_node(config: Any, json_events: bool) -> None:
@@ -197,7 +279,10 @@ async def _run_node(config: Any, json_events: bool) -> None:
 
     import trio
 
+    from p2pcompute.net.logs import libp2p_logs_at_debug
     from p2pcompute.node import serve
+
+    libp2p_logs_at_debug()
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
@@ -235,9 +320,14 @@ def _status_url(url: str | None, data_dir: Path | None) -> str:
     from p2pcompute.node import NODE_INFO_FILE
 
     info = (data_dir or default_data_dir()) / NODE_INFO_FILE
-    if info.exists():
+    if not info.exists():
+        return f"http://127.0.0.1:{DEFAULT_STATUS_PORT}/status"
+    try:
         return str(json.loads(info.read_text())["status_url"])
-    return f"http://127.0.0.1:{DEFAULT_STATUS_PORT}/status"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise click.ClickException(
+            f"cannot read the node's address from {info} ({type(exc).__name__}: {exc}); give it with --url"
+        ) from exc
 
 
 def _fetch_status(url: str) -> dict[str, Any]:
@@ -308,7 +398,6 @@ def peers_cmd(url: str | None, data_dir: Path | None) -> None:
 )
 @click.option("--kill-rate", type=click.FloatRange(0.0, 1.0), help="Chance per trial job of killing a worker mid-job.")
 @click.option("--warmup", type=click.IntRange(min=0), help="Trial jobs run first and not counted (steady state).")
-@_friendly_errors
 def testnet_cmd(
     peers: int | None,
     scenario: Path | None,
@@ -410,7 +499,6 @@ def _print_demo(demo: Any) -> None:
 @main.command("ledger")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="The peer's data directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@_friendly_errors
 def ledger_cmd(data_dir: Path | None, as_json: bool) -> None:
     """Show this peer's earnings (receipts from clients) and spending (receipts it signed), audited.
 
@@ -475,7 +563,6 @@ def job() -> None:
 )
 @click.option("--rtol", type=click.FloatRange(0.0, 1.0), default=1e-4, show_default=True, help="Relative tolerance.")
 @click.option("--atol", type=click.FloatRange(0.0, 1e6), default=1e-5, show_default=True, help="Absolute tolerance.")
-@_friendly_errors
 def job_export(target: str, out: Path, inputs_name: str, compare: str, rtol: float, atol: float) -> None:
     """Export NAME from MODULE, called on the module's example inputs, as a job bundle.
 
@@ -648,8 +735,9 @@ def _compare_text(compare: Any) -> str:
     type=click.Path(file_okay=False, path_type=Path),
     help="Client key and job records [default: client/ in $P2PCOMPUTE_HOME or the user data directory].",
 )
-@_friendly_errors
+@click.pass_context
 def submit_cmd(
+    ctx: click.Context,
     bundle: Path,
     bootstrap: tuple[str, ...],
     max_price: str,
@@ -667,7 +755,10 @@ def submit_cmd(
 
     from p2pcompute.config import parse_price
     from p2pcompute.errors import NoWorkersError
+    from p2pcompute.keys import default_data_dir
 
+    if ctx.obj["log_level"] is None:
+        _setup_logging("error")  # what goes wrong is the one error line; the network's warnings are noise here
     with warnings.catch_warnings():  # torch's noise on a CPU-only install without numpy
         warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
         from p2pcompute.client import Job, open_client
@@ -677,6 +768,8 @@ def submit_cmd(
             "submit needs --bootstrap ADDR: the multiaddr of a running peer (`p2pcompute node run` prints it)"
         )
     parse_price(max_price)  # a bad price fails here, before any network work
+    _check_addrs("bootstrap address", bootstrap, "--bootstrap (or $P2PCOMPUTE_BOOTSTRAP)", peer=True)
+    _check_data_dir(data_dir or default_data_dir() / "client", "--data-dir")
     try:
         data = bundle.read_bytes()
     except OSError as exc:
@@ -685,20 +778,25 @@ def submit_cmd(
 
     async def run(progress: Any) -> Any:
         async with open_client(list(bootstrap), data_dir=data_dir) as client:
+            if not client.node.host.get_connected_peers():
+                raise DialError(
+                    f"cannot reach any bootstrap peer ({' '.join(bootstrap)}): is it running, and is the network up? "
+                    "(--bootstrap)"
+                )
             options: dict[str, Any] = {} if redundancy is None else {"redundancy": redundancy}
             return await client.run(job, max_price=max_price, deadline=deadline, progress=progress, **options)
 
     progress = _ProgressBar(job.digest.hex()[:16]).update if not as_json and sys.stderr.isatty() else None
     try:
         result = trio.run(run, progress)
-    except* NoWorkersError as group:
-        leaf = _single_leaf(group)
+    except BaseException as exc:
+        leaf = _leaf(exc)
         if not isinstance(leaf, NoWorkersError):
             raise
         hint = ""
         if leaf.reason is Reason.ALL_ATTEMPTS_FAILED and redundancy is None:
             hint = " (results from a worker not trusted yet need a second worker to agree; with one: --redundancy 1)"
-        raise click.ClickException(f"{leaf.detail} [{leaf.reason.value}]{hint}") from leaf
+        raise click.ClickException(f"{leaf.detail} [{leaf.reason.value}]{hint}") from exc
     summary = result.summary()
     if save_outputs is not None:
         _save_outputs(save_outputs, result.outputs, summary)

@@ -61,6 +61,7 @@ from p2pcompute.errors import (
 )
 from p2pcompute.keys import default_data_dir, load_or_create_key
 from p2pcompute.net.host import HostConfig, open_host
+from p2pcompute.net.logs import libp2p_logs_at_debug
 from p2pcompute.net.negotiate import PreparedJob, WorkerResult, open_session
 from p2pcompute.node import Node
 from p2pcompute.store import STORE_FILE, JobRecord, JobRole, JobState, Store, open_store
@@ -695,7 +696,11 @@ async def open_client(
 
     ``key`` is a key pair or a key file (created if missing); by default ``<data_dir>/identity.key``.
     ``data_dir`` (default: the platform data directory + ``/client``) holds the client's SQLite store.
+
+    Logging: nothing is configured on the root logger. py-libp2p's own warnings ("Failed to open TCP stream ...")
+    are re-emitted at DEBUG under ``p2pcompute.libp2p`` (:mod:`p2pcompute.net.logs`): enable DEBUG there to see them.
     """
+    libp2p_logs_at_debug()
     if not bootstrap:
         raise NoWorkersError(Reason.NO_WORKERS, "open_client needs at least one bootstrap address")
     directory = data_dir if data_dir is not None else default_data_dir() / "client"

@@ -41,6 +41,7 @@ from p2pcompute.core.reputation import Outcome, PeerReputation, Reputation
 from p2pcompute.core.schema import from_wire, to_wire
 from p2pcompute.core.verification import EvidenceInbox
 from p2pcompute.errors import (
+    HostStartError,
     LocalProtocolError,
     P2PComputeError,
     Reason,
@@ -430,7 +431,24 @@ class Node:
         }
 
     async def _serve_status(self, *, task_status: TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(self.config.status_port, host="127.0.0.1")
+        """Serve /status and /metrics on 127.0.0.1. When the configured port is taken (a second node on this
+        machine), take any free port instead and say so: the endpoint is local, and node.json and the start-up
+        output name the port. Only when no port at all can be had does the node refuse to start."""
+        wanted = self.config.status_port
+        try:
+            listeners = await trio.open_tcp_listeners(wanted, host="127.0.0.1")
+        except OSError as exc:
+            if wanted == 0:
+                raise HostStartError(f"cannot serve status on 127.0.0.1: {exc.strerror or exc}") from exc
+            try:
+                listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            except OSError as again:
+                raise HostStartError(f"cannot serve status on 127.0.0.1: {again.strerror or again}") from again
+            log.warning(
+                "status port %d on 127.0.0.1 is not available (%s); serving status on port %d instead "
+                "(choose one with --status-port or status_port)",
+                wanted, exc.strerror or exc, listeners[0].socket.getsockname()[1],
+            )  # fmt: skip
         port = listeners[0].socket.getsockname()[1]
         task_status.started(port)
         await trio.serve_listeners(self._handle_status_connection, listeners)

@@ -344,10 +344,13 @@ async def _start_peer(
             waiter.start_soon(exited)
             waiter.start_soon(ready)
     if not peer.ready.is_set():
+        code = process.returncode  # None: still starting when the wait ran out
         await _stop_peers([peer])
         await trio.sleep(0.2)  # let the stderr reader catch the last lines
-        tail = "\n    ".join(peer.stderr_tail[-8:])
-        raise TestnetError(f"peer {index} did not become ready (exit code {process.returncode}):\n    {tail}")
+        # One line: the peer's own last line says why (`node run` fails in one line); its whole log is node.log.
+        last = next((line.strip() for line in reversed(peer.stderr_tail) if line.strip()), "no output")
+        state = "not ready in time" if code is None else f"exit code {code}"
+        raise TestnetError(f"peer {index} did not become ready ({state}): {last}")
     return peer
 
 
@@ -393,6 +396,13 @@ async def run_testnet(
     owned_dir = config.base_dir is None
     base = Path(tempfile.mkdtemp(prefix="p2pcompute-testnet-")) if owned_dir else config.base_dir
     assert base is not None
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        (base / "shared").mkdir(exist_ok=True)
+    except OSError as exc:
+        raise TestnetError(
+            f"cannot use {base} for the peers' data ({exc.strerror or exc}); choose another with --dir"
+        ) from exc
     peers: list[PeerProcess] = []
     try:
         shared = base / "shared"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +19,9 @@ from click.testing import CliRunner, Result
 import p2pcompute
 from p2pcompute.cli import main
 from p2pcompute.client import Job
+from p2pcompute.compute.gpu import CACHE_FILE, HardwareReport
 from p2pcompute.core.jobspec import CompareMode, decode_bundle, decode_job
+from p2pcompute.core.messages import Device, DeviceKind, Software
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -197,3 +201,153 @@ def test_submit_needs_a_bootstrap_and_a_valid_bundle(tmp_path: Path, monkeypatch
     bad_price = CliRunner().invoke(main, ["submit", str(bundle), "--bootstrap", addr, "--max-price", "cheap"])
     assert bad_price.exit_code == 1
     assert "price 'cheap' is not a number" in bad_price.output
+
+
+# --- failures at the edge: one line on stderr, exit status 1, the option to change -----------------------------------
+
+DEAD_PEER = "12D3KooWBehrqEkFDQq79AD891NhBaGWBrwqb2FMJywLvSKXLvzb"  # nobody runs this peer
+
+
+def _busy_port() -> socket.socket:
+    """A socket listening on 127.0.0.1 (the caller closes it): its port is taken."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+def _node_dir(tmp_path: Path) -> Path:
+    """A data directory whose cached hardware report spares `node run` the probe (a child importing torch)."""
+    data_dir = tmp_path / "node"
+    data_dir.mkdir()
+    report = HardwareReport(
+        devices=(
+            Device(
+                kind=DeviceKind.CPU, name="Test CPU", memory_bytes=8 << 30, free_memory_bytes=4 << 30, tflops=0.1,
+                compute_capability="", cores=2,
+            ),
+        ),
+        software=Software(p2pcompute=p2pcompute.__version__, torch="2.13.0+cpu", cuda="", python="3.11.7"),
+        driver="",
+        probed_at=0.0,
+    )  # fmt: skip
+    (data_dir / CACHE_FILE).write_text(json.dumps(report.to_json()))
+    (tmp_path / "relay.toml").write_text("serve_jobs = false\n")  # no executor pool: start-up in seconds
+    return data_dir
+
+
+def _error_line(stderr: str) -> str:
+    """The whole of stderr, which must be one line starting with Error: (and no traceback)."""
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
+    return lines[0]
+
+
+def test_node_run_on_a_busy_listen_port_fails_in_one_line(tmp_path: Path) -> None:
+    """0.8.1 would share a busy port (SO_REUSEPORT); a second node on it must refuse to start, in one line."""
+    data_dir = _node_dir(tmp_path)
+    with _busy_port() as busy:
+        port = busy.getsockname()[1]
+        result = run(
+            "--log-level", "warning", "node", "run", "--config", str(tmp_path / "relay.toml"), "--data-dir",
+            str(data_dir), "--listen", f"/ip4/127.0.0.1/tcp/{port}", "--status-port", "0",
+        )  # fmt: skip
+    assert result.returncode == 1
+    line = _error_line(result.stderr)
+    assert f"cannot listen on /ip4/127.0.0.1/tcp/{port}" in line and "--listen" in line and "[listen_failed]" in line
+
+
+def test_a_second_node_takes_a_free_status_port_and_says_which(tmp_path: Path) -> None:
+    """The status endpoint is local: when its port is taken (another node here), any free port will do."""
+    data_dir = _node_dir(tmp_path)
+    with _busy_port() as busy:
+        taken = busy.getsockname()[1]
+        node = subprocess.Popen(
+            [
+                sys.executable, "-m", "p2pcompute.cli", "--log-level", "warning", "node", "run", "--config",
+                str(tmp_path / "relay.toml"), "--data-dir", str(data_dir), "--listen", "/ip4/127.0.0.1/tcp/0",
+                "--status-port", str(taken), "--json-events",
+            ],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert node.stdout is not None
+            ready = next(json.loads(line) for line in node.stdout if line.startswith("{"))  # bounded by run's timeout
+            url = ready["status_url"]
+            assert url.startswith("http://127.0.0.1:") and f":{taken}/" not in url
+            status = run("status", "--json", "--data-dir", str(data_dir))
+            assert status.returncode == 0, status.stderr
+            assert json.loads(status.stdout)["peer_id"] == ready["peer_id"]
+        finally:
+            node.send_signal(signal.SIGINT)
+            _, err = node.communicate(timeout=60)
+    assert node.returncode == 0, err
+    [warning] = err.splitlines()
+    assert f"status port {taken}" in warning and "--status-port" in warning
+
+
+def test_a_client_command_keeps_library_warnings_off_the_terminal(tmp_path: Path) -> None:
+    """`submit` with no reachable peer: one line, not py-libp2p's "Failed to open TCP stream" and a traceback."""
+    bundle = tmp_path / "mlp.job"
+    assert invoke("job", "export", f"{EXAMPLE}:model", "--out", str(bundle)).exit_code == 0
+    with _busy_port() as closed:
+        port = closed.getsockname()[1]
+    result = run(
+        "submit", str(bundle), "--data-dir", str(tmp_path / "client"), "--bootstrap",
+        f"/ip4/127.0.0.1/tcp/{port}/p2p/{DEAD_PEER}",
+    )  # fmt: skip
+    assert result.returncode == 1
+    line = _error_line(result.stderr)
+    assert "cannot reach any bootstrap peer" in line and "--bootstrap" in line and "[dial_failed]" in line
+
+
+# `node run` cases that would start a node if their check were missing also name an unusable data directory, so that
+# such a regression fails (with the wrong message) instead of running a node for ever.
+NO_DIR = ("--data-dir", "{file}/data")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("node", "run", *NO_DIR, "--listen", "/ip4/999.0.0.1/tcp/0"), ["listen address", "not IPv4", "--listen"]),
+        (("node", "run", *NO_DIR, "--listen", "tcp/4001"), ["'tcp/4001' is not a multiaddr"]),
+        (("node", "run", *NO_DIR, "--bootstrap", "/ip4/1.2.3.4/tcp/1/p2p/notapeerid"), ["bootstrap address"]),
+        (("node", "run", *NO_DIR, "--bootstrap", "/ip4/127.0.0.1/tcp/1"), ["must end in /p2p/<peer id>"]),
+        (("node", "run", "--data-dir", "{file}/data"), ["data directory", "Not a directory", "--data-dir"]),
+        (("node", "run", "--config", "{dir}/bad.toml"), ["bad.toml", "[bad_config]"]),
+        (("node", "run", "--config", "{dir}/slots.toml"), ["slots must be an integer", "[bad_config]"]),
+        (("node", "run", "--config", "{dir}/listen.toml"), ["not a multiaddr", "`listen` in {dir}/listen.toml"]),
+        (("node", "run", "--config", "{dir}/missing.toml"), ["does not exist"]),
+        (("status", "--data-dir", "{dir}/broken"), ["node.json", "--url"]),
+        (("status", "--url", "http://127.0.0.1:9/status"), ["is `p2pcompute node run` up?"]),
+        (("peers", "--url", "not-a-url"), ["cannot read the node status"]),
+        (("ledger", "--data-dir", "{dir}/nothing"), ["[key_file_missing]"]),
+        (("keys", "new", "--path", "{file}/identity.key"), ["cannot create", "--path"]),
+        (("keys", "show", "--path", "{dir}/nothing.key"), ["[key_file_missing]"]),
+        (("testnet", "--peers", "2", "--dir", "{file}/net"), ["Not a directory", "--dir"]),
+        (("testnet", "--peers", "1"), ["--peers must be 2..200"]),
+        (("submit", "{file}", "--bootstrap", "/ip4/127.0.0.1/tcp/1/p2p/xyz"), ["bootstrap address", "--bootstrap"]),
+        (("job", "export", "{file}:model", "--out", "{dir}/x.job"), ["cannot import", "not a Python file"]),
+    ],
+)
+def test_every_failure_is_one_line(tmp_path: Path, args: tuple[str, ...], expected: list[str]) -> None:
+    (tmp_path / "bad.toml").write_text("slots = [\n")
+    (tmp_path / "slots.toml").write_text('slots = "two"\n')
+    (tmp_path / "listen.toml").write_text('listen = ["/ip4/1.2.3/tcp/0"]\n')
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "node.json").write_text("{")
+    (tmp_path / "a-file").write_text("not a directory\n")
+    fill = {"dir": str(tmp_path), "file": str(tmp_path / "a-file")}
+    result = CliRunner().invoke(main, [a.format(**fill) for a in args], env={"P2PCOMPUTE_HOME": str(tmp_path)})
+    assert result.exit_code == 1, result.output
+    line = _error_line(result.stderr)
+    for text in expected:
+        assert text.format(**fill) in line
+
+
+def test_log_level_debug_shows_the_traceback(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["--log-level", "debug", "ledger", "--data-dir", str(tmp_path / "nothing")])
+    assert result.exit_code == 1
+    assert "Traceback" in result.output
+    assert result.output.splitlines()[-1].startswith("Error: ") and "[key_file_missing]" in result.output

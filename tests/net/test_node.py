@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import socket
+import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
 from p2pcompute.compute.gpu import HardwareReport
@@ -18,6 +22,7 @@ from p2pcompute.core.identity import KeyPair
 from p2pcompute.core.messages import Device, DeviceKind, GpuAdvert, Software
 from p2pcompute.net.gossip import Gossip, GossipConfig
 from p2pcompute.net.host import connect, host_addrs, open_host
+from p2pcompute.net.logs import RELAY_LOGGER
 from p2pcompute.net.protocols import ADVERTS_TOPIC
 from p2pcompute.node import Node, now_ms
 from p2pcompute.testing.net import LOOPBACK, wait_until
@@ -262,3 +267,48 @@ async def test_status_and_metrics_endpoint(tmp_path: Path) -> None:
         assert post.status_code == 405
         info = (tmp_path / "peer-0" / "node.json").read_text()
         assert str(nodes[0].peer_id) in info
+
+
+_CLIENT_SCRIPT = """
+import sys, trio
+from pathlib import Path
+from p2pcompute.client import open_client
+
+async def main():
+    async with open_client([sys.argv[1]], data_dir=Path(sys.argv[2])) as client:
+        assert not client.node.host.get_connected_peers()
+
+trio.run(main)
+"""
+
+
+def _dead_peer_addr() -> str:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"/ip4/127.0.0.1/tcp/{port}/p2p/{KeyPair.from_seed(_seed('dead', 0)).peer_id}"
+
+
+async def test_a_client_keeps_libp2p_warnings_off_the_terminal(tmp_path: Path) -> None:
+    """py-libp2p logged a failed dial as an error on a logger nobody handles, so Python printed it bare on stderr
+    ("Failed to open TCP stream: ..."), into the terminal of a program that merely uses the client library."""
+    with trio.fail_after(WAIT_S * 2):
+        done = await trio.run_process(
+            [sys.executable, "-c", _CLIENT_SCRIPT, _dead_peer_addr(), str(tmp_path)], capture_stdout=True,
+            capture_stderr=True, check=False,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stderr.decode() == ""  # an application that configured no logging sees nothing
+
+
+async def test_libp2p_records_are_kept_at_debug(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """... and one that asks for DEBUG on p2pcompute.libp2p gets them, formatted and routed like its own logs."""
+    from p2pcompute.client import open_client
+
+    caplog.set_level(logging.DEBUG, logger=RELAY_LOGGER)
+    with trio.fail_after(WAIT_S):
+        async with open_client([_dead_peer_addr()], key=KeyPair.from_seed(_seed("client", 0)), data_dir=tmp_path):
+            pass
+    relayed = [r for r in caplog.records if r.name.startswith(RELAY_LOGGER) and "Failed to open TCP" in r.message]
+    assert relayed and all(r.levelno == logging.DEBUG for r in relayed)
+    assert relayed[0].message.startswith("error: ")  # the original level, kept in the text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import signal
 import socket
@@ -347,7 +348,13 @@ def test_every_failure_is_one_line(tmp_path: Path, args: tuple[str, ...], expect
 
 
 def test_log_level_debug_shows_the_traceback(tmp_path: Path) -> None:
-    result = CliRunner().invoke(main, ["--log-level", "debug", "ledger", "--data-dir", str(tmp_path / "nothing")])
+    root = logging.getLogger()
+    level, handlers = root.level, root.handlers[:]
+    try:
+        result = CliRunner().invoke(main, ["--log-level", "debug", "ledger", "--data-dir", str(tmp_path / "nothing")])
+    finally:  # the command configured this process's root logger at DEBUG: later tests run at their own level
+        root.setLevel(level)
+        root.handlers[:] = handlers
     assert result.exit_code == 1
     assert "Traceback" in result.output
     assert result.output.splitlines()[-1].startswith("Error: ") and "[key_file_missing]" in result.output

@@ -38,6 +38,7 @@ from p2pcompute.core.jobspec import Comparison, JobLimits, JobSpec, decode_bundl
 from p2pcompute.core.ledger import LedgerRole
 from p2pcompute.core.matching import Candidate, choose, default_weight, eligible
 from p2pcompute.core.messages import ComparisonMode, DeviceKind, Requirements, Timings
+from p2pcompute.core.negotiation import MAX_CLOCK_SKEW_MS, MESSAGE_TTL_MS
 from p2pcompute.core.replay import SeenCache
 from p2pcompute.core.reputation import Outcome
 from p2pcompute.core.tensors import TensorMeta, outputs_digest
@@ -282,10 +283,10 @@ class Client:
         self.keypair = keypair
         self.store = store
         self.clock = clock
-        self.seen = SeenCache()
+        self.seen = SeenCache(max_ttl_ms=MESSAGE_TTL_MS + MAX_CLOCK_SKEW_MS)  # no longer-lived message is taken
         self.rng = random.Random(secrets.randbits(64))
         # Spending: the hash-chained ledger of the receipts this client signed.
-        self.ledger = store.load_ledger(keypair.peer_id, LedgerRole.CLIENT)
+        self.ledger = store.load_ledger(keypair, LedgerRole.CLIENT)
         self.evidence_published: list[bytes] = []
 
     @property

@@ -18,6 +18,10 @@ Example ``node.toml`` (every key optional)::
     job_memory_bytes = 4294967296  # the most memory one job may use (enforced on the executor child)
     sandbox = "auto"         # executor sandbox: "auto" (every layer the kernel offers), "required" or "off"
     data_channel_clear = false  # true: tensors cross the data channel unsealed (loopback testnets only)
+    request_timeout = 5      # seconds a new job stream may stay silent before its request
+    accept_timeout = 10      # seconds from an offer to the client's accept
+    inputs_timeout = 60      # seconds from an accept until every input arrived (the slot is freed then)
+    receipt_timeout = 30     # seconds from a result to the client's receipt or rejection
 """
 
 from __future__ import annotations
@@ -77,6 +81,11 @@ class NodeConfig:
     job_memory_bytes: int = 4 * 1024**3  # the most memory one job may use on this worker
     sandbox: str = "auto"  # executor sandbox layers: "auto" (what the kernel offers), "required" (all or refuse), "off"
     sandbox_uid_base: int = 2_000_000_000  # a root node runs executor children as this uid/gid plus an offset
+    # Each phase of a job stream has its own bound (seconds; specs/negotiation.md §Timeouts).
+    request_timeout: float = 5.0
+    accept_timeout: float = 10.0
+    inputs_timeout: float = 60.0
+    receipt_timeout: float = 30.0
     # Data-channel tickets without a key (tensors unsealed on the wire): an explicit opt-in for loopback testnets.
     data_channel_clear: bool = False
     cheat_mode: str = ""  # testnets only: make this worker cheat (p2pcompute.testing.adversary)
@@ -108,6 +117,9 @@ class NodeConfig:
             raise ConfigError(f"sandbox must be one of {', '.join(SANDBOX_MODES)}, got {self.sandbox!r}")
         if not 1 <= self.sandbox_uid_base <= 2_000_000_000:
             raise ConfigError(f"sandbox_uid_base must be 1..2000000000, got {self.sandbox_uid_base}")
+        for name in ("request_timeout", "accept_timeout", "inputs_timeout", "receipt_timeout"):
+            if not 0.1 <= getattr(self, name) <= 3600:
+                raise ConfigError(f"{name} must be 0.1..3600 s, got {getattr(self, name)}")
         if self.job_memory_bytes < 1024**2:
             raise ConfigError(f"job_memory_bytes must be at least 1 MiB, got {self.job_memory_bytes}")
         if not 0 <= self.status_port <= 65535:
@@ -153,7 +165,14 @@ def _from_mapping(base: NodeConfig, values: dict[str, Any], where: str) -> NodeC
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise ConfigError(f"{where}: {key} must be an integer")
                 changes[key] = value
-            elif key in ("advertise_interval", "advert_ttl"):
+            elif key in (
+                "advertise_interval",
+                "advert_ttl",
+                "request_timeout",
+                "accept_timeout",
+                "inputs_timeout",
+                "receipt_timeout",
+            ):
                 changes[key] = float(value)
             elif key in ("mdns", "probe_benchmark", "serve_jobs", "data_channel_clear"):
                 if not isinstance(value, bool):

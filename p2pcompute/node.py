@@ -543,6 +543,7 @@ async def serve(config: NodeConfig, *, task_status: TaskStatus[NodeInfo] = trio.
     """
     # Imported here: a worker's modules (executor pool, data channel, store) cost start-up time only where used.
     from p2pcompute.compute.executor import open_executor
+    from p2pcompute.core.negotiation import NegotiationPolicy
     from p2pcompute.net.transfer import DataChannelConfig, DataServer
     from p2pcompute.store import STORE_FILE, open_store
     from p2pcompute.testing.adversary import make_tamper
@@ -593,6 +594,12 @@ async def serve(config: NodeConfig, *, task_status: TaskStatus[NodeInfo] = trio.
                         memory_bytes=min(config.job_memory_bytes, max(d.free_memory_bytes for d in devices)),
                         device_kinds=frozenset(d.kind for d in devices),
                         tflops=max(d.tflops for d in devices),
+                        policy=NegotiationPolicy(
+                            request_timeout_ms=round(config.request_timeout * 1000),
+                            accept_timeout_ms=round(config.accept_timeout * 1000),
+                            inputs_timeout_ms=round(config.inputs_timeout * 1000),
+                            receipt_timeout_ms=round(config.receipt_timeout * 1000),
+                        ),
                     ),
                     clock=node.clock,
                     on_capacity=node.set_free_slots,
@@ -647,7 +654,7 @@ def _report_sandbox(layers: dict[str, str]) -> None:
     log.info("executor sandbox: %s", describe(layers))
     for name, state in layers.items():
         if state.startswith("unavailable"):
-            log.warning("sandbox layer %s is %s; jobs still run (set sandbox = \"required\" to refuse)", name, state)
+            log.warning('sandbox layer %s is %s; jobs still run (set sandbox = "required" to refuse)', name, state)
 
 
 def _listen_ip(listen: tuple[str, ...]) -> str:

@@ -121,11 +121,31 @@ class Store:
     # --- jobs ---
 
     def put_job(self, record: JobRecord) -> None:
-        """Insert or replace a job record (one transaction, durable when this returns)."""
+        """Insert a new job record (one transaction, durable when this returns).
+
+        A job is never overwritten: a record with the same (id, role, peer) raises :class:`StoreError`
+        (``duplicate_id``) and leaves the stored one as it was, envelopes and all.
+        """
+        try:
+            self._write_job(record, "INSERT")
+        except StoreError as exc:
+            if isinstance(exc.__cause__, sqlite3.IntegrityError):
+                raise StoreError(
+                    Reason.DUPLICATE_ID, f"a {record.role.value} job {record.id.hex()} with this peer exists"
+                ) from exc
+            raise
+
+    def has_job(self, job_id: bytes, role: JobRole, peer: bytes) -> bool:
+        row = self._conn.execute(
+            "SELECT 1 FROM jobs WHERE id = ? AND role = ? AND peer = ?", (job_id, role.value, peer)
+        ).fetchone()
+        return row is not None
+
+    def _write_job(self, record: JobRecord, verb: str) -> None:
         envelopes = json.dumps({k: v.hex() for k, v in sorted(record.envelopes.items())})
         with self._tx() as conn:
             conn.execute(
-                "INSERT OR REPLACE INTO jobs (id, role, peer, job_digest, state, price, created_ms, updated_ms,"
+                f"{verb} INTO jobs (id, role, peer, job_digest, state, price, created_ms, updated_ms,"
                 " envelopes, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.id,
@@ -165,7 +185,7 @@ class Store:
             envelopes=merged,
             detail=record.detail if detail is None else detail,
         )
-        self.put_job(updated)
+        self._write_job(updated, "REPLACE")
         return updated
 
     def get_job(self, job_id: bytes, role: JobRole, peer: bytes) -> JobRecord | None:

@@ -1,30 +1,38 @@
 """The worker's side of ``/p2pcompute/job/1.0.0``: admission, inputs, the executor, the result, the receipt.
 
-A :class:`Worker` serves one job per stream. It admits only what fits its free slots, memory and price floor
-(``core.negotiation.admission``), bounds the streams each peer may hold at once, persists every accepted job in
-the SQLite store before it runs it (so a restart neither loses nor silently forgets it: ``Store.recover``), runs
-it in the sandboxed executor and sends a signed attestation of the outputs. It never imports torch: the
-executor's child processes do.
+A :class:`Worker` serves one job per stream. It measures every job itself (the executor's dry run: peak memory
+with per-tensor overhead, output bytes, flops) and admits, limits and prices it from those numbers, never the
+client's claims (a claim far from them is declined as ``claim_mismatch``); it admits only what fits its free slots,
+memory and price floor (``core.negotiation.admission``). It bounds the streams each peer and each address group may
+hold at once and the accepted jobs still waiting for their inputs; every phase has its own deadline, the first
+(a request on a new stream) included, and any failure in a stream ends that stream alone. It persists every
+accepted job in the SQLite store before it runs it (so a restart neither loses nor silently forgets it:
+``Store.recover``; a job id a client already used is declined, never overwritten), runs it in the sandboxed
+executor and sends a signed attestation of the outputs. It never imports torch: the executor's child processes do.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import trio
 from libp2p.abc import INetStream
 
-from p2pcompute.compute.executor import ExecResult, Executor
+from p2pcompute.compute.executor import Estimate, ExecResult, Executor
 from p2pcompute.core.envelope import Opened
 from p2pcompute.core.identity import KeyPair, PeerId
 from p2pcompute.core.jobspec import DEFAULT_JOB_LIMITS, JobLimits, JobSpec, decode_job, summary
 from p2pcompute.core.ledger import DEFAULT_RECEIPT_GRACE_MS, LedgerRole
-from p2pcompute.core.matching import DEFAULT_MIN_PRICE
+from p2pcompute.core.matching import DEFAULT_MIN_PRICE, address_group
 from p2pcompute.core.messages import DeclineReason, DeviceKind, JobReceipt, JobRequest, Requirements
 from p2pcompute.core.negotiation import (
+    MAX_CLOCK_SKEW_MS,
+    MESSAGE_TTL_MS,
     Accept,
     Admit,
     BlobAssembler,
@@ -51,8 +59,16 @@ from p2pcompute.core.negotiation import (
 )
 from p2pcompute.core.replay import SeenCache
 from p2pcompute.core.tensors import TensorMeta
-from p2pcompute.errors import ExecutionError, JobFormatError, P2PComputeError
-from p2pcompute.net.negotiate import INLINE_BYTES, TRANSFER_TIMEOUT_S, Conversation
+from p2pcompute.errors import (
+    ExecutionError,
+    JobFormatError,
+    NegotiationFailed,
+    P2PComputeError,
+    Reason,
+    StoreError,
+    TransferError,
+)
+from p2pcompute.net.negotiate import INLINE_BYTES, Conversation
 from p2pcompute.net.transfer import DataServer, Direction
 from p2pcompute.net.transfer import Ticket as DataTicket
 from p2pcompute.store import JobRecord, JobRole, JobState, Store
@@ -61,7 +77,12 @@ __all__ = ["OutputTamper", "Worker", "WorkerSettings"]
 
 log = logging.getLogger(__name__)
 
+_K = TypeVar("_K", bound=Hashable)
+TRANSFER_TIMEOUT_S = 600.0  # an upload when the phase has no deadline (never, once a request was accepted)
+
 BLOB_CACHE_BYTES = 256 * 1024 * 1024  # content-addressed tensors kept between jobs (weights sent once)
+CLAIM_SLACK = 0.25  # a client's memory or flops claim may differ from the worker's own dry run by this fraction ...
+CLAIM_SLACK_BYTES = 1 << 20  # ... plus this many bytes (memory) or flops
 
 OutputTamper = Callable[[bytes, ExecResult], ExecResult]
 """``(job digest, result) -> result``: changes a result before it is attested. Only testnet adversaries use it
@@ -134,9 +155,13 @@ class Worker:
         self.on_receipt = on_receipt
         self.tamper = tamper
         self.free_slots = settings.slots
-        self.seen = SeenCache()
+        # Only messages that live no longer than this worker's own TTL: nobody can park far-future keys here.
+        self.seen = SeenCache(max_ttl_ms=MESSAGE_TTL_MS + MAX_CLOCK_SKEW_MS)
         self.stats: collections.Counter[str] = collections.Counter()
         self._streams_per_peer: collections.Counter[PeerId] = collections.Counter()
+        self._streams_per_group: collections.Counter[str] = collections.Counter()
+        self._pending_per_peer: collections.Counter[PeerId] = collections.Counter()
+        self._pending_per_group: collections.Counter[str] = collections.Counter()
         self._cache = _BlobCache(BLOB_CACHE_BYTES)
         self.shutting_down = False
         # Earnings: the hash-chained ledger of receipts (re-checked in full on load: tampering is detected).
@@ -176,28 +201,49 @@ class Worker:
 
     async def handle_stream(self, stream: INetStream) -> None:
         """One negotiation; never raises (a peer's misbehaviour is logged and costs only its stream)."""
-        remote = PeerId(stream.muxed_conn.peer_id.to_bytes())
-        if self._streams_per_peer[remote] >= self.settings.policy.max_streams_per_peer:
+        try:
+            remote = PeerId(stream.muxed_conn.peer_id.to_bytes())
+            group = _group_of(stream)
+        except Exception as exc:  # a stream without an authenticated peer or an address: nothing to serve
+            log.info("refused a job stream: %s", exc)
+            await _reset(stream)
+            return
+        policy = self.settings.policy
+        if (
+            self._streams_per_peer[remote] >= policy.max_streams_per_peer
+            or self._streams_per_group[group] >= policy.max_streams_per_group
+        ):
             self.stats["refused_streams"] += 1
-            log.info("refused a job stream from %s: %d open already", remote, self._streams_per_peer[remote])
-            await stream.reset()
+            log.info(
+                "refused a job stream from %s: %d open already (%d from %s)",
+                remote,
+                self._streams_per_peer[remote],
+                self._streams_per_group[group],
+                group,
+            )
+            await _reset(stream)
             return
         self._streams_per_peer[remote] += 1
-        machine = WorkerNegotiation(local=self.peer_id, remote=remote, policy=self.settings.policy)
-        conv = Conversation(stream, machine, self.keypair, remote, self.seen, self.clock)
+        self._streams_per_group[group] += 1
         try:
-            await self._serve(conv)
-            await conv.close()
-        except P2PComputeError as exc:
-            self.stats[f"error_{exc.reason.value}"] += 1
-            log.info("job stream with %s ended: %s", remote, exc)
-            await conv.abort(exc)
+            machine = WorkerNegotiation(local=self.peer_id, remote=remote, policy=policy, opened_at=self.clock())
+            conv = Conversation(stream, machine, self.keypair, remote, self.seen, self.clock)
+            try:
+                await self._serve(conv, group)
+                await conv.close()
+            except P2PComputeError as exc:
+                self.stats[f"error_{exc.reason.value}"] += 1
+                log.info("job stream with %s ended: %s", remote, exc)
+                await conv.abort(exc)
+            except Exception as exc:  # a timeout, a library error, a bug: this stream ends, the node goes on
+                self.stats["error_internal"] += 1
+                log.warning("job stream with %s failed: %s: %s", remote, type(exc).__name__, exc, exc_info=True)
+                await conv.abort(NegotiationFailed(Reason.CANCELLED, f"worker error: {type(exc).__name__}"))
         finally:
-            self._streams_per_peer[remote] -= 1
-            if not self._streams_per_peer[remote]:
-                del self._streams_per_peer[remote]
+            _drop(self._streams_per_peer, remote)
+            _drop(self._streams_per_group, group)
 
-    async def _serve(self, conv: Conversation) -> None:
+    async def _serve(self, conv: Conversation, group: str) -> None:
         machine: WorkerNegotiation = conv.machine  # type: ignore[assignment]
         event = await conv.receive_kind(Request)
         request: JobRequest = event.opened.message
@@ -206,9 +252,22 @@ class Worker:
         except JobFormatError as exc:
             await self._decline(conv, DeclineReason.BAD_JOB, f"{exc.reason.value}: {exc.detail}")
             return
+        if self.store.has_job(request.id, JobRole.WORKER, conv.remote.raw):
+            await self._decline(conv, DeclineReason.DUPLICATE_ID, f"job id {request.id.hex()} was used before")
+            return
+        try:
+            estimate = await self.executor.estimate(event.spec)
+        except (JobFormatError, ExecutionError) as exc:
+            await self._decline(conv, DeclineReason.BAD_JOB, f"dry run: {exc.reason.value}: {exc.detail}")
+            return
+        mismatch = _claim_mismatch(request.requirements, estimate)
+        if mismatch:
+            self.stats["claim_mismatch"] += 1
+            await self._decline(conv, DeclineReason.CLAIM_MISMATCH, mismatch)
+            return
         decision = admission(
             request,
-            self._summary(request, spec),
+            self._summary(request, spec, estimate),
             self.capacity(),
             now=self.clock(),
             owing=frozenset(self.owing_clients()),
@@ -216,24 +275,29 @@ class Worker:
         if isinstance(decision, Refuse):
             await self._decline(conv, decision.reason, decision.detail)
             return
+        policy = self.settings.policy
+        if (
+            self._pending_per_peer[conv.remote] >= policy.max_pending_inputs_per_peer
+            or self._pending_per_group[group] >= policy.max_pending_inputs_per_group
+        ):
+            await self._decline(conv, DeclineReason.BUSY, "too many of your jobs are still waiting for their inputs")
+            return
         self._take_slot()
         try:
-            await self._offer_and_run(conv, machine, event.spec, spec, decision)
+            await self._offer_and_run(conv, machine, event.spec, spec, decision, group)
         finally:
             self._give_slot()
 
-    def _summary(self, request: JobRequest, spec: JobSpec) -> Requirements:
-        # What the worker can know without torch: sizes from the parsed spec; memory, outputs and FLOPs as the
-        # client measured them, capped by the spec's own limits (the executor's dry run enforces the real ones).
+    def _summary(self, request: JobRequest, spec: JobSpec, estimate: Estimate) -> Requirements:
+        # The worker's own numbers: sizes from the parsed spec, memory, outputs and flops from its dry run.
         sizes = summary(spec)
-        claimed = request.requirements
         return Requirements(
-            device_kind=claimed.device_kind,
-            memory_bytes=min(max(claimed.memory_bytes, 1), spec.limits.memory_bytes),
+            device_kind=request.requirements.device_kind,
+            memory_bytes=max(estimate.peak_bytes, 1),
             input_bytes=sizes.input_bytes + sizes.constant_bytes,
-            output_bytes=min(claimed.output_bytes, spec.limits.max_output_bytes),
+            output_bytes=estimate.output_bytes,
             op_count=sizes.op_count,
-            flops=claimed.flops,
+            flops=estimate.flops,
         )
 
     async def _decline(self, conv: Conversation, reason: DeclineReason, detail: str) -> None:
@@ -243,7 +307,13 @@ class Worker:
         await conv.send_signed(decline, lambda o: Decline(opened=o))  # type: ignore[arg-type]
 
     async def _offer_and_run(
-        self, conv: Conversation, machine: WorkerNegotiation, spec_bytes: bytes, spec: JobSpec, admit: Admit
+        self,
+        conv: Conversation,
+        machine: WorkerNegotiation,
+        spec_bytes: bytes,
+        spec: JobSpec,
+        admit: Admit,
+        group: str,
     ) -> None:
         offer = machine.make_offer(admit, hardware_class=self.executor.hardware_class_base, **conv.message_fields())
         await conv.send_signed(offer, lambda o: Offer(opened=o))  # type: ignore[arg-type]
@@ -266,11 +336,22 @@ class Worker:
                 "accept": accept.envelope,
             },
         )
-        self.store.put_job(record)
+        try:
+            self.store.put_job(record)  # refuses a job id this client used before (a race of two streams)
+        except StoreError as exc:
+            if exc.reason is Reason.DUPLICATE_ID:
+                raise NegotiationFailed(Reason.DUPLICATE_ID, exc.detail) from exc
+            raise
         self.stats["accepted"] += 1
         key = (record.id, JobRole.WORKER, record.peer)
         try:
-            blobs = await self._receive_inputs(conv, spec)
+            self._pending_per_peer[conv.remote] += 1
+            self._pending_per_group[group] += 1
+            try:
+                blobs = await self._receive_inputs(conv, spec)
+            finally:
+                _drop(self._pending_per_peer, conv.remote)
+                _drop(self._pending_per_group, group)
             await conv.send(Progress(frame=ProgressFrame(phase="running", done=0, total=1)))
             self.store.update_job(*key, state=JobState.RUNNING, now=self.clock())
             try:
@@ -317,8 +398,14 @@ class Worker:
                 ticket = self.data.expect_upload(missing)
                 try:
                     await conv.send(Ticket(frame=_ticket_frame(ticket)))
-                    with trio.fail_after(TRANSFER_TIMEOUT_S):
+                    # the inputs phase's own deadline (the machine's), not a transfer-sized one: a client whose
+                    # inputs do not come frees the slot when the phase ends
+                    deadline = conv.machine.timeout_at()
+                    wait_s = TRANSFER_TIMEOUT_S if deadline is None else max(0.0, (deadline - self.clock()) / 1000)
+                    with trio.move_on_after(wait_s) as scope:
                         received = await self.data.receive_upload(ticket)
+                    if scope.cancelled_caught:
+                        raise NegotiationFailed(Reason.TIMEOUT, f"the inputs did not arrive in {wait_s:.1f} s")
                 finally:
                     self.data.discard(ticket)
                 for digest, view in received.items():
@@ -392,6 +479,35 @@ class Worker:
                 record.state.value,
             )
         return left_open
+
+
+def _claim_mismatch(claimed: Requirements, own: Estimate) -> str:
+    """Why a client's requirements disagree with the worker's own dry run, or ``""`` when they agree."""
+    pairs = (("memory", claimed.memory_bytes, own.peak_bytes), ("flops", claimed.flops, own.flops))
+    for what, claim, measured in pairs:
+        if abs(claim - measured) > CLAIM_SLACK * measured + CLAIM_SLACK_BYTES:
+            return f"claimed {what} {claim}, the worker's dry run measured {measured}"
+    return ""
+
+
+def _group_of(stream: INetStream) -> str:
+    """The address group of the stream's remote IP (core.matching.address_group)."""
+    address = stream.get_remote_address()
+    if address is None:
+        raise TransferError(Reason.TRANSFER_FAILED, "the stream has no IP remote address")
+    host = str(address[0])
+    return address_group(f"/{'ip6' if ':' in host else 'ip4'}/{host}")
+
+
+def _drop(counter: collections.Counter[_K], key: _K) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]
+
+
+async def _reset(stream: INetStream) -> None:
+    with trio.move_on_after(1.0), contextlib.suppress(Exception):
+        await stream.reset()
 
 
 def _ticket_frame(ticket: DataTicket) -> TicketFrame:

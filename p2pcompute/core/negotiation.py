@@ -57,8 +57,10 @@ __all__ = [
     "ANY_STATE_TRANSITIONS",
     "JOB_REGISTRY",
     "MAX_BLOB_CHUNK_SIZE",
+    "MAX_CLOCK_SKEW_MS",
     "MAX_CHUNKS_PER_FRAME",
     "MAX_SIGNED_SIZE",
+    "MESSAGE_TTL_MS",
     "MAX_SPEC_SIZE",
     "MAX_TICKET_BLOBS",
     "NON_TERMINAL",
@@ -628,22 +630,45 @@ def state_diagram(role: Role) -> str:
 # --- policy and admission ---------------------------------------------------------------------------------------
 
 
+MESSAGE_TTL_MS = 120_000
+"""``expires_at - now`` of every signed negotiation message: an offer binds the worker this long at most."""
+MAX_CLOCK_SKEW_MS = 10_000
+"""How far a peer's clock may run ahead of ours: a receiver refuses messages living longer than
+``MESSAGE_TTL_MS + MAX_CLOCK_SKEW_MS`` (its replay cache's ``max_ttl_ms``)."""
+
+
 @dataclass(frozen=True, slots=True)
 class NegotiationPolicy:
-    """Named timeouts (ms) and bounds of one negotiation (specs/negotiation.md §Timeouts)."""
+    """Named timeouts (ms) and bounds of one negotiation (specs/negotiation.md §Timeouts and §Bounds)."""
 
+    request_timeout_ms: int = 5_000  # stream opened → request (IDLE: a peer that opens a stream and says nothing)
     offer_timeout_ms: int = 10_000  # request → offer or decline
     accept_timeout_ms: int = 10_000  # offer → accept
     inputs_timeout_ms: int = 60_000  # accept → first progress or result (inputs uploaded); never past the deadline
     receipt_timeout_ms: int = 30_000  # result → receipt or rejection (outputs transferred and verified)
     max_streams_per_peer: int = 4  # concurrent job streams with one peer; more are reset
+    max_streams_per_group: int = 16  # ... with all peers of one address group (matching.address_group)
+    max_pending_inputs_per_peer: int = 2  # accepted jobs of one peer whose inputs have not all arrived; more: busy
+    max_pending_inputs_per_group: int = 4  # ... of one address group
 
     def __post_init__(self) -> None:
-        for name in ("offer_timeout_ms", "accept_timeout_ms", "inputs_timeout_ms", "receipt_timeout_ms"):
+        for name in (
+            "request_timeout_ms",
+            "offer_timeout_ms",
+            "accept_timeout_ms",
+            "inputs_timeout_ms",
+            "receipt_timeout_ms",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        if self.max_streams_per_peer < 1:
-            raise ValueError("max_streams_per_peer must be at least 1")
+        for name in (
+            "max_streams_per_peer",
+            "max_streams_per_group",
+            "max_pending_inputs_per_peer",
+            "max_pending_inputs_per_group",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -745,9 +770,13 @@ _Bad = Callable[..., NoReturn]
 class _Negotiation:
     ROLE: ClassVar[Role]
 
-    def __init__(self, *, local: PeerId, remote: PeerId, policy: NegotiationPolicy | None = None) -> None:
+    def __init__(
+        self, *, local: PeerId, remote: PeerId, policy: NegotiationPolicy | None = None, opened_at: int | None = None
+    ) -> None:
+        """``opened_at``: when the stream opened (ms); the request is then due ``request_timeout_ms`` after it."""
         if local == remote:
             raise ValueError("a negotiation needs two different peers")
+        self.opened_at = opened_at
         self.local = local
         self.remote = remote
         self.policy = policy or NegotiationPolicy()
@@ -811,8 +840,11 @@ class _Negotiation:
         return self._interrupt(State.CANCELLED, now)
 
     def timeout_at(self) -> int | None:
-        """When the current phase must have moved on (ms since the epoch); None before the request and at the end."""
-        if self._state in TERMINAL or self._state is State.IDLE or self._entered_at is None:
+        """When the current phase must have moved on (ms since the epoch); None at the end, and before the request
+        unless the machine knows when its stream opened (``opened_at``)."""
+        if self._state is State.IDLE:
+            return None if self.opened_at is None else self.opened_at + self.policy.request_timeout_ms
+        if self._state in TERMINAL or self._entered_at is None:
             return None
         assert self.request is not None
         deadline = self.request.message.deadline

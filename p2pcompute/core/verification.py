@@ -612,12 +612,12 @@ class EvidenceInbox:
         if len(data) > MAX_EVIDENCE_SIZE:
             raise DecodeError(Reason.TOO_LARGE, f"evidence of {len(data)} bytes, limit {MAX_EVIDENCE_SIZE}")
         opened = open_envelope(data, expect=CheatingEvidence)
-        self.seen.check(_replay_key(opened), opened.message.expires_at, now)
+        self.seen.check(_replay_key(opened), opened.message.expires_at, now, opened.signer.raw)
         valid = check_evidence(opened, now)
         key = hashlib.sha256(valid.reporter.raw + valid.accused.raw + valid.job_digest).digest()
         if key in self._counted:
             raise ReplayError(Reason.REPLAYED, f"{valid.reporter} already reported {valid.accused} for this job")
-        self.seen.add(_replay_key(opened), opened.message.expires_at, now)
+        self.seen.add(_replay_key(opened), opened.message.expires_at, now, opened.signer.raw)
         self._counted[key] = None
         while len(self._counted) > self.max_remembered:
             self._counted.popitem(last=False)

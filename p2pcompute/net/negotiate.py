@@ -41,6 +41,7 @@ from p2pcompute.core.messages import (
     Requirements,
 )
 from p2pcompute.core.negotiation import (
+    MESSAGE_TTL_MS,
     Abort,
     Accept,
     BlobAssembler,
@@ -95,7 +96,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MESSAGE_TTL_MS = 120_000  # expires_at of each signed message: an offer binds the worker this long at most
 INLINE_BYTES = 256 * 1024  # inputs (or outputs) up to this many bytes in all travel inline on the stream
 DIAL_TIMEOUT_S = 10.0
 STREAM_ATTEMPTS = 2
@@ -437,15 +437,20 @@ async def open_session(
     seen: SeenCache,
     clock: Callable[[], int],
     progress: ProgressCallback = _no_progress,
+    job_id: bytes | None = None,
 ) -> AsyncIterator[ClientSession]:
-    """Open a job stream to ``worker`` and yield a session; on leaving unsettled, abort and reset the stream."""
+    """Open a job stream to ``worker`` and yield a session; on leaving unsettled, abort and reset the stream.
+
+    ``job_id`` is the request's id (16 bytes; a fresh random one by default: a worker declines an id this client
+    used with it before).
+    """
     peer = ID(worker.raw)
     stream = await _open_stream(host, peer, addrs)
     machine = ClientNegotiation(local=keypair.peer_id, remote=worker)
     conversation = Conversation(stream, machine, keypair, worker, seen, clock)
     now = clock()
     request = JobRequest(
-        id=secrets.token_bytes(16),
+        id=job_id if job_id is not None else secrets.token_bytes(16),
         nonce=secrets.randbits(64),
         expires_at=now + MESSAGE_TTL_MS,
         client=keypair.peer_id,

@@ -190,6 +190,7 @@ async def run_on(
     max_price: int = 1_000_000,
     deadline_s: float = 60.0,
     pay: bool = True,
+    job_id: bytes | None = None,
 ) -> WorkerResult:
     """Negotiate ``job`` with one chosen worker directly (no matching); pays for the result when ``pay``."""
     with trio.fail_after(SESSION_TIMEOUT_S):
@@ -203,6 +204,7 @@ async def run_on(
             deadline=client.clock() + int(deadline_s * 1000),
             seen=client.seen,
             clock=client.clock,
+            job_id=job_id,
         ) as session:
             result = await session.run()
             if pay:

@@ -89,9 +89,7 @@ def _refused(report: dict[str, Any], *attempts: str) -> None:
         assert str(report[attempt]).startswith("refused"), f"{attempt}: {report[attempt]}"
 
 
-def test_without_the_sandbox_every_attempt_succeeds(
-    listener: tuple[str, int], secret: Path, tmp_path: Path
-) -> None:
+def test_without_the_sandbox_every_attempt_succeeds(listener: tuple[str, int], secret: Path, tmp_path: Path) -> None:
     """The control: the probe's attempts do work when nothing stops them."""
     report = _probe(None, listener, secret, tmp_path)
     allowed = ["socket_inet", "socket_unix", "connect_loopback", "fork", "exec", "kill_parent", "write_file"]
@@ -109,9 +107,7 @@ def test_network_namespace_cuts_every_connection(listener: tuple[str, int], secr
 
 
 @pytest.mark.skipif(not ROOT, reason="dropping to a uid of its own needs a root node")
-def test_own_uid_cannot_read_signal_or_trace_the_node(
-    listener: tuple[str, int], secret: Path, tmp_path: Path
-) -> None:
+def test_own_uid_cannot_read_signal_or_trace_the_node(listener: tuple[str, int], secret: Path, tmp_path: Path) -> None:
     tmp_path.chmod(0o700)
     report = _probe("uid", listener, secret, tmp_path)
     assert report["layers"]["uid"] == "active"
@@ -127,9 +123,7 @@ def test_no_new_privileges(listener: tuple[str, int], secret: Path, tmp_path: Pa
     assert report["dumpable"] == 0
 
 
-def test_landlock_allows_no_file_outside_the_install(
-    listener: tuple[str, int], secret: Path, tmp_path: Path
-) -> None:
+def test_landlock_allows_no_file_outside_the_install(listener: tuple[str, int], secret: Path, tmp_path: Path) -> None:
     report = _probe("landlock", listener, secret, tmp_path)
     if report["layers"]["landlock"] != "active":
         pytest.skip(f"Landlock: {report['layers']['landlock']}")
@@ -145,9 +139,7 @@ def test_rlimits_bound_memory_files_and_cores(listener: tuple[str, int], secret:
     assert report["core_limit"] == 0
 
 
-def test_seccomp_refuses_sockets_processes_and_signals(
-    listener: tuple[str, int], secret: Path, tmp_path: Path
-) -> None:
+def test_seccomp_refuses_sockets_processes_and_signals(listener: tuple[str, int], secret: Path, tmp_path: Path) -> None:
     report = _probe("seccomp", listener, secret, tmp_path)
     assert report["layers"]["seccomp"] == "active"
     for attempt in ("socket_inet", "socket_unix", "connect_loopback", "fork", "exec", "kill_parent", "ptrace_parent"):

@@ -328,7 +328,7 @@ class _Writer:
     async def send_blobs(self, blobs: Iterable[tuple[bytes, Blob]]) -> None:
         for digest, data in blobs:
             await self.send_piece(_blob_header(digest, len(data)))
-            view = memoryview(data).cast("B")
+            view = memoryview(data)
             for start in range(0, len(view), CHUNK_SIZE):
                 await self.send_piece(view[start : start + CHUNK_SIZE])
 

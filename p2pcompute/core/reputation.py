@@ -30,6 +30,8 @@ __all__ = [
     "ReputationPolicy",
 ]
 
+MAX_GROUP_LEN = 64
+MAX_CHECKED_FLOPS = (1 << 63) - 1
 MAX_REPORTS_REMEMBERED = 65_536
 """(reporter, accused, job) triples remembered to count each report once (in memory only)."""
 
@@ -98,13 +100,15 @@ class PeerReputation:
     reports: int = 0
     flagged: bool = False
     last_seen: int = 0
+    checked_flops: int = 0  # FLOPs of this peer's results that were checked and found valid: its proven work
+    group: str = ""  # the address group it was last seen in (a flagged peer's group is remembered)
 
     @property
     def distrusted(self) -> bool:
         """Flagged, or a net negative record: its reports are not believed and it is not chosen."""
         return self.flagged or self.score < 0
 
-    def to_row(self) -> dict[str, bytes | int | float]:
+    def to_row(self) -> dict[str, bytes | int | float | str]:
         """A plain row for SQLite (column name → value)."""
         return {
             "peer": self.peer.raw,
@@ -118,6 +122,8 @@ class PeerReputation:
             "reports": self.reports,
             "flagged": int(self.flagged),
             "last_seen": self.last_seen,
+            "checked_flops": self.checked_flops,
+            "group": self.group,
         }
 
     @classmethod
@@ -134,6 +140,11 @@ class PeerReputation:
                     raise TypeError(f"{name} is not a non-negative int")
                 ints[name] = value
             score, flagged, last_seen = row["score"], row["flagged"], row["last_seen"]
+            checked_flops, group = row.get("checked_flops", 0), row.get("group", "")  # absent in r0 rows
+            if not isinstance(checked_flops, int) or isinstance(checked_flops, bool) or checked_flops < 0:
+                raise TypeError("checked_flops is not a non-negative int")
+            if not isinstance(group, str):
+                raise TypeError("group is not a str")
             if not isinstance(score, (int, float)) or isinstance(score, bool):
                 raise TypeError("score is not a number")
             if flagged not in (0, 1) or not isinstance(last_seen, int):
@@ -143,6 +154,8 @@ class PeerReputation:
                 score=float(score),
                 flagged=bool(flagged),
                 last_seen=last_seen,
+                checked_flops=checked_flops,
+                group=group[:MAX_GROUP_LEN],
                 **ints,
             )
         except (KeyError, TypeError, P2PComputeError) as exc:
@@ -167,16 +180,26 @@ class Reputation:
     def known(self, peer: PeerId) -> bool:
         return peer in self._peers
 
-    def rows(self) -> list[dict[str, bytes | int | float]]:
+    def rows(self) -> list[dict[str, bytes | int | float | str]]:
         return [p.to_row() for p in self._peers.values()]
 
-    def record(self, peer: PeerId, outcome: Outcome, now: int) -> PeerReputation:
-        """Apply an own observation and return the new record."""
+    def record(self, peer: PeerId, outcome: Outcome, now: int, *, flops: int = 0, group: str = "") -> PeerReputation:
+        """Apply an own observation and return the new record.
+
+        A valid result earns trust only when it was checked (``flops`` > 0: the job's FLOPs, added to the peer's
+        proven work): a lone result nobody checked changes nothing, so an undetected cheat cannot raise a streak.
+        ``group`` is the peer's address group, remembered so that a flagged peer's group stays known.
+        """
         pol = self.policy
         rec = self.get(peer)
-        if outcome is Outcome.VALID:
+        if group:
+            rec = replace(rec, group=group[:MAX_GROUP_LEN])
+        if outcome is Outcome.VALID and flops <= 0:
+            pass
+        elif outcome is Outcome.VALID:
+            proven = min(rec.checked_flops + flops, MAX_CHECKED_FLOPS)
             rec = replace(rec, score=min(pol.max_score, rec.score + pol.valid_gain), streak=rec.streak + 1,
-                          valid=rec.valid + 1)  # fmt: skip
+                          valid=rec.valid + 1, checked_flops=proven)  # fmt: skip
         elif outcome is Outcome.INVALID:
             rec = replace(rec, score=min(rec.score, 0.0) - pol.invalid_penalty, streak=0, invalid=rec.invalid + 1,
                           flagged=True)  # fmt: skip
@@ -231,6 +254,15 @@ class Reputation:
     def spot_check(self, rng_value: float) -> bool:
         """Make this job a hidden spot check? ``rng_value`` is uniform in [0, 1)."""
         return rng_value < self.policy.spot_check_rate
+
+    def checked_flops(self, peer: PeerId) -> int:
+        """The FLOPs of ``peer``'s results that were checked and valid (its proven work); 0 once distrusted."""
+        rec = self._peers.get(peer)
+        return 0 if rec is None or rec.distrusted else rec.checked_flops
+
+    def flagged_groups(self) -> frozenset[str]:
+        """Address groups in which a flagged peer was seen: a new key from there starts on probation."""
+        return frozenset(p.group for p in self._peers.values() if p.flagged and p.group)
 
     def eligible(self, peer: PeerId) -> bool:
         """Not flagged: a reported or caught worker is never chosen."""

@@ -325,6 +325,24 @@ class Verifier:
         self._failures.append((worker, outcome))
         return self.status()
 
+    def retract(self, worker: PeerId, outcome: Outcome) -> Status:
+        """Take back ``worker``'s claim: a later check found it false (``invalid``) or the worker did not deliver
+        what it committed to; it counts as that failure from now on."""
+        self._check_open()
+        if outcome not in _FAILURE_OUTCOMES:
+            raise LocalProtocolError(Reason.WRONG_TYPE, f"{outcome} is not a failure outcome")
+        claims = [c for c in self._claims if c.worker == worker]
+        if not claims:
+            raise LocalProtocolError(Reason.UNEXPECTED_MESSAGE, f"worker {worker} has no claim to retract")
+        self._claims = [c for c in self._claims if c.worker != worker]
+        self._clusters = [[c for c in cluster if c.worker != worker] for cluster in self._clusters]
+        self._clusters = [cluster for cluster in self._clusters if cluster]
+        self._failures.append((worker, outcome))
+        return self.status()
+
+    def has_claim(self, worker: PeerId) -> bool:
+        return any(c.worker == worker for c in self._claims)
+
     # -- outputs
 
     @property

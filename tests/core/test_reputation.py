@@ -23,7 +23,7 @@ NOW = 1_800_000_000_000
 
 def trusted(rep: Reputation, peer: PeerId, streak: int) -> None:
     for i in range(streak):
-        rep.record(peer, Outcome.VALID, NOW + i)
+        rep.record(peer, Outcome.VALID, NOW + i, flops=1_000)
 
 
 def test_unknown_and_untrusted_workers_are_always_replicated() -> None:
@@ -167,7 +167,7 @@ def test_the_table_is_bounded_and_forgets_the_longest_unseen_first() -> None:
     rep = Reputation(ReputationPolicy(max_peers=3))
     rep.record(P[0], Outcome.INVALID, NOW)  # flagged: kept longest
     for i, peer in enumerate(P[1:5]):
-        rep.record(peer, Outcome.VALID, NOW + i)
+        rep.record(peer, Outcome.VALID, NOW + i, flops=1_000)
     assert len(rep) == 3
     assert rep.known(P[0]) and rep.known(P[4]) and rep.known(P[3])
     assert len(rep.rows()) == 3
@@ -180,3 +180,27 @@ def test_the_table_is_bounded_and_forgets_the_longest_unseen_first() -> None:
 def test_policy_is_checked(kwargs: dict[str, float]) -> None:
     with pytest.raises(ConfigError):
         ReputationPolicy(**kwargs)  # type: ignore[arg-type]
+
+
+def test_only_checked_results_earn_trust() -> None:
+    """Issue 10: a lone result nobody checked used to count as valid, so an undetected cheat raised its streak."""
+    rep = Reputation()
+    peer = KeyPair.from_seed(b"\x31" * 32).peer_id
+    for i in range(50):
+        rep.record(peer, Outcome.VALID, NOW + i)  # unchecked: flops 0
+    assert rep.get(peer).streak == 0 and rep.get(peer).score == 0 and rep.checked_flops(peer) == 0
+    assert rep.replication_probability(peer) == 1.0
+    rep.record(peer, Outcome.VALID, NOW + 60, flops=5_000)
+    assert rep.get(peer).streak == 1 and rep.checked_flops(peer) == 5_000
+
+
+def test_a_flagged_peers_group_is_remembered_and_its_proven_work_lost() -> None:
+    rep = Reputation()
+    peer = KeyPair.from_seed(b"\x32" * 32).peer_id
+    rep.record(peer, Outcome.VALID, NOW, flops=10**9, group="ip4:198.51.0.0/16")
+    assert rep.checked_flops(peer) == 10**9 and rep.flagged_groups() == frozenset()
+    rep.record(peer, Outcome.INVALID, NOW + 1, group="ip4:198.51.0.0/16")
+    assert rep.checked_flops(peer) == 0
+    assert rep.flagged_groups() == {"ip4:198.51.0.0/16"}
+    again = Reputation(peers=[PeerReputation.from_row(r) for r in rep.rows()])  # persisted and loaded
+    assert again.flagged_groups() == {"ip4:198.51.0.0/16"}

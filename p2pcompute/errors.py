@@ -26,7 +26,8 @@ machine-readable :class:`Reason` code (the codes are listed in ``specs/00-conven
         ├── SignatureError          envelope signature, domain, key or signer does not check out
         ├── ReplayError             replayed, expired or too-far-future message
         ├── JobFormatError          a job spec or tensor breaks the job format or its limits (hostile payloads)
-        └── TransferError           a data-channel transfer broke (bad token, hash/size mismatch, cut short)
+        ├── TransferError           a data-channel transfer broke (bad token, hash/size mismatch, cut short)
+        └── TraceError              a committed trace or a Merkle proof does not check out
 
 The split between local and remote protocol errors follows h11: a ``RemoteProtocolError`` is the
 peer's fault and must never crash a peer; a ``LocalProtocolError`` is ours.
@@ -45,6 +46,7 @@ __all__ = [
     "NegotiationFailed",
     "NoWorkersError",
     "StoreError",
+    "TraceError",
     "TransferError",
     "VerificationError",
     "DecodeError",
@@ -163,6 +165,9 @@ class Reason(StrEnum):
     # advert addresses (specs/adverts.md §4)
     FOREIGN_ADDRESS = "foreign_address"
     BAD_ADDRESS = "bad_address"
+    # committed traces (specs/verification.md §10)
+    BAD_PROOF = "bad_proof"
+    BAD_TRACE = "bad_trace"
 
 
 class P2PComputeError(Exception):
@@ -261,6 +266,10 @@ class JobFormatError(RemoteProtocolError):
 
 class TransferError(RemoteProtocolError):
     """A data-channel transfer failed its checks: bad token, size or hash mismatch, cut short."""
+
+
+class TraceError(RemoteProtocolError):
+    """A committed trace does not fit its job, or a Merkle proof does not lead to the root (specs/verification.md)."""
 
 
 class JobError(P2PComputeError):

@@ -9,14 +9,20 @@ imports torch only inside :func:`main`):
 - a *message* is one header frame (canonical msgpack map, at most :data:`MAX_HEADER_SIZE`) followed by the raw
   blob frames its header announces.
 
-Parent → child: ``{"type": "job", "blobs": [digest, ...]}`` + spec frame + one frame per digest, or
+Parent → child: ``{"type": "job", "blobs": [digest, ...], "trace": bool, "trace_budget": int}`` + spec frame + one
+frame per digest (``trace`` absent means true; ``trace_budget``, the bytes of intermediates to keep, absent means and
+is capped at ``TRACE_BYTES_BUDGET``), or
 ``{"type": "estimate"}`` + spec frame (the worker's own dry run, before it offers).
 Child → parent: ``{"type": "ready", "hardware_class": str, "device_kind": "cpu"|"cuda", "sandbox": {layer:
 status}}`` once at start (``{"type": "fatal", "detail": str}`` instead when the device cannot be used or a
 required sandbox layer is missing), then per estimate ``{"type": "estimate", "peak_bytes": int, "output_bytes":
 int, "flops": int}`` or an error, and per job zero or more
 ``{"type": "progress", "stage": str}``, and one ``{"type": "result", "outputs": [TensorMeta wire map, ...],
-"dtype": str, "load_ms": int, "exec_ms": int}`` + one frame per output, or ``{"type": "error", "kind":
+"dtype": str, "load_ms": int, "exec_ms": int, "trace_frames": int, "trace_blobs": int, "trace_complete": bool}``
++ one frame per output, then (the committed trace, specs/verification.md §10) ``trace_frames`` frames, each the
+canonical msgpack array of at most :data:`TRACE_LEAVES_PER_FRAME` ``TraceLeaf`` wire maps in node order and at most
+:data:`MAX_HEADER_SIZE` bytes, then, when ``trace_blobs`` > 0, one frame of that many 32-byte digests and one frame
+of raw bytes per digest (the intermediates kept within ``TRACE_BYTES_BUDGET``); or ``{"type": "error", "kind":
 "job_format"|"execution", "reason": str, "detail": str, "recycle": bool}``.
 
 Nothing is pickled: headers are canonical msgpack and tensors raw little-endian bytes.
@@ -44,12 +50,14 @@ from typing import IO, Any
 from p2pcompute.compute import sandbox
 from p2pcompute.core import codec
 from p2pcompute.core.schema import to_wire
+from p2pcompute.core.trace import TRACE_BYTES_BUDGET
 from p2pcompute.errors import ExecutionError, JobFormatError, P2PComputeError, Reason
 
 __all__ = [
     "FRAME_PREFIX",
     "MAX_BLOB_FRAME",
     "MAX_HEADER_SIZE",
+    "TRACE_LEAVES_PER_FRAME",
     "address_space_limit",
     "main",
 ]
@@ -59,6 +67,7 @@ MAX_HEADER_SIZE = codec.MAX_FRAME_SIZE
 MAX_BLOB_FRAME = 1 << 40  # 1 TiB: a sanity cap; the real bounds are the job's limits, checked before reading
 MEMORY_HEADROOM = 512 << 20  # address space allowed above baseline + the job's memory + its outputs
 MAX_ERROR_DETAIL = 1000
+TRACE_LEAVES_PER_FRAME = 4096  # = codec.DEFAULT_LIMITS.max_array_len: the parent decodes a frame with the defaults
 _U64_MAX = (1 << 64) - 1
 _DETERMINISTIC_ENV = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
 
@@ -151,9 +160,11 @@ class _Worker:
             cuda = "none"
         self.hardware_class = f"{model}|torch {torch.__version__}|cuda {cuda}|threads {threads}"
 
-    def run(self, out: IO[bytes], spec_bytes: bytes, blobs: Mapping[bytes, bytes]) -> None:
-        """Run one job and write its result or error message."""
-        self._answer(out, lambda: self._run(out, spec_bytes, blobs))
+    def run(
+        self, out: IO[bytes], spec_bytes: bytes, blobs: Mapping[bytes, bytes], trace: int | None = TRACE_BYTES_BUDGET
+    ) -> None:
+        """Run one job and write its result or error message; ``trace``: None, or the bytes of its trace to keep."""
+        self._answer(out, lambda: self._run(out, spec_bytes, blobs, trace))
 
     def estimate(self, out: IO[bytes], spec_bytes: bytes) -> None:
         """The worker's own dry run of a job: peak bytes (with per-tensor overhead), output bytes, flops."""
@@ -188,9 +199,10 @@ class _Worker:
         return spec, limits, memory
 
     def _guard(self, memory: int, max_output_bytes: int) -> contextlib.AbstractContextManager[object]:
-        """The job's address-space ceiling (CPU): its memory, its outputs twice (tensor and wire), slack."""
+        """The job's address-space ceiling (CPU): its memory, its outputs twice (tensor and wire), the kept trace,
+        slack."""
         if self.device == "cpu":
-            return address_space_limit(memory + 2 * max_output_bytes + MEMORY_HEADROOM)
+            return address_space_limit(memory + 2 * max_output_bytes + TRACE_BYTES_BUDGET + MEMORY_HEADROOM)
         return contextlib.nullcontext()
 
     def _estimate(self, spec_bytes: bytes) -> tuple[dict[str, Any], list[bytes]]:
@@ -208,7 +220,7 @@ class _Worker:
         return header, []
 
     def _run(
-        self, out: IO[bytes], spec_bytes: bytes, blobs: Mapping[bytes, bytes]
+        self, out: IO[bytes], spec_bytes: bytes, blobs: Mapping[bytes, bytes], trace: int | None
     ) -> tuple[dict[str, Any], list[bytes]]:
         from p2pcompute.compute import interpreter
 
@@ -220,7 +232,9 @@ class _Worker:
             interpreter.check_memory(spec, memory_limit=memory)
             loaded = time.perf_counter()
             _write_message(out, {"type": "progress", "stage": "running"})
-            outputs = interpreter.execute(spec, blobs, device=self.device)
+            known = frozenset(meta.digest for meta in spec.inputs + spec.constants)
+            sink = None if trace is None else interpreter.TraceSink(budget=trace, known=known)
+            outputs = interpreter.execute(spec, blobs, device=self.device, trace=sink)
             if self.device == "cuda":
                 torch.cuda.synchronize()
             pairs = [interpreter.tensor_to_blob(t) for t in outputs]
@@ -235,7 +249,40 @@ class _Worker:
             "load_ms": round((loaded - start) * 1000),
             "exec_ms": round((done - loaded) * 1000),
         }
-        return header, [data for _, data in pairs]
+        frames = [data for _, data in pairs]
+        if sink is not None:
+            leaf_frames = _leaf_frames(sink.leaves)
+            header.update(trace_frames=len(leaf_frames), trace_blobs=len(sink.blobs), trace_complete=sink.complete)
+            frames += leaf_frames
+            if sink.blobs:
+                frames.append(b"".join(sink.blobs))
+                frames += sink.blobs.values()
+        return header, frames
+
+
+def _leaf_frames(leaves: list[Any]) -> list[bytes]:
+    """The trace's leaves as canonical msgpack arrays of at most TRACE_LEAVES_PER_FRAME leaves and MAX_HEADER_SIZE
+    bytes each (one leaf is far smaller: at most 1,024 metas of under 120 bytes)."""
+    frames: list[bytes] = []
+    group: list[bytes] = []
+    size = 0
+    for leaf in leaves:
+        packed = codec.pack(to_wire(leaf))
+        if group and (len(group) == TRACE_LEAVES_PER_FRAME or size + len(packed) + 3 > MAX_HEADER_SIZE):
+            frames.append(_array(group))
+            group, size = [], 0
+        group.append(packed)
+        size += len(packed)
+    if group:
+        frames.append(_array(group))
+    return frames
+
+
+def _array(packed: list[bytes]) -> bytes:
+    """A msgpack array of already packed items, with its shortest (canonical) header."""
+    n = len(packed)
+    header = bytes([0x90 | n]) if n < 16 else b"\xdc" + struct.pack(">H", n)
+    return header + b"".join(packed)
 
 
 def _with_memory(limits: Any, memory: int) -> Any:
@@ -352,7 +399,9 @@ def _warm_up(interpreter: Any, jobspec: Any, device: str) -> None:
     spec = jobspec.JobSpec(inputs=(meta,), nodes=nodes, outputs=(jobspec.NodeRef(3),))
     spec = jobspec.decode_job(jobspec.encode_job(spec))
     interpreter.dry_run(spec)
-    interpreter.tensor_to_blob(interpreter.execute(spec, {meta.digest: data}, device=device)[0])
+    sink = interpreter.TraceSink(budget=16)  # both trace paths: the first node's bytes kept, then digests only
+    interpreter.tensor_to_blob(interpreter.execute(spec, {meta.digest: data}, device=device, trace=sink)[0])
+    _leaf_frames(sink.leaves)
 
 
 def _serve(proto_in: IO[bytes], proto_out: IO[bytes], options: _Options) -> int:
@@ -380,11 +429,15 @@ def _serve(proto_in: IO[bytes], proto_out: IO[bytes], options: _Options) -> int:
             digests = header.get("blobs")
             if not isinstance(digests, list) or not all(isinstance(d, bytes) for d in digests):
                 return 3
+            traced, budget = header.get("trace", True), header.get("trace_budget", TRACE_BYTES_BUDGET)
+            if not isinstance(traced, bool) or not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+                return 3
+            trace = min(budget, TRACE_BYTES_BUDGET) if traced else None
             spec_bytes = _read_frame(proto_in, MAX_BLOB_FRAME)
             blobs = {digest: _read_frame(proto_in, MAX_BLOB_FRAME) for digest in digests}
         except _PipeClosed:
             return 0
-        worker.run(proto_out, spec_bytes, blobs)
+        worker.run(proto_out, spec_bytes, blobs, trace)
         del spec_bytes, blobs
 
 
@@ -411,7 +464,7 @@ def _address_space(memory_limit: int | None) -> int:
     from p2pcompute.core.jobspec import DEFAULT_JOB_LIMITS
 
     memory = DEFAULT_JOB_LIMITS.memory_bytes if memory_limit is None else memory_limit
-    return memory + 2 * DEFAULT_JOB_LIMITS.max_output_bytes + MEMORY_HEADROOM
+    return memory + 2 * DEFAULT_JOB_LIMITS.max_output_bytes + TRACE_BYTES_BUDGET + MEMORY_HEADROOM
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,11 @@ refuses outputs past ``max_output_bytes`` before reading them. A child that dies
 its wall time, is cancelled mid-job or hits its memory ceiling is killed and replaced by a fresh one started
 in the pool's nursery; a rejected job (``JobFormatError``) or a failing op (``execution_failed``) leaves the
 child in the pool.
+
+Every job's result also carries its committed trace (specs/verification.md §10): one ``TraceLeaf`` per node, the
+trace root, and the bytes of the intermediates the child kept within ``TRACE_BYTES_BUDGET``. The parent decodes and
+checks what the child sends (schema, one leaf per node in order, the outputs the trace names, the kept bytes' sizes)
+before it believes it; a child that sends anything else is treated as crashed.
 """
 
 from __future__ import annotations
@@ -51,10 +56,11 @@ import trio
 from p2pcompute.compute import sandbox as sandbox_layers
 from p2pcompute.compute._child import FRAME_PREFIX, MAX_HEADER_SIZE
 from p2pcompute.core import codec
-from p2pcompute.core.jobspec import DEFAULT_JOB_LIMITS, decode_job, tighter
+from p2pcompute.core.jobspec import DEFAULT_JOB_LIMITS, JobLimits, JobSpec, decode_job, tighter
 from p2pcompute.core.messages import Timings
 from p2pcompute.core.schema import from_wire
-from p2pcompute.core.tensors import TensorMeta, outputs_digest
+from p2pcompute.core.tensors import DIGEST_SIZE, TensorMeta, outputs_digest
+from p2pcompute.core.trace import MAX_TRACE_LEAVES, TRACE_BYTES_BUDGET, TraceLeaf, check_trace, trace_root
 from p2pcompute.errors import (
     ConfigError,
     DecodeError,
@@ -63,6 +69,7 @@ from p2pcompute.errors import (
     P2PComputeError,
     Reason,
     SchemaError,
+    TraceError,
 )
 
 __all__ = ["Estimate", "ExecResult", "Executor", "open_executor"]
@@ -85,12 +92,21 @@ Progress = Callable[[str], None]
 
 @dataclass(frozen=True, slots=True)
 class ExecResult:
-    """What a finished job produced, and where its time went."""
+    """What a finished job produced, where its time went, and its committed trace (empty when not traced)."""
 
     outputs: list[tuple[TensorMeta, bytes]]
     output_digest: bytes
     hardware_class: str
     timings: Timings
+    trace: tuple[TraceLeaf, ...] = ()
+    """One leaf per node of the job, in node order."""
+    trace_root: bytes = b""
+    """``core.trace.trace_root(trace)``: what a signed result commits to; empty when not traced."""
+    trace_blobs: dict[bytes, bytes] = field(default_factory=dict)
+    """Raw bytes of committed intermediates by digest, those of a prefix of the nodes within ``TRACE_BYTES_BUDGET``
+    (the job's own inputs and constants are never among them)."""
+    trace_complete: bool = False
+    """Every committed digest that is not a job input or constant is in ``trace_blobs``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,11 +190,13 @@ class _Child:
             raise _ChildDied from exc
         return await self.reader.read_header()
 
-    async def send_job(self, spec_bytes: bytes, blobs: Mapping[bytes, bytes]) -> None:
+    async def send_job(
+        self, spec_bytes: bytes, blobs: Mapping[bytes, bytes], trace: bool = True, budget: int = TRACE_BYTES_BUDGET
+    ) -> None:
         stdin = self.process.stdin
         assert stdin is not None
         digests = list(blobs)
-        header = codec.pack({"type": "job", "blobs": digests})
+        header = codec.pack({"type": "job", "blobs": digests, "trace": trace, "trace_budget": budget})
         try:
             await stdin.send_all(FRAME_PREFIX.pack(len(header)) + header)
             await stdin.send_all(FRAME_PREFIX.pack(len(spec_bytes)) + spec_bytes)
@@ -353,12 +371,20 @@ class Executor:
         return tuple(sorted(child.pid for child in self._children))
 
     async def run(
-        self, spec_bytes: bytes, blobs: Mapping[bytes, bytes], *, progress: Progress | None = None
+        self,
+        spec_bytes: bytes,
+        blobs: Mapping[bytes, bytes],
+        *,
+        progress: Progress | None = None,
+        trace: bool = True,
+        trace_budget: int = TRACE_BYTES_BUDGET,
     ) -> ExecResult:
         """Run one job in a warm worker.
 
         ``blobs`` maps digests to the raw bytes of the job's inputs and constants. ``progress`` is called with
         ``"queued"``, ``"sent to worker <pid>"``, ``"running"`` (the job passed its checks) and ``"done"``.
+        ``trace=False`` runs it without committing to its intermediates (the result's trace fields stay empty);
+        ``trace_budget`` (at most ``TRACE_BYTES_BUDGET``) bounds the bytes of intermediates kept, 0 for digests only.
         Raises :class:`JobFormatError` (the spec or its tensors break the job format or its limits) or
         :class:`ExecutionError` with ``wall_time``, ``memory_limit``, ``worker_crashed``, ``execution_failed``
         or ``executor_closed``. The wall time counts from handing the job to a worker to its last output byte.
@@ -367,7 +393,10 @@ class Executor:
         report = progress or _no_progress
         if self._closed:
             raise ExecutionError(Reason.EXECUTOR_CLOSED, "the executor is closed")
-        limits = tighter(decode_job(spec_bytes).limits, DEFAULT_JOB_LIMITS)
+        spec = decode_job(spec_bytes)
+        limits = tighter(spec.limits, DEFAULT_JOB_LIMITS)
+        if not 0 <= trace_budget <= TRACE_BYTES_BUDGET:
+            raise ConfigError(f"trace_budget must be 0 to {TRACE_BYTES_BUDGET}, not {trace_budget}")
         report("queued")
         try:
             child = await self._idle_recv.receive()
@@ -378,7 +407,9 @@ class Executor:
         try:
             report(f"sent to worker {child.pid}")
             with trio.move_on_after(limits.wall_time_ms / 1000) as scope:
-                header, outputs = await self._exchange(child, spec_bytes, blobs, limits.max_output_bytes, report)
+                header, outputs, traced = await self._exchange(
+                    child, spec, spec_bytes, blobs, limits, report, trace, trace_budget
+                )
             if scope.cancelled_caught:
                 raise ExecutionError(Reason.WALL_TIME, f"job passed its wall time of {limits.wall_time_ms} ms")
             keep = not header.get("recycle", False)
@@ -403,28 +434,86 @@ class Executor:
             total_ms=_ms(finished - start),
         )
         report("done")
+        leaves, kept, complete = traced
         return ExecResult(
             outputs=outputs,
             output_digest=outputs_digest(meta for meta, _ in outputs),
             hardware_class=f"{child.hardware_class}|{dtype if isinstance(dtype, str) else 'none'}",
             timings=timings,
+            trace=leaves,
+            trace_root=trace_root(leaves) if trace else b"",
+            trace_blobs=kept,
+            trace_complete=complete,
         )
 
     async def _exchange(
-        self, child: _Child, spec_bytes: bytes, blobs: Mapping[bytes, bytes], max_output: int, report: Progress
-    ) -> tuple[dict[str, Any], list[tuple[TensorMeta, bytes]]]:
-        await child.send_job(spec_bytes, blobs)
+        self,
+        child: _Child,
+        spec: JobSpec,
+        spec_bytes: bytes,
+        blobs: Mapping[bytes, bytes],
+        limits: JobLimits,
+        report: Progress,
+        trace: bool,
+        budget: int,
+    ) -> tuple[dict[str, Any], list[tuple[TensorMeta, bytes]], _Trace]:
+        await child.send_job(spec_bytes, blobs, trace, budget)
         while True:
             header = await child.reader.read_header()
             kind = header["type"]
             if kind == "progress":
                 report(str(header.get("stage", "")))
             elif kind == "error":
-                return header, []
+                return header, [], ((), {}, False)
             elif kind == "result":
-                return header, await self._read_outputs(child, header, max_output)
+                outputs = await self._read_outputs(child, header, limits.max_output_bytes)
+                traced = await self._read_trace(child, header, spec, outputs, budget) if trace else ((), {}, False)
+                return header, outputs, traced
             else:
                 raise _ChildDied(f"unexpected message {kind!r} from worker {child.pid}")
+
+    @staticmethod
+    async def _read_trace(
+        child: _Child, header: dict[str, Any], spec: JobSpec, outputs: list[tuple[TensorMeta, bytes]], budget: int
+    ) -> _Trace:
+        """The committed trace after a result's outputs: leaf frames, then the kept intermediates (module docstring)."""
+        n_frames, n_blobs, complete = (
+            header.get("trace_frames"),
+            header.get("trace_blobs"),
+            header.get("trace_complete"),
+        )
+        if not (_is_count(n_frames) and _is_count(n_blobs) and isinstance(complete, bool)):
+            raise _ChildDied("result without its trace counts")
+        assert isinstance(n_frames, int) and isinstance(n_blobs, int)
+        if n_frames > MAX_TRACE_LEAVES or n_frames > len(spec.nodes):
+            raise _ChildDied(f"{n_frames} trace frames for {len(spec.nodes)} nodes")
+        leaves: list[TraceLeaf] = []
+        try:
+            for _ in range(n_frames):
+                items = codec.unpack(await child.reader.read_frame(MAX_HEADER_SIZE))
+                if not isinstance(items, list) or len(leaves) + len(items) > len(spec.nodes):
+                    raise _ChildDied("a trace frame that is not an array of the job's leaves")
+                leaves.extend(from_wire(TraceLeaf, item) for item in items)
+            check_trace(spec, leaves, [meta for meta, _ in outputs])
+        except (DecodeError, SchemaError, TraceError) as exc:
+            raise _ChildDied(f"bad trace from worker {child.pid}: {exc}") from exc
+        sizes = {meta.digest: meta.nbytes for leaf in leaves for meta in leaf.outputs}
+        kept: dict[bytes, bytes] = {}
+        if n_blobs:
+            digests = await child.reader.read_frame(DIGEST_SIZE * n_blobs)
+            if len(digests) != DIGEST_SIZE * n_blobs:
+                raise _ChildDied("trace digests frame of the wrong length")
+            names = [digests[i : i + DIGEST_SIZE] for i in range(0, len(digests), DIGEST_SIZE)]
+            if any(name not in sizes for name in names) or len(set(names)) != len(names):
+                raise _ChildDied("kept trace bytes for a digest the trace does not name, or twice")
+            if sum(sizes[name] for name in names) > budget:
+                raise _ChildDied(f"worker kept more than {TRACE_BYTES_BUDGET} bytes of its trace")
+            for name in names:
+                data = await child.reader.read_frame(sizes[name])
+                if len(data) != sizes[name]:
+                    raise _ChildDied("kept trace bytes of the wrong length")
+                kept[name] = data
+        return tuple(leaves), kept, complete
 
     @staticmethod
     async def _read_outputs(child: _Child, header: dict[str, Any], max_output: int) -> list[tuple[TensorMeta, bytes]]:
@@ -532,6 +621,13 @@ class Executor:
             for process in list(self._dying):
                 await process.wait()
                 self._dying.discard(process)
+
+
+_Trace = tuple[tuple[TraceLeaf, ...], dict[bytes, bytes], bool]
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _int(value: object) -> int:

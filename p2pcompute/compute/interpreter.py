@@ -7,10 +7,18 @@ on ``torch.ops.aten`` of names in :data:`ALLOWED_OPS`. No pickle, ``torch.load``
 refuses it when a tensor, the peak of live tensors, or the outputs would pass the limits. Before every op, in both
 runs, the arguments are typed against the op's schema (``jobspec.check_args``) and checked by the op's validators
 (``compute/validators.py``); the validators' data checks run in execution only.
+
+With a :class:`TraceSink`, :func:`execute` also commits to every intermediate (specs/verification.md §10): after each
+node it hashes each tensor the node returned (its wire bytes: C-contiguous, little-endian, read on the CPU in chunks
+of at most :data:`HASH_CHUNK_BYTES`) into a :class:`~p2pcompute.core.trace.TraceLeaf`, and keeps the bytes themselves
+while their total stays within the sink's budget (:data:`TRACE_BYTES_BUDGET`). :func:`run_node` runs one node alone
+on given tensors, through the same typed, validated call path (the client's checks recompute committed nodes with it).
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -39,18 +47,25 @@ from p2pcompute.core.jobspec import (
     tighter,
 )
 from p2pcompute.core.tensors import DTYPES, MAX_DIM, MAX_DIMS, TensorMeta, check_blob, tensor_digest
+from p2pcompute.core.trace import TRACE_BYTES_BUDGET, TraceLeaf
 from p2pcompute.errors import ExecutionError, JobFormatError, Reason
 
 __all__ = [
     "DTYPE_BY_NAME",
+    "HASH_CHUNK_BYTES",
     "NAME_BY_DTYPE",
     "TENSOR_OVERHEAD_BYTES",
+    "TRACE_BYTES_BUDGET",
     "DryRun",
+    "TraceSink",
+    "bind_node",
     "blob_to_tensor",
     "check_memory",
     "dry_run",
     "execute",
     "resolve_op",
+    "run_node",
+    "tensor_meta",
     "tensor_to_blob",
 ]
 
@@ -107,14 +122,56 @@ def tensor_to_blob(tensor: torch.Tensor) -> tuple[TensorMeta, bytes]:
     name = NAME_BY_DTYPE.get(tensor.dtype)
     if name is None:
         raise JobFormatError(Reason.BAD_DTYPE, f"dtype {tensor.dtype} is not one of {sorted(DTYPES)}")
-    flat = _from_little_endian(tensor.detach().to("cpu").contiguous().reshape(-1))
-    if flat.numel() and flat.stride(0) != 1:  # one element with any stride counts as contiguous; bytes need stride 1
-        flat = torch.empty_like(flat, memory_format=torch.contiguous_format).copy_(flat)
-    data = bytearray(flat.numel() * flat.element_size())
-    if data:
-        torch.frombuffer(data, dtype=torch.uint8).copy_(flat.view(torch.uint8))
-    blob = bytes(data)
+    dense = _from_little_endian(tensor.detach().to("cpu").contiguous())
+    blob = bytes(_raw(dense))  # the one copy: a C-contiguous tensor's elements lie in row-major order at data_ptr
     return TensorMeta(digest=tensor_digest(blob), dtype=name, shape=tuple(tensor.shape)), blob
+
+
+def tensor_meta(tensor: torch.Tensor) -> TensorMeta:
+    """The meta of a tensor's wire form (:func:`tensor_to_blob`'s), hashed without building the whole blob.
+
+    A contiguous CPU tensor is hashed in place; any other (a view with gaps or overlaps, a CUDA tensor) in
+    contiguous CPU chunks of at most :data:`HASH_CHUNK_BYTES`, rows in order, so the digest is the blob's.
+    """
+    name = NAME_BY_DTYPE.get(tensor.dtype)
+    if name is None:
+        raise JobFormatError(Reason.BAD_DTYPE, f"dtype {tensor.dtype} is not one of {sorted(DTYPES)}")
+    h = hashlib.sha256()
+    _hash_into(h, _from_little_endian(tensor.detach()))
+    return TensorMeta(digest=h.digest(), dtype=name, shape=tuple(int(s) for s in tensor.shape))
+
+
+HASH_CHUNK_BYTES = 16 << 20
+"""Largest contiguous CPU copy :func:`tensor_meta` makes to hash a non-contiguous or CUDA tensor (beyond a row)."""
+
+
+def _hash_into(h: Any, tensor: torch.Tensor) -> None:
+    if tensor.numel() == 0:
+        return
+    nbytes = tensor.numel() * tensor.element_size()
+    if tensor.device.type == "cpu" and tensor.is_contiguous():
+        h.update(_raw(tensor))
+        return
+    if nbytes <= HASH_CHUNK_BYTES or tensor.dim() == 0:
+        dense = tensor.contiguous().to("cpu")  # held while hashed: the view below does not keep it alive
+        h.update(_raw(dense))
+        del dense
+        return
+    if tensor.shape[0] == 1:
+        _hash_into(h, tensor[0])
+        return
+    rows = max(1, HASH_CHUNK_BYTES // (nbytes // int(tensor.shape[0])))
+    for start in range(0, int(tensor.shape[0]), rows):
+        _hash_into(h, tensor[start : start + rows])
+
+
+def _raw(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a C-contiguous CPU tensor, in place. The view does not keep the tensor alive: the caller must."""
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0:
+        return memoryview(b"")
+    assert tensor.device.type == "cpu" and tensor.is_contiguous()
+    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
 
 
 def _from_little_endian(tensor: torch.Tensor) -> torch.Tensor:
@@ -171,19 +228,31 @@ def _convert(arg: Arg, values: Callable[[TensorRef], torch.Tensor], device: torc
 
 @dataclass(frozen=True, slots=True)
 class DryRun:
-    """What a meta-device run of a job found: peak live bytes, output sizes, a rough flop count."""
+    """What a meta-device run of a job found: peak live bytes, output sizes, a rough flop count, per-node shapes."""
 
     peak_bytes: int
     output_bytes: int
     outputs: tuple[tuple[str, tuple[int, ...]], ...]
     flops: int
+    node_flops: tuple[int, ...] = ()
+    """:func:`_flops` of each node, in node order."""
+    node_outputs: tuple[tuple[tuple[str, tuple[int, ...]], ...], ...] = ()
+    """(dtype, shape) of each tensor each node returns, in node order: what its trace leaf must state."""
 
 
 class _Run:
     """One interpretation of a spec; ``meta=True`` allocates nothing and checks limits per node."""
 
-    def __init__(self, spec: JobSpec, inputs: Sequence[torch.Tensor], device: torch.device, limits: JobLimits):
+    def __init__(
+        self,
+        spec: JobSpec,
+        inputs: Sequence[torch.Tensor],
+        device: torch.device,
+        limits: JobLimits,
+        lookup: Callable[[TensorRef], torch.Tensor] | None = None,
+    ):
         self.spec = spec
+        self.lookup = lookup  # run_node: tensor arguments from the caller
         self.device = device
         self.limits = limits
         self.inputs = list(inputs)
@@ -200,6 +269,8 @@ class _Run:
                 self.last_use[ref.node] = len(spec.nodes)
 
     def value(self, ref: TensorRef) -> torch.Tensor:
+        if self.lookup is not None:
+            return self.lookup(ref)
         match ref:
             case InputRef(index=index):
                 return self.inputs[index]
@@ -218,6 +289,11 @@ class _Run:
         return result
 
     def call(self, index: int) -> Any:
+        op, args, kwargs = self.prepare(index)
+        return op(*args, **kwargs)
+
+    def prepare(self, index: int) -> tuple[torch._ops.OpOverload, list[Any], dict[str, Any]]:
+        """Type, convert and validate node ``index``'s arguments (``self.bound`` gets them by name)."""
         node = self.spec.nodes[index]
         op = resolve_op(node.op)
         where = f"node {index} {node.op}"
@@ -230,7 +306,7 @@ class _Run:
         values = {**_defaults(op), **{a.name: v for a, v in zip(params, args, strict=False)}, **kwargs}
         validate(Call(node.op, where, values, self.device.type == "meta", self.limits))
         self.bound = values
-        return op(*args, **kwargs)
+        return op, args, kwargs
 
     def free(self, index: int) -> list[Any]:
         """Drop the values whose last use was node ``index``; return them."""
@@ -309,6 +385,8 @@ def dry_run(spec: JobSpec, *, limits: JobLimits = DEFAULT_JOB_LIMITS) -> DryRun:
         hold(tensor, f"tensor {i}")
     peak = total
     flops = 0
+    node_flops: list[int] = []
+    node_outputs: list[tuple[tuple[str, tuple[int, ...]], ...]] = []
     with torch.no_grad():
         for i, node in enumerate(spec.nodes):
             try:
@@ -324,7 +402,9 @@ def dry_run(spec: JobSpec, *, limits: JobLimits = DEFAULT_JOB_LIMITS) -> DryRun:
                 raise JobFormatError(Reason.BAD_GRAPH, f"node {i} {node.op}: no tensor output")
             for tensor in outs:
                 hold(tensor, f"node {i} {node.op}")
-            flops += _flops(node.op, [run.value(r) for r in _refs(node.args, node.kwargs)], outs, run.bound)
+            node_flops.append(_flops(node.op, [run.value(r) for r in _refs(node.args, node.kwargs)], outs, run.bound))
+            flops += node_flops[-1]
+            node_outputs.append(tuple((NAME_BY_DTYPE.get(t.dtype, str(t.dtype)), tuple(t.shape)) for t in outs))
             run.nodes[i] = result
             peak = max(peak, total)
             if peak > limits.memory_bytes:
@@ -354,7 +434,14 @@ def dry_run(spec: JobSpec, *, limits: JobLimits = DEFAULT_JOB_LIMITS) -> DryRun:
     shapes = tuple((NAME_BY_DTYPE.get(t.dtype, str(t.dtype)), tuple(t.shape)) for t in outputs)
     if any(name not in DTYPES for name, _ in shapes):
         raise JobFormatError(Reason.BAD_DTYPE, f"an output dtype is not one of {sorted(DTYPES)}")
-    return DryRun(peak_bytes=peak, output_bytes=output_bytes, outputs=shapes, flops=flops)
+    return DryRun(
+        peak_bytes=peak,
+        output_bytes=output_bytes,
+        outputs=shapes,
+        flops=flops,
+        node_flops=tuple(node_flops),
+        node_outputs=tuple(node_outputs),
+    )
 
 
 def _flops(op: str, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], bound: Mapping[str, Any]) -> int:
@@ -399,10 +486,13 @@ def check_memory(spec: JobSpec, *, memory_limit: int, limits: JobLimits = DEFAUL
     return dry_run(spec, limits=bounded).peak_bytes
 
 
-def execute(spec: JobSpec, blobs: Mapping[bytes, bytes], *, device: str = "cpu") -> list[torch.Tensor]:
+def execute(
+    spec: JobSpec, blobs: Mapping[bytes, bytes], *, device: str = "cpu", trace: TraceSink | None = None
+) -> list[torch.Tensor]:
     """Run ``spec`` on ``device`` with the tensors in ``blobs`` (by digest); return the outputs on the CPU.
 
-    Call :func:`check_memory` first. Raises :class:`JobFormatError` (``missing_tensor``, ``hash_mismatch``,
+    With ``trace``, every node's outputs go into it as the node finishes (:class:`TraceSink`). Call
+    :func:`check_memory` first. Raises :class:`JobFormatError` (``missing_tensor``, ``hash_mismatch``,
     ``shape_mismatch``, ``unknown_op``, ``bad_argument``, ``bad_dtype``, ``bad_graph``) or :class:`ExecutionError`
     (``execution_failed``: an op failed on the data, or a validator's data check refused the data before it ran).
     """
@@ -415,16 +505,98 @@ def execute(spec: JobSpec, blobs: Mapping[bytes, bytes], *, device: str = "cpu")
         tensors.append(blob_to_tensor(meta, data).to(target))
     run = _Run(spec, tensors, target, spec.limits)
     with torch.no_grad():
-        for i, node in enumerate(spec.nodes):
-            try:
-                run.nodes[i] = run.call(i)
-            except (JobFormatError, ExecutionError):  # a validator's refusal, already specific
-                raise
-            except (TypeError, ValueError) as exc:
-                raise JobFormatError(Reason.BAD_ARGUMENT, f"node {i} {node.op}: {str(exc)[:300]}") from exc
-            except Exception as exc:
-                raise ExecutionError(Reason.EXECUTION_FAILED, f"node {i} {node.op}: {str(exc)[:300]}") from exc
+        for i in range(len(spec.nodes)):
+            run.nodes[i] = _call(run, i)
+            if trace is not None:
+                trace.add(i, run.nodes[i])
             run.free(i)
             if run.last_use[i] == -1:
                 run.nodes[i] = None
         return [tensor.to("cpu") for tensor in run.outputs()]
+
+
+def _call(run: _Run, i: int) -> Any:
+    node = run.spec.nodes[i]
+    try:
+        return run.call(i)
+    except (JobFormatError, ExecutionError):  # a validator's refusal, already specific
+        raise
+    except (TypeError, ValueError) as exc:
+        raise JobFormatError(Reason.BAD_ARGUMENT, f"node {i} {node.op}: {str(exc)[:300]}") from exc
+    except Exception as exc:
+        raise ExecutionError(Reason.EXECUTION_FAILED, f"node {i} {node.op}: {str(exc)[:300]}") from exc
+
+
+def bind_node(
+    spec: JobSpec, index: int, value: Callable[[TensorRef], torch.Tensor], *, device: str = "cpu"
+) -> dict[str, Any]:
+    """Node ``index``'s arguments by parameter name (defaults filled in), typed and validated as :func:`run_node`
+    does before it calls the op; tensors from ``value``. Raises as :func:`execute` does."""
+    run = _Run(spec, [], torch.device(device), spec.limits, lookup=value)
+    node = spec.nodes[index]
+    try:
+        run.prepare(index)
+    except (JobFormatError, ExecutionError):
+        raise
+    except (TypeError, ValueError) as exc:
+        raise JobFormatError(Reason.BAD_ARGUMENT, f"node {index} {node.op}: {str(exc)[:300]}") from exc
+    return dict(run.bound)
+
+
+def run_node(
+    spec: JobSpec, index: int, value: Callable[[TensorRef], torch.Tensor], *, device: str = "cpu"
+) -> list[torch.Tensor]:
+    """Run node ``index`` of ``spec`` alone, its tensor arguments given by ``value``; return the tensors it returns.
+
+    The arguments are typed against the op's schema and checked by its validators (data checks included) exactly as
+    in :func:`execute`, so tensors from an untrusted peer go through the same gate. Raises as :func:`execute` does.
+    """
+    run = _Run(spec, [], torch.device(device), spec.limits, lookup=value)
+    with torch.no_grad():
+        return _tensors(_call(run, index))
+
+
+class TraceSink:
+    """Collects a job's committed trace while :func:`execute` runs it (specs/verification.md §10).
+
+    ``leaves`` gets one :class:`TraceLeaf` per node. ``blobs`` keeps the wire bytes of the intermediates, by digest,
+    while their total stays within ``budget``; the first tensor that does not fit stops the keeping (the kept ones are
+    those of a prefix of the nodes), and ``complete`` tells whether every committed digest not in ``known`` (the
+    job's own inputs and constants) was kept. Each kept tensor costs one copy; the others are hashed in place.
+    """
+
+    __slots__ = ("blobs", "budget", "complete", "kept_bytes", "known", "leaves")
+
+    def __init__(self, *, budget: int = TRACE_BYTES_BUDGET, known: frozenset[bytes] = frozenset()) -> None:
+        if budget < 0:
+            raise ValueError("the trace budget must not be negative")
+        self.budget = budget
+        self.known = known
+        self.leaves: list[TraceLeaf] = []
+        self.blobs: dict[bytes, bytes] = {}
+        self.kept_bytes = 0
+        self.complete = True
+
+    def add(self, node: int, value: Any) -> None:
+        """Commit the outputs of ``node`` (a tensor, or a tuple/list of them)."""
+        metas = []
+        for tensor in _tensors(value):
+            if tensor.dim() > MAX_DIMS:
+                raise JobFormatError(
+                    Reason.BAD_GRAPH, f"node {node}: a tensor of {tensor.dim()} dims cannot be committed ({MAX_DIMS})"
+                )
+            metas.append(self._capture(tensor))
+        self.leaves.append(TraceLeaf(node=node, outputs=tuple(metas)))
+
+    def _capture(self, tensor: torch.Tensor) -> TensorMeta:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.complete and self.kept_bytes + nbytes <= self.budget:
+            meta, blob = tensor_to_blob(tensor)
+            if meta.digest not in self.known and meta.digest not in self.blobs:
+                self.blobs[meta.digest] = blob
+                self.kept_bytes += nbytes
+            return meta
+        meta = tensor_meta(tensor)
+        if meta.digest not in self.known and meta.digest not in self.blobs:
+            self.complete = False
+        return meta

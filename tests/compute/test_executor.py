@@ -13,10 +13,15 @@ import torch
 import trio
 from torch import nn
 
+from p2pcompute.compute._child import MAX_HEADER_SIZE, TRACE_LEAVES_PER_FRAME, _leaf_frames
+from p2pcompute.compute.check import check_nodes
 from p2pcompute.compute.executor import ExecResult, Executor, open_executor
 from p2pcompute.compute.export import ExportedJob, export_job
 from p2pcompute.core import codec
 from p2pcompute.core.jobspec import JobLimits
+from p2pcompute.core.schema import from_wire
+from p2pcompute.core.tensors import TensorMeta, tensor_digest
+from p2pcompute.core.trace import TRACE_BYTES_BUDGET, TraceLeaf, check_trace, trace_root
 from p2pcompute.errors import ConfigError, ExecutionError, JobFormatError, Reason
 
 JOB_TIMEOUT_S = 120.0  # generous: a job may wait for a worker to be respawned (python + torch import)
@@ -167,6 +172,60 @@ async def test_executor_pool() -> None:
     with pytest.raises(ExecutionError) as closed:
         await executor.run(mlp.spec_bytes, mlp.blobs)
     assert closed.value.reason == Reason.EXECUTOR_CLOSED
+
+
+async def test_results_carry_the_committed_trace() -> None:
+    mlp, _ = _mlp_job()
+    # five 16 MiB intermediates: more than the trace budget
+    big = export_job(lambda x: ((x.abs() + 1).neg().exp() * 2).relu(), (torch.randn(2048, 2048),))
+    async with open_executor(workers=1, device="cpu", memory_limit=MEMORY_LIMIT) as executor:
+        result = await _run(executor, mlp)
+        spec = mlp.spec
+        assert [leaf.node for leaf in result.trace] == list(range(len(spec.nodes)))
+        assert result.trace_root == trace_root(result.trace)
+        check_trace(spec, result.trace, [meta for meta, _ in result.outputs])
+        assert result.trace_complete
+        own = {meta.digest for meta in spec.inputs + spec.constants}
+        assert set(result.trace_blobs) == {m.digest for leaf in result.trace for m in leaf.outputs} - own
+        assert all(tensor_digest(data) == digest for digest, data in result.trace_blobs.items())
+        # the client checks every node of the worker's trace against its committed inputs
+        checks = check_nodes(spec, mlp.blobs, result.trace, result.trace_blobs, range(len(spec.nodes)), seed=1)
+        assert all(check.ok for check in checks)
+        # deterministic: the same trace again; and without tracing, the same outputs and no trace
+        assert (await _run(executor, mlp)).trace_root == result.trace_root
+        with trio.fail_after(JOB_TIMEOUT_S):
+            plain = await executor.run(mlp.spec_bytes, mlp.blobs, trace=False)
+        assert plain.output_digest == result.output_digest
+        assert (plain.trace, plain.trace_root, plain.trace_blobs, plain.trace_complete) == ((), b"", {}, False)
+        with trio.fail_after(JOB_TIMEOUT_S):
+            digests_only = await executor.run(mlp.spec_bytes, mlp.blobs, trace_budget=0)
+        assert digests_only.trace == result.trace and digests_only.trace_root == result.trace_root
+        assert digests_only.trace_blobs == {} and not digests_only.trace_complete
+        with pytest.raises(ConfigError):
+            await executor.run(mlp.spec_bytes, mlp.blobs, trace_budget=TRACE_BYTES_BUDGET + 1)
+
+        over = await _run(executor, big)
+        assert len(over.trace) == len(big.spec.nodes) and not over.trace_complete
+        kept = sum(len(data) for data in over.trace_blobs.values())
+        assert 0 < kept <= TRACE_BYTES_BUDGET
+        prefix = [m.digest for leaf in over.trace for m in leaf.outputs][: len(over.trace_blobs)]
+        assert set(over.trace_blobs) == set(prefix)  # the bytes of the first nodes, up to the budget
+
+
+def test_leaf_frames_are_canonical_and_bounded() -> None:
+    meta = TensorMeta(digest=bytes(32), dtype="float32", shape=(1, 2, 3, 4, 5, 6, 7, 8))
+    small = [TraceLeaf(node=i, outputs=(meta,)) for i in range(2 * TRACE_LEAVES_PER_FRAME + 5)]
+    wide = [TraceLeaf(node=i, outputs=(meta,) * 1024) for i in range(40)]
+    for leaves in (small, wide, small[:1], small[:15], small[:16]):
+        frames = _leaf_frames(leaves)
+        decoded = []
+        for frame in frames:
+            assert len(frame) <= MAX_HEADER_SIZE
+            items = codec.unpack(frame)  # default limits, canonical form checked
+            assert 1 <= len(items) <= TRACE_LEAVES_PER_FRAME
+            decoded += [from_wire(TraceLeaf, item) for item in items]
+        assert decoded == leaves
+    assert len(_leaf_frames(small)) == 3 and len(_leaf_frames(wide)) > 1
 
 
 @pytest.mark.parametrize(

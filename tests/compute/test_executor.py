@@ -14,15 +14,16 @@ import trio
 from torch import nn
 
 from p2pcompute.compute._child import MAX_HEADER_SIZE, TRACE_LEAVES_PER_FRAME, _leaf_frames
-from p2pcompute.compute.check import check_nodes
-from p2pcompute.compute.executor import ExecResult, Executor, open_executor
+from p2pcompute.compute.check import build_trace, check_nodes
+from p2pcompute.compute.executor import ExecResult, Executor, _decode_trace, open_executor
 from p2pcompute.compute.export import ExportedJob, export_job
+from p2pcompute.compute.interpreter import tensor_to_blob
 from p2pcompute.core import codec
 from p2pcompute.core.jobspec import JobLimits
 from p2pcompute.core.schema import from_wire
 from p2pcompute.core.tensors import TensorMeta, tensor_digest
 from p2pcompute.core.trace import TRACE_BYTES_BUDGET, TraceLeaf, check_trace, trace_root
-from p2pcompute.errors import ConfigError, ExecutionError, JobFormatError, Reason
+from p2pcompute.errors import ConfigError, DecodeError, ExecutionError, JobFormatError, Reason, TraceError
 
 JOB_TIMEOUT_S = 120.0  # generous: a job may wait for a worker to be respawned (python + torch import)
 MEMORY_LIMIT = 256 << 20
@@ -226,6 +227,23 @@ def test_leaf_frames_are_canonical_and_bounded() -> None:
             decoded += [from_wire(TraceLeaf, item) for item in items]
         assert decoded == leaves
     assert len(_leaf_frames(small)) == 3 and len(_leaf_frames(wide)) > 1
+
+
+def test_the_parent_checks_the_trace_a_child_sends() -> None:
+    mlp, _ = _mlp_job()
+    leaves, _, outputs = build_trace(mlp.spec, mlp.blobs)
+    metas = [tensor_to_blob(t)[0] for t in outputs]
+    frames = _leaf_frames(list(leaves))
+    assert _decode_trace(mlp.spec, frames, metas) == (leaves, trace_root(leaves))
+    extra = _leaf_frames([*leaves, leaves[0]])
+    for bad_frames, bad_outputs, error in [
+        (extra, metas, TraceError),  # a leaf more than the job has nodes
+        (_leaf_frames(list(leaves[:-1])), metas, TraceError),  # one missing
+        (frames, [leaves[0].outputs[0]], TraceError),  # outputs the trace does not name
+        ([b"\xc1"], metas, DecodeError),  # not msgpack
+    ]:
+        with pytest.raises(error):
+            _decode_trace(mlp.spec, bad_frames, bad_outputs)
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from typing import Any
 import click
 
 from p2pcompute import __version__
+from p2pcompute.config import CHEAT_MODES
 from p2pcompute.errors import ConfigError, DialError, HostStartError, P2PComputeError, Reason
 from p2pcompute.keys import default_key_path, generate_keypair, read_key_file, write_key_file
 
@@ -212,6 +213,9 @@ def node() -> None:
     help="Executor sandbox: every layer the kernel offers (auto), all or refuse to start (required), none (off).",
 )
 @click.option("--cheat-mode", hidden=True, default=None, help="Testnets only: make this worker cheat.")
+@click.option("--cheat-honest-jobs", hidden=True, type=int, default=None, help="Testnets only: honest jobs first.")
+@click.option("--cheat-ring-dir", hidden=True, default=None, help="Testnets only: the cheaters' side channel.")
+@click.option("--cheat-unreplicated-rate", hidden=True, type=float, default=None, help="Testnets only: ring.")
 @click.pass_context
 def node_run(
     ctx: click.Context,
@@ -230,6 +234,9 @@ def node_run(
     json_events: bool,
     sandbox: str | None,
     cheat_mode: str | None,
+    cheat_honest_jobs: int | None,
+    cheat_ring_dir: str | None,
+    cheat_unreplicated_rate: float | None,
 ) -> None:
     """Run a peer until SIGINT/SIGTERM; print its peer id and the addresses others can dial."""
     import trio
@@ -249,6 +256,9 @@ def node_run(
         "connections_low": connections[0] if connections else None,
         "connections_high": connections[1] if connections else None,
         "cheat_mode": cheat_mode,
+        "cheat_honest_jobs": cheat_honest_jobs,
+        "cheat_ring_dir": cheat_ring_dir,
+        "cheat_unreplicated_rate": cheat_unreplicated_rate,
         "sandbox": sandbox,
         "probe_benchmark": False if no_benchmark else None,
         "log_level": ctx.obj["log_level"],
@@ -393,11 +403,31 @@ def peers_cmd(url: str | None, data_dir: Path | None) -> None:
 @click.option("--cheaters", type=click.IntRange(min=0), help="Workers that cheat in the trial [default: 0].")
 @click.option(
     "--cheat-mode",
-    type=click.Choice(["random", "zeros", "stale", "lazy", "collude", "mixed"]),
-    help="How cheaters cheat; mixed: half collude, the rest cycle the other modes [default: random].",
+    type=click.Choice([*CHEAT_MODES, "mixed"]),
+    help="How cheaters cheat (p2pcompute.testing.adversary); mixed: half take the group modes (collude, sleeper, "
+    "ring, sybil), the rest the others [default: random].",
 )
 @click.option("--kill-rate", type=click.FloatRange(0.0, 1.0), help="Chance per trial job of killing a worker mid-job.")
 @click.option("--warmup", type=click.IntRange(min=0), help="Trial jobs run first and not counted (steady state).")
+@click.option(
+    "--honest-jobs", type=click.IntRange(min=0), help="Cheaters are honest for their first K jobs (sleeper, sybil)."
+)
+@click.option(
+    "--ring-unreplicated-rate",
+    type=click.FloatRange(0.0, 1.0),
+    help="ring: also cheat on this fraction of the jobs a member seems to run alone [default: 0].",
+)
+@click.option(
+    "--ring-oracle/--no-ring-oracle",
+    default=None,
+    help="ring: the trial tells the ring each job's replicas, so it knows when every replica is a member "
+    "[default: no: members that received a job within a short window are taken to be its replicas].",
+)
+@click.option(
+    "--sybil-same-address/--sybil-new-address",
+    default=None,
+    help="sybil: a flagged sybil comes back with a fresh key on its own address or a new one [default: same].",
+)
 def testnet_cmd(
     peers: int | None,
     scenario: Path | None,
@@ -411,6 +441,10 @@ def testnet_cmd(
     cheat_mode: str | None,
     kill_rate: float | None,
     warmup: int | None,
+    honest_jobs: int | None,
+    ring_unreplicated_rate: float | None,
+    ring_oracle: bool | None,
+    sybil_same_address: bool | None,
 ) -> None:
     """Start real peers on loopback addresses and wait until every peer holds every other peer's advert.
 
@@ -437,6 +471,10 @@ def testnet_cmd(
             "cheat_mode": cheat_mode,
             "kill_rate": kill_rate,
             "warmup": warmup,
+            "honest_jobs": honest_jobs,
+            "ring_unreplicated_rate": ring_unreplicated_rate,
+            "ring_oracle": ring_oracle,
+            "sybil_new_address": None if sybil_same_address is None else not sybil_same_address,
         },
     )
     click.echo(f"starting {config.peers} peers on 127.0.0.1 ... 127.0.0.{config.peers} ...")

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import h11
 import multiaddr
@@ -542,11 +542,11 @@ async def serve(config: NodeConfig, *, task_status: TaskStatus[NodeInfo] = trio.
     listener and the job protocol handler; accepted jobs are persisted in ``<data_dir>/store.sqlite3``.
     """
     # Imported here: a worker's modules (executor pool, data channel, store) cost start-up time only where used.
-    from p2pcompute.compute.executor import open_executor
+    from p2pcompute.compute.executor import Executor, open_executor
     from p2pcompute.core.negotiation import NegotiationPolicy
     from p2pcompute.net.transfer import DataChannelConfig, DataServer
     from p2pcompute.store import STORE_FILE, open_store
-    from p2pcompute.testing.adversary import make_tamper
+    from p2pcompute.testing.adversary import CheatingExecutor, cheater_from_config
     from p2pcompute.worker import Worker, WorkerSettings
 
     config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -581,9 +581,13 @@ async def serve(config: NodeConfig, *, task_status: TaskStatus[NodeInfo] = trio.
             node = Node(config, keypair, hardware, host, store=store)
             if executor is not None:
                 devices = hardware.devices
+                worker_executor = executor
+                if config.cheat_mode:  # testnets only: results pass through the adversary before being attested
+                    cheater = cheater_from_config(config, str(keypair.peer_id))
+                    worker_executor = cast(Executor, CheatingExecutor(executor, cheater))
                 node.worker = Worker(
                     keypair=keypair,
-                    executor=executor,
+                    executor=worker_executor,
                     store=store,
                     data=DataServer(
                         _listen_ip(config.listen), config=DataChannelConfig(clear=config.data_channel_clear)
@@ -603,7 +607,6 @@ async def serve(config: NodeConfig, *, task_status: TaskStatus[NodeInfo] = trio.
                     ),
                     clock=node.clock,
                     on_capacity=node.set_free_slots,
-                    tamper=make_tamper(config.cheat_mode) if config.cheat_mode else None,
                 )
                 node.worker.recover()
             await node.run(task_status=task_status)

@@ -33,7 +33,7 @@ import trio
 from p2pcompute.compute.gpu import CACHE_FILE, load_or_probe
 from p2pcompute.config import CHEAT_MODES, STATUS_REQUEST_TIMEOUT_S, parse_price
 from p2pcompute.errors import P2PComputeError, Reason
-from p2pcompute.trial import TrialConfig, TrialReport, run_trial
+from p2pcompute.trial import GROUP_MODES, TrialConfig, TrialReport, assign_modes, run_trial
 
 __all__ = ["DemoReport", "PeerProcess", "TestnetConfig", "TestnetError", "TestnetReport", "run_demo", "run_testnet"]
 
@@ -48,8 +48,8 @@ DEMO_TIMEOUT_S = 120.0  # the whole demo: client start, matching, the job, payme
 DEMO_DEADLINE_S = 60.0  # the job's own deadline, given to the worker
 DEMO_MAX_PRICE = "0.01"  # credits
 DEMO_SEED = 0
-MIXED_OTHERS = ("random", "zeros", "stale", "lazy")
 TRIAL_TIMEOUT_PER_JOB_S = 10.0
+MAX_PEER_IP = 253  # 127.0.0.254 is the trial's client
 
 
 class TestnetError(P2PComputeError):
@@ -73,17 +73,14 @@ class TestnetConfig:
     cheat_mode: str = "random"  # a mode of p2pcompute.testing.adversary, or "mixed"
     kill_rate: float = 0.0  # chance per trial job of killing a worker mid-job
     warmup: int = 0  # trial jobs run first and not counted (trust earned): the steady state
+    honest_jobs: int = 0  # cheaters are honest for their first K jobs (sleeper, sybil)
+    ring_unreplicated_rate: float = 0.0  # a ring member cheats on this fraction of the jobs it seems to run alone
+    ring_oracle: bool = False  # the trial tells the ring each job's replicas (else the ring's window rule)
+    sybil_new_address: bool = False  # a flagged sybil comes back on a new loopback address (else its own)
 
     def cheat_modes(self) -> list[str]:
         """The cheat mode of each peer ("" = honest): cheaters spread over peers 1 .. N-1, never the bootstrap."""
-        modes = [""] * self.peers
-        for k in range(self.cheaters):
-            if self.cheat_mode == "mixed":
-                mode = "collude" if k < max(2, self.cheaters // 2) else MIXED_OTHERS[k % len(MIXED_OTHERS)]
-            else:
-                mode = self.cheat_mode
-            modes[1 + (k * (self.peers - 1)) // self.cheaters] = mode
-        return modes
+        return assign_modes(self.peers, self.cheaters, self.cheat_mode)
 
     def validate(self) -> TestnetConfig:
         if self.cheaters and self.cheaters > (self.peers - 1) // 2:
@@ -92,6 +89,8 @@ class TestnetConfig:
             raise TestnetError(f"--cheat-mode must be one of {', '.join((*CHEAT_MODES, 'mixed'))}")
         if not 0.0 <= self.kill_rate <= 1.0 or self.jobs < 0:
             raise TestnetError("--kill-rate must be 0..1 and --jobs >= 0")
+        if self.honest_jobs < 0 or not 0.0 <= self.ring_unreplicated_rate <= 1.0:
+            raise TestnetError("--honest-jobs must be >= 0 and --ring-unreplicated-rate 0..1")
         if not 2 <= self.peers <= 200:  # 200 < 254: one loopback address each (peer_ip)
             raise TestnetError(f"--peers must be 2..200, got {self.peers}")
         if self.timeout_s <= 0:
@@ -198,6 +197,10 @@ def load_scenario(path: Path | None, overrides: dict[str, Any]) -> TestnetConfig
         "cheat_mode",
         "kill_rate",
         "warmup",
+        "honest_jobs",
+        "ring_unreplicated_rate",
+        "ring_oracle",
+        "sybil_new_address",
     }
     unknown = set(values) - keys
     if unknown:
@@ -214,9 +217,26 @@ def load_scenario(path: Path | None, overrides: dict[str, Any]) -> TestnetConfig
             cheat_mode=str(values.get("cheat_mode", "random")),
             kill_rate=float(values.get("kill_rate", 0.0)),
             warmup=int(values.get("warmup", 0)),
+            honest_jobs=int(values.get("honest_jobs", 0)),
+            ring_unreplicated_rate=float(values.get("ring_unreplicated_rate", 0.0)),
+            ring_oracle=bool(values.get("ring_oracle", False)),
+            sybil_new_address=bool(values.get("sybil_new_address", False)),
         ).validate()
     except (TypeError, ValueError) as exc:
         raise TestnetError(f"scenario: {exc}") from exc
+
+
+@dataclass
+class _Launcher:
+    """What starting a peer process needs (a sybil's re-entry starts one more)."""
+
+    nursery: trio.Nursery
+    base: Path
+    bootstrap: Sequence[str]
+    config: TestnetConfig
+    hardware: Path
+    started: list[PeerProcess]  # every process started, for the final stop
+    reentries: int = 0
 
 
 @dataclass
@@ -225,6 +245,7 @@ class _TrialPeer:
 
     peer: PeerProcess
     cheat_mode: str
+    launcher: _Launcher
     alive: bool = True
 
     @property
@@ -237,19 +258,52 @@ class _TrialPeer:
         with contextlib.suppress(ProcessLookupError):
             self.peer.process.send_signal(signal.SIGKILL)
 
+    async def reenter(self) -> None:
+        """Stop the process; start a new one with a fresh data directory (a new key), on the same loopback address or
+        (``sybil_new_address``) the next unused one."""
+        launch = self.launcher
+        await _stop_peers([self.peer])
+        launch.reentries += 1
+        n = launch.reentries
+        ip = peer_ip(self.peer.index)
+        if launch.config.sybil_new_address:
+            if launch.config.peers + n > MAX_PEER_IP:
+                raise TestnetError(f"no loopback address left for re-entry {n}")
+            ip = peer_ip(launch.config.peers - 1 + n)
+        self.peer = await _start_peer(
+            launch.nursery,
+            self.peer.index,
+            launch.base,
+            launch.bootstrap,
+            launch.config,
+            launch.hardware,
+            data_dir=launch.base / f"peer-{self.peer.index:03d}-key{n}",
+            ip=ip,
+        )
+        launch.started.append(self.peer)
+        self.alive = True
 
-async def _run_trial(config: TestnetConfig, data_dir: Path, peers: Sequence[PeerProcess]) -> TrialReport:
+
+async def _run_trial(
+    config: TestnetConfig, data_dir: Path, peers: Sequence[PeerProcess], launcher: _Launcher
+) -> TrialReport:
     from p2pcompute.client import open_client
+    from p2pcompute.testing.adversary import DirectoryRing
 
     modes = config.cheat_modes()
-    trial_peers = [_TrialPeer(p, modes[p.index]) for p in peers]
-    with trio.fail_after(TRIAL_TIMEOUT_PER_JOB_S * config.jobs + 60):
+    trial_peers = [_TrialPeer(p, modes[p.index], launcher) for p in peers]
+    oracle = DirectoryRing(_ring_dir(launcher.base)) if config.ring_oracle and config.cheaters else None
+    trial = TrialConfig(jobs=config.jobs, kill_rate=config.kill_rate, warmup=config.warmup)
+    with trio.fail_after(TRIAL_TIMEOUT_PER_JOB_S * (config.jobs + config.warmup) + 60):
         async with open_client(peers[0].addrs[:1], data_dir=data_dir, listen=("/ip4/127.0.0.254/tcp/0",)) as client:
             with trio.move_on_after(30):
                 await client.node.wait_for(lambda: len(client.node.market) >= len(peers))
-            return await run_trial(
-                client, trial_peers, TrialConfig(jobs=config.jobs, kill_rate=config.kill_rate, warmup=config.warmup)
-            )
+            return await run_trial(client, trial_peers, trial, oracle=oracle)
+
+
+def _ring_dir(base: Path) -> Path:
+    """The group cheaters' side channel (``p2pcompute.testing.adversary.DirectoryRing``): out of the network's sight."""
+    return base / "ring"
 
 
 def peer_ip(index: int) -> str:
@@ -258,12 +312,14 @@ def peer_ip(index: int) -> str:
     return f"127.0.0.{index + 1}"
 
 
-def _node_command(index: int, data_dir: Path, bootstrap: Sequence[str], config: TestnetConfig) -> list[str]:
+def _node_command(
+    index: int, data_dir: Path, bootstrap: Sequence[str], config: TestnetConfig, ip: str | None = None
+) -> list[str]:
     command = [
         sys.executable, "-m", "p2pcompute.cli", "--log-level", config.log_level,
         "node", "run", "--json-events",
         "--data-dir", str(data_dir),
-        "--listen", f"/ip4/{peer_ip(index)}/tcp/0",
+        "--listen", f"/ip4/{ip or peer_ip(index)}/tcp/0",
         "--status-port", "0",
         "--advertise-interval", str(config.advertise_interval_s),
         "--advert-ttl", str(max(config.advertise_interval_s * 3, 30.0)),
@@ -277,7 +333,11 @@ def _node_command(index: int, data_dir: Path, bootstrap: Sequence[str], config: 
         command += ["--bootstrap", addr]
     mode = config.cheat_modes()[index]
     if mode:
-        command += ["--cheat-mode", mode]
+        command += ["--cheat-mode", mode, "--cheat-honest-jobs", str(config.honest_jobs)]
+    if mode in GROUP_MODES:
+        command += ["--cheat-ring-dir", str(_ring_dir(data_dir.parent))]
+    if mode == "ring":
+        command += ["--cheat-unreplicated-rate", str(config.ring_unreplicated_rate)]
     return command + list(config.extra_args)
 
 
@@ -314,13 +374,21 @@ async def _read_stderr(peer: PeerProcess) -> None:
 
 
 async def _start_peer(
-    nursery: trio.Nursery, index: int, base: Path, bootstrap: Sequence[str], config: TestnetConfig, hardware: Path
+    nursery: trio.Nursery,
+    index: int,
+    base: Path,
+    bootstrap: Sequence[str],
+    config: TestnetConfig,
+    hardware: Path,
+    *,
+    data_dir: Path | None = None,
+    ip: str | None = None,
 ) -> PeerProcess:
-    data_dir = base / f"peer-{index:03d}"
+    data_dir = data_dir or base / f"peer-{index:03d}"
     data_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(hardware, data_dir / CACHE_FILE)
     process = await trio.lowlevel.open_process(
-        _node_command(index, data_dir, bootstrap, config),
+        _node_command(index, data_dir, bootstrap, config, ip),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
@@ -440,7 +508,8 @@ async def run_testnet(
                         base / "client", peers[0].addrs[:1], workers=len(peers), on_phase=on_demo
                     )
                 if config.jobs and report.converged:
-                    report.trial = await _run_trial(config, base / "client", peers)
+                    launcher = _Launcher(nursery, base, first.addrs[:1], config, hardware, peers)
+                    report.trial = await _run_trial(config, base / "client", list(peers), launcher)
             except TestnetError as exc:
                 failure = exc  # raised below, outside the nursery, as itself rather than in an ExceptionGroup
             finally:

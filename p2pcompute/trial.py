@@ -1,34 +1,57 @@
-"""A verification trial: many jobs through a testnet with cheating and dying workers, and what it cost.
+"""A verification trial: many jobs through a network with cheating and dying workers, and what it cost.
 
 ``p2pcompute testnet --peers N --jobs J --cheaters C --cheat-mode MODE [--kill-rate R]`` runs this from the
-testnet process after the network converged: a client runs ``J`` jobs (the same small MLP on fresh inputs)
-with adaptive replication, compares every accepted result with the truth computed locally, kills a random
-worker mid-job with probability ``R`` per job, and reports:
+testnet process after the network converged (real peer processes); :func:`run_cluster_trial` runs it against an
+in-process cluster (real hosts and executors in one trio process, ``p2pcompute.testing.jobs.cluster``), which the
+P4 benchmark uses. A client runs ``J`` jobs (the same small MLP on fresh inputs) with adaptive replication, compares
+every result it gathered with the truth computed locally, kills a random worker mid-job with probability ``R`` per
+job, brings a flagged ``sybil`` back under a fresh key, and reports:
 
-- jobs run, results accepted, **wrong results accepted**, jobs failed;
-- cheaters detected (flagged in the client's reputation) and after how many of their jobs;
+- jobs run, results accepted, **wrong results accepted** (count and %), jobs failed;
+- per adversary (mode): wrong results accepted because of it, how often its members cheated, whether and when each
+  was caught (jobs until flagged in the client's reputation), the re-entries of sybils (how many jobs each fresh key
+  waited for work, got before it was flagged again, and cheated);
 - honest workers wrongly flagged;
-- compute spent / compute of one honest run (results gathered + local spot checks, per accepted job), overall
-  and over the second half of the run (steady state, once trust is earned).
+- **compute per accepted job** in units of one honest execution: (worker executions x the job's flops + the
+  client's own check flops) / the job's flops — ``RunResult.check_flops`` where the client reports it, else one
+  execution per hidden spot check — overall, over the second half (steady state, once trust is earned) and per
+  block of 100 jobs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
-from p2pcompute.client import Client, Job, RunResult
+from p2pcompute.client import Client, Job, ProgressEvent, RunResult
 from p2pcompute.core.identity import PeerId
 from p2pcompute.errors import P2PComputeError
 
-__all__ = ["TrialConfig", "TrialPeer", "TrialReport", "run_trial"]
+if TYPE_CHECKING:
+    import torch
+
+    from p2pcompute.net.negotiate import WorkerResult
+    from p2pcompute.testing.adversary import RingChannel
+    from p2pcompute.testing.jobs import WorkerPeer
+
+__all__ = [
+    "Adversary",
+    "TrialConfig",
+    "TrialPeer",
+    "TrialReport",
+    "assign_modes",
+    "run_cluster_trial",
+    "run_trial",
+]
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +60,35 @@ JOB_MAX_PRICE = "0.01"
 TRUTH_RTOL = 1e-4
 TRUTH_ATOL = 1e-5
 MAX_FAILURE_DETAILS = 5
+MAX_REENTRIES = 50  # sybil re-entries in one trial (each starts a worker: seconds)
+BLOCK = 100  # jobs per block of the compute-by-block figures
+GROUP_MODES = ("collude", "sleeper", "ring", "sybil")  # = p2pcompute.testing.adversary.GROUP_MODES
+LONE_MODES = ("random", "zeros", "stale", "lazy")
+CLUSTER_CLIENT_IP = "127.0.0.200"
+REENTRY_IP_BASE = 100  # a sybil on a new address: 127.0.0.(100 + n) for its n-th re-entry (n <= MAX_REENTRIES)
+
+
+def assign_modes(peers: int, cheaters: int, cheat_mode: str) -> list[str]:
+    """The cheat mode of each of ``peers`` workers ("" = honest): cheaters spread over workers 1 .. N-1, never
+    worker 0 (the bootstrap peer). ``mixed``: the first half of the cheaters (at least 2) take the group modes in turn
+    (collude, sleeper, ring, sybil: they share one wrong output, so they agree), the rest the lone modes."""
+    modes = [""] * peers
+    groups = max(2, cheaters // 2)
+    for k in range(cheaters):
+        if cheat_mode == "mixed":
+            mode = GROUP_MODES[k % len(GROUP_MODES)] if k < groups else LONE_MODES[(k - groups) % len(LONE_MODES)]
+        else:
+            mode = cheat_mode
+        modes[1 + (k * (peers - 1)) // cheaters] = mode
+    return modes
 
 
 class TrialPeer(Protocol):
-    """A worker of the testnet as the trial sees it."""
+    """A worker of the network as the trial sees it."""
 
     @property
-    def peer_id(self) -> str: ...
+    def peer_id(self) -> str:
+        """Its current identity (a sybil changes it when it re-enters)."""
 
     @property
     def cheat_mode(self) -> str: ...
@@ -52,6 +97,9 @@ class TrialPeer(Protocol):
     def alive(self) -> bool: ...
 
     async def kill(self) -> None: ...
+
+    async def reenter(self) -> None:
+        """Stop, and come back under a fresh key (a sybil flagged by the client); :attr:`peer_id` is the new one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +110,36 @@ class TrialConfig:
     seed: int = 0
     redundancy: int | None = None  # None: adaptive replication
     warmup: int = 0  # jobs run first and not counted (trust is earned): measures the steady state
+    max_reentries: int = MAX_REENTRIES  # sybils coming back with a fresh key, in all
+
+
+@dataclass
+class _Identity:
+    """One key of one worker: what it did and when the client caught it."""
+
+    peer_id: str
+    mode: str
+    member: int  # which worker (a sybil's keys share it)
+    reentry: int  # 0: the worker's first key; n: its n-th fresh key
+    started_after: int  # jobs finished in the trial before this key was up
+    jobs: int = 0  # results of it the client gathered
+    cheats: int = 0  # of them wrong (compared with the truth)
+    wrong_accepted: int = 0  # accepted wrong results it was among the agreeing workers of
+    first_job_after: int | None = None  # jobs finished in the trial from its start until its first result
+    jobs_until_detected: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "member": self.member,
+            "reentry": self.reentry,
+            "jobs": self.jobs,
+            "cheats": self.cheats,
+            "wrong_accepted": self.wrong_accepted,
+            "detected": self.jobs_until_detected is not None,
+            "jobs_until_detected": self.jobs_until_detected,
+            "first_job_after": self.first_job_after,
+        }
 
 
 @dataclass
@@ -73,27 +151,26 @@ class TrialReport:
     failures: Counter[str] = field(default_factory=Counter)
     failure_details: list[str] = field(default_factory=list)  # the first few, for diagnosis
     warmup: int = 0
-    results_gathered: int = 0
+    results_gathered: int = 0  # worker executions behind the accepted jobs
     spot_checks: int = 0
-    second_half_results: int = 0
-    second_half_spot_checks: int = 0
-    second_half_accepted: int = 0
+    check_compute: float = 0.0  # the client's own checks, in honest executions (spot checks or check flops)
+    job_flops: int = 0  # one honest execution of a trial job (the dry run's count)
     killed: list[str] = field(default_factory=list)
     trust: dict[str, float] = field(default_factory=dict)  # honest workers' streaks and replication at the end
-    per_job: dict[int, int] = field(default_factory=dict)  # job index -> compute spent (results + spot check)
-    cheaters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    per_job: dict[int, float] = field(default_factory=dict)  # job index -> compute spent, in honest executions
+    cheaters: dict[str, dict[str, Any]] = field(default_factory=dict)  # per key of a cheating worker
+    wrong_by_mode: Counter[str] = field(default_factory=Counter)  # wrong accepted results per adversary mode
+    reentries: int = 0
     honest_flagged: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
 
     def overhead(self, second_half: bool = False) -> float:
-        """Compute spent per accepted job, in units of one honest run (results gathered + local spot checks)."""
-        if second_half:
-            done, spent = self.second_half_accepted, self.second_half_results + self.second_half_spot_checks
-        else:
-            done, spent = self.accepted, self.results_gathered + self.spot_checks
-        return spent / done if done else math.nan
+        """Compute spent per accepted job, in units of one honest execution (workers' runs + the client's checks)."""
+        start = self.jobs // 2 if second_half else 0
+        spent = [v for k, v in self.per_job.items() if k >= start]
+        return sum(spent) / len(spent) if spent else math.nan
 
-    def compute_by_block(self, block: int = 100) -> list[float]:
+    def compute_by_block(self, block: int = BLOCK) -> list[float]:
         """Compute spent per accepted job in consecutive blocks of ``block`` jobs: how the overhead settles."""
         out = []
         for start in range(0, max(self.per_job, default=-1) + 1, block):
@@ -101,25 +178,59 @@ class TrialReport:
             out.append(round(sum(spent) / len(spent), 3) if spent else math.nan)
         return out
 
+    @property
+    def wrong_rate(self) -> float:
+        return self.wrong_accepted / self.accepted if self.accepted else 0.0
+
+    def adversaries(self) -> dict[str, dict[str, Any]]:
+        """Per cheat mode: its workers, whether and when each was caught, its sybils' re-entries."""
+        out: dict[str, dict[str, Any]] = {}
+        for mode in sorted({c["mode"] for c in self.cheaters.values()}):
+            keys = [c for c in self.cheaters.values() if c["mode"] == mode]
+            first = sorted((c for c in keys if c["reentry"] == 0), key=lambda c: c["member"])
+            again = [c for c in keys if c["reentry"] > 0]
+            caught = [c for c in first if c["detected"]]
+            out[mode] = {
+                "members": len(first),
+                "caught": len(caught),
+                "ring_caught": bool(first) and len(caught) == len(first),
+                "jobs_until_detected": [c["jobs_until_detected"] for c in first],
+                "jobs": sum(c["jobs"] for c in keys),
+                "cheats": sum(c["cheats"] for c in keys),
+                "wrong_accepted": self.wrong_by_mode[mode],
+                "wrong_accepted_rate": self.wrong_by_mode[mode] / self.accepted if self.accepted else 0.0,
+                "reentries": len(again),
+                "reentry_first_job_after": [c["first_job_after"] for c in again],
+                "reentry_jobs_until_detected": [c["jobs_until_detected"] for c in again],
+                "reentry_jobs": sum(c["jobs"] for c in again),
+                "cheats_after_reentry": sum(c["cheats"] for c in again),
+                "wrong_accepted_after_reentry": sum(c["wrong_accepted"] for c in again),
+            }
+        return out
+
     def to_json(self) -> dict[str, Any]:
         return {
             "jobs": self.jobs,
             "accepted": self.accepted,
             "wrong_accepted": self.wrong_accepted,
-            "wrong_accepted_rate": self.wrong_accepted / self.accepted if self.accepted else 0.0,
+            "wrong_accepted_rate": self.wrong_rate,
             "failed": self.failed,
             "failures": dict(self.failures),
             "failure_details": self.failure_details,
             "warmup_jobs": self.warmup,
             "results_gathered": self.results_gathered,
             "spot_checks": self.spot_checks,
+            "check_compute": round(self.check_compute, 4),
+            "job_flops": self.job_flops,
             "compute_overhead": round(self.overhead(), 4),
             "compute_overhead_second_half": round(self.overhead(second_half=True), 4),
+            "compute_by_block": self.compute_by_block(),
             "killed": self.killed,
             "trust": self.trust,
-            "compute_by_block": self.compute_by_block(),
             "cheaters": self.cheaters,
             "cheaters_detected": sum(1 for c in self.cheaters.values() if c["detected"]),
+            "adversaries": self.adversaries(),
+            "reentries": self.reentries,
             "honest_flagged": self.honest_flagged,
             "elapsed_s": round(self.elapsed_s, 3),
         }
@@ -129,20 +240,41 @@ class TrialReport:
         detected = [c for c in self.cheaters.values() if c["detected"]]
         out = [
             f"jobs run {self.jobs}, accepted {self.accepted}, failed {self.failed} {dict(self.failures) or ''}".strip(),
-            f"wrong results accepted: {self.wrong_accepted} ({100 * self.wrong_accepted / max(1, self.accepted):.2f}%)",
+            f"wrong results accepted: {self.wrong_accepted} ({100 * self.wrong_rate:.2f}%)",
             f"cheaters detected: {len(detected)}/{len(self.cheaters)}"
             + (
                 " after " + ", ".join(f"{c['jobs_until_detected']} ({c['mode']})" for c in detected) + " of their jobs"
                 if detected
                 else ""
             ),
+        ]
+        for mode, a in self.adversaries().items():
+            line = (
+                f"  {mode}: {a['members']} worker(s), cheated {a['cheats']} times in {a['jobs']} results, "
+                f"{a['wrong_accepted']} wrong accepted ({100 * a['wrong_accepted_rate']:.2f}%), "
+                f"caught {a['caught']}/{a['members']}"
+                + (f" after {_listed([j for j in a['jobs_until_detected'] if j is not None])}" if a["caught"] else "")
+            )
+            if a["reentries"]:
+                line += (
+                    f"; re-entered {a['reentries']}x, got work again after {_listed(a['reentry_first_job_after'])} "
+                    f"jobs, flagged again after {_listed(a['reentry_jobs_until_detected'])} of their jobs, "
+                    f"cheated {a['cheats_after_reentry']} times after re-entry"
+                )
+            out.append(line)
+        out += [
             f"honest workers wrongly flagged: {len(self.honest_flagged)}",
-            f"compute spent / one honest run: {self.overhead():.3f} overall, "
-            f"{self.overhead(second_half=True):.3f} in the second half (steady state)",
+            f"compute per accepted job / one honest run: {self.overhead():.3f} overall, "
+            f"{self.overhead(second_half=True):.3f} in the second half (steady state); "
+            f"by {BLOCK} jobs: {', '.join(f'{v:.2f}' for v in self.compute_by_block())}",
             f"workers killed mid-job: {len(self.killed)}",
             f"elapsed: {self.elapsed_s:.1f} s",
         ]
         return out
+
+
+def _listed(values: Sequence[int | None]) -> str:
+    return "[" + ", ".join("-" if v is None else str(v) for v in values) + "]"
 
 
 def _demo_model(seed: int) -> Any:
@@ -152,8 +284,46 @@ def _demo_model(seed: int) -> Any:
     return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).eval()
 
 
-async def run_trial(client: Client, peers: Sequence[TrialPeer], config: TrialConfig) -> TrialReport:
-    """Run ``config.jobs`` jobs through ``client`` and measure verification against the known truth."""
+def _wrong(answer: WorkerResult, truth: torch.Tensor) -> bool:
+    """Is a worker's result (its first output) not the truth?"""
+    import torch
+
+    from p2pcompute.compute.interpreter import blob_to_tensor
+
+    metas = answer.result.message.outputs
+    try:
+        output = blob_to_tensor(metas[0], answer.outputs[metas[0].digest])
+    except (P2PComputeError, KeyError, IndexError):
+        return True
+    return output.shape != truth.shape or not torch.allclose(output, truth, rtol=TRUTH_RTOL, atol=TRUTH_ATOL)
+
+
+def _compute(result: RunResult, job_flops: int) -> tuple[int, float]:
+    """(worker executions, the client's checks in honest executions) behind one accepted result.
+
+    ``RunResult.results_gathered`` / ``check_flops`` where the client reports them (the check flops then include any
+    spot check it ran); else every gathered result, and one execution per spot check.
+    """
+    gathered = getattr(result, "results_gathered", None)
+    executions = int(gathered) if gathered is not None else len(result.workers)
+    check_flops = getattr(result, "check_flops", None)
+    if check_flops is not None and job_flops > 0:
+        return executions, float(check_flops) / job_flops
+    return executions, float(int(result.spot_check))
+
+
+async def run_trial(
+    client: Client,
+    peers: Sequence[TrialPeer],
+    config: TrialConfig,
+    *,
+    oracle: RingChannel | None = None,
+) -> TrialReport:
+    """Run ``config.jobs`` jobs through ``client`` and measure verification against the known truth.
+
+    ``oracle``: the ring's side channel; the trial writes each job's replicas there as the client asks them (a
+    harness that sees the client's choices), so a ``ring`` cheats exactly when every replica is a member.
+    """
     import torch
 
     from p2pcompute.compute.export import export_job
@@ -162,23 +332,63 @@ async def run_trial(client: Client, peers: Sequence[TrialPeer], config: TrialCon
     model = _demo_model(config.seed)
     template = export_job(model, (torch.zeros(4, 32),))
     report = TrialReport(warmup=config.warmup)
-    cheaters = {p.peer_id: p for p in peers if p.cheat_mode}
+    report.job_flops = Job.from_exported(template).requirements.flops
+    by_peer = {p.peer_id: p for p in peers}
+    identities: dict[str, _Identity] = {}
+    for member, p in enumerate(peers):
+        if p.cheat_mode:
+            identities[p.peer_id] = _Identity(p.peer_id, p.cheat_mode, member, 0, 0)
+    member_of = {p.peer_id: m for m, p in enumerate(peers)}
     jobs_seen: Counter[str] = Counter()
-    detected_after: dict[str, int] = {}
+    finished = 0  # jobs finished (warm-up included), the trial's clock for re-entries
     started = trio.current_time()
     limiter = trio.CapacityLimiter(max(1, config.concurrency))
     doomed: set[str] = set()
+    reentering: set[int] = set()
 
-    def note_participants(result: RunResult | None, job_index: int) -> None:
-        if result is None:
+    async def reenter(peer: TrialPeer, identity: _Identity) -> None:
+        try:
+            await peer.reenter()
+        except (P2PComputeError, OSError, trio.TooSlowError) as exc:
+            log.warning("sybil %s could not re-enter: %s", identity.peer_id[-8:], exc)
             return
-        for worker in result.workers:
-            jobs_seen[str(worker.worker)] += 1
-        for peer_id in cheaters:
-            if peer_id not in detected_after and not client.node.reputation.eligible(PeerId.from_base58(peer_id)):
-                detected_after[peer_id] = jobs_seen[peer_id]
+        finally:
+            reentering.discard(identity.member)
+        report.reentries += 1
+        fresh = _Identity(peer.peer_id, identity.mode, identity.member, identity.reentry + 1, finished)
+        identities[peer.peer_id] = fresh
+        by_peer[peer.peer_id] = peer
+        member_of[peer.peer_id] = identity.member
+        log.info("sybil %s re-entered as %s", identity.peer_id[-8:], peer.peer_id[-8:])
 
-    async def one(index: int, x: torch.Tensor) -> None:
+    def note_participants(result: RunResult | None, truth: torch.Tensor, nursery: trio.Nursery) -> None:
+        if result is not None:
+            for answer in result.workers:
+                peer_id = str(answer.worker)
+                jobs_seen[peer_id] += 1
+                identity = identities.get(peer_id)
+                if identity is not None:
+                    identity.jobs += 1
+                    identity.cheats += _wrong(answer, truth)
+                    if identity.first_job_after is None:
+                        identity.first_job_after = finished - identity.started_after
+        reputation = client.node.reputation
+        for identity in list(identities.values()):
+            if identity.jobs_until_detected is None and not reputation.eligible(PeerId.from_base58(identity.peer_id)):
+                identity.jobs_until_detected = jobs_seen[identity.peer_id]
+                peer = by_peer.get(identity.peer_id)
+                if (
+                    peer is not None
+                    and identity.mode == "sybil"
+                    and peer.peer_id == identity.peer_id
+                    and identity.member not in reentering
+                    and report.reentries + len(reentering) < config.max_reentries
+                ):
+                    reentering.add(identity.member)
+                    nursery.start_soon(reenter, peer, identity)
+
+    async def one(index: int, x: torch.Tensor, nursery: trio.Nursery) -> None:
+        nonlocal finished
         async with limiter:
             job = Job.from_exported(template.with_inputs(x))
             truth = model(x)
@@ -190,8 +400,13 @@ async def run_trial(client: Client, peers: Sequence[TrialPeer], config: TrialCon
                 killer = rng.choice(alive) if len(alive) > 2 else None
                 if killer is not None:
                     doomed.add(killer.peer_id)
+
+            def progress(event: ProgressEvent) -> None:
+                if oracle is not None and event.worker is not None:
+                    oracle.assign(job.digest, str(event.worker))
+
             result: RunResult | None = None
-            async with trio.open_nursery() as nursery:
+            async with trio.open_nursery() as killing:
                 if killer is not None:
                     victim = killer
 
@@ -200,13 +415,14 @@ async def run_trial(client: Client, peers: Sequence[TrialPeer], config: TrialCon
                         await victim.kill()
                         report.killed.append(victim.peer_id)
 
-                    nursery.start_soon(kill_soon)
+                    killing.start_soon(kill_soon)
                 try:
                     result = await client.run(
                         job,
                         max_price=JOB_MAX_PRICE,
                         deadline=JOB_DEADLINE_S,
                         redundancy=config.redundancy,
+                        progress=progress,
                     )
                 except P2PComputeError as exc:
                     if index >= config.warmup:
@@ -215,37 +431,38 @@ async def run_trial(client: Client, peers: Sequence[TrialPeer], config: TrialCon
                         if len(report.failure_details) < MAX_FAILURE_DETAILS:
                             report.failure_details.append(str(exc)[:600])
                     log.info("trial job %d failed: %s", index, exc)
-            note_participants(result, index)
+            note_participants(result, truth, nursery)
+            finished += 1
             if index < config.warmup:
                 return
             report.jobs += 1
-            second_half = index - config.warmup >= config.jobs // 2
-            if result is not None:
-                report.accepted += 1
-                report.results_gathered += len(result.workers)
-                report.spot_checks += int(result.spot_check)
-                report.per_job[index - config.warmup] = len(result.workers) + int(result.spot_check)
-                if second_half:
-                    report.second_half_accepted += 1
-                    report.second_half_results += len(result.workers)
-                    report.second_half_spot_checks += int(result.spot_check)
-                if not torch.allclose(result.outputs[0], truth, rtol=TRUTH_RTOL, atol=TRUTH_ATOL):
-                    report.wrong_accepted += 1
-                    log.warning("trial job %d: a wrong result was accepted (workers %s)", index, result.agreeing)
+            if result is None:
+                return
+            report.accepted += 1
+            executions, checks = _compute(result, report.job_flops)
+            report.results_gathered += executions
+            report.spot_checks += int(result.spot_check)
+            report.check_compute += checks
+            report.per_job[index - config.warmup] = executions + checks
+            if not torch.allclose(result.outputs[0], truth, rtol=TRUTH_RTOL, atol=TRUTH_ATOL):
+                report.wrong_accepted += 1
+                agreeing = [identities[str(p)] for p in result.agreeing if str(p) in identities]
+                for identity in agreeing:
+                    identity.wrong_accepted += 1
+                for mode in {i.mode for i in agreeing} or {"unattributed"}:
+                    report.wrong_by_mode[mode] += 1
+                log.warning("trial job %d: a wrong result was accepted (workers %s)", index, result.agreeing)
 
     with torch.no_grad():
-        async with trio.open_nursery() as nursery:
+        # Sybil re-entries run beside the jobs; one still starting when the jobs are done finishes (bounded by the
+        # worker start timeout) and is counted.
+        async with trio.open_nursery() as background, trio.open_nursery() as nursery:
             for index in range(config.warmup + config.jobs):
                 x = torch.randn(4, 32, generator=torch.Generator().manual_seed(config.seed * 100_003 + index))
-                nursery.start_soon(one, index, x)  # the limiter keeps `concurrency` of them running
+                nursery.start_soon(one, index, x, background)  # the limiter keeps `concurrency` of them running
     report.elapsed_s = trio.current_time() - started
-    for peer_id, peer in cheaters.items():
-        report.cheaters[peer_id] = {
-            "mode": peer.cheat_mode,
-            "jobs": jobs_seen[peer_id],
-            "detected": peer_id in detected_after,
-            "jobs_until_detected": detected_after.get(peer_id),
-        }
+    for peer_id, identity in identities.items():
+        report.cheaters[peer_id] = identity.to_json()
     reputation = client.node.reputation
     honest = [PeerId.from_base58(p.peer_id) for p in peers if not p.cheat_mode]
     report.honest_flagged = [str(p) for p in honest if not reputation.eligible(p)]
@@ -262,3 +479,129 @@ async def run_trial(client: Client, peers: Sequence[TrialPeer], config: TrialCon
             "declined_after_accept": sum(reputation.get(p).declined_after_accept for p in honest),
         }
     return report
+
+
+# --- an in-process cluster (the P4 benchmark, tests) ---
+
+
+@dataclass(frozen=True, slots=True)
+class Adversary:
+    """Who cheats in a trial and how (``p2pcompute.testing.adversary``)."""
+
+    mode: str = ""  # a cheat mode, or "mixed"; "" = no cheaters
+    count: int = 0  # cheating workers
+    honest_jobs: int = 0  # K: honest jobs before cheating (sleeper, sybil)
+    unreplicated_rate: float = 0.0  # ring: chance of cheating on a job it runs alone
+    new_address: bool = False  # sybil: come back on a new address (else its old one, a new port)
+    oracle: bool = True  # ring: the harness tells the ring each job's replicas (else the window rule)
+
+    @property
+    def label(self) -> str:
+        if not self.count or not self.mode:
+            return "clean"
+        label = self.mode
+        if self.mode in ("sleeper", "sybil") or self.honest_jobs:
+            label += f" K={self.honest_jobs}"
+        if self.mode == "ring" and self.unreplicated_rate:
+            label += f" +{100 * self.unreplicated_rate:g}% alone"
+        if self.mode == "ring" and not self.oracle:
+            label += " (window)"
+        if self.mode == "sybil":
+            label += " new addr" if self.new_address else " same addr"
+        return label
+
+
+@dataclass
+class _ClusterPeer:
+    """An in-process worker as the trial sees it; a sybil re-enters with a new data directory (a new key)."""
+
+    worker: WorkerPeer
+    cheat_mode: str
+    nursery: trio.Nursery
+    base: Path
+    bootstrap: str
+    new_address: bool
+    counter: list[int]  # re-entries so far in the cluster (shared: new addresses are not reused)
+    alive: bool = True
+
+    @property
+    def peer_id(self) -> str:
+        return self.worker.info.peer_id
+
+    async def kill(self) -> None:
+        self.alive = False
+        await self.worker.stop()
+
+    async def reenter(self) -> None:
+        from p2pcompute.testing.jobs import start_worker, write_hardware_cache
+
+        await self.worker.stop()
+        self.counter[0] += 1
+        n = self.counter[0]
+        old = self.worker.config
+        ip = f"127.0.0.{REENTRY_IP_BASE + n}" if self.new_address else old.listen[0].split("/")[2]
+        config = replace(
+            old,
+            data_dir=self.base / f"w{self.worker.index}-key{n}",
+            listen=(f"/ip4/{ip}/tcp/0",),
+            bootstrap=(self.bootstrap,),
+        ).validate()
+        await trio.to_thread.run_sync(write_hardware_cache, [config.data_dir])
+        self.worker = await start_worker(self.nursery, self.worker.index, config)
+        self.alive = True
+
+
+@contextlib.asynccontextmanager
+async def _cluster_peers(base: Path, workers: int, adversary: Adversary) -> AsyncIterator[list[_ClusterPeer]]:
+    from p2pcompute.config import NodeConfig
+    from p2pcompute.testing.jobs import cluster
+
+    modes = assign_modes(workers, adversary.count, adversary.mode) if adversary.count else [""] * workers
+    ring_dir = base / "ring"
+
+    def configure(index: int, config: NodeConfig) -> NodeConfig:
+        mode = modes[index]
+        if not mode:
+            return config
+        return replace(
+            config,
+            cheat_mode=mode,
+            cheat_honest_jobs=adversary.honest_jobs,
+            cheat_ring_dir=ring_dir if mode in GROUP_MODES else None,
+            cheat_unreplicated_rate=adversary.unreplicated_rate if mode == "ring" else 0.0,
+        )
+
+    async with trio.open_nursery() as nursery, cluster(base, workers, configure=configure) as started:
+        counter = [0]
+        peers = [
+            _ClusterPeer(w, modes[w.index], nursery, base, started[0].addr, adversary.new_address, counter)
+            for w in started
+        ]
+        try:
+            yield peers
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def run_cluster_trial(
+    base: Path, workers: int, adversary: Adversary, config: TrialConfig, *, market_timeout_s: float = 60.0
+) -> TrialReport:
+    """A trial against ``workers`` in-process workers (real hosts and executors, one trio process) under ``base``.
+
+    The ring's side channel is the directory ``base/ring``; with ``adversary.oracle`` the trial writes each job's
+    replicas there. A flagged sybil is stopped and started again under a new data directory (a fresh key).
+    """
+    from p2pcompute.client import open_client
+    from p2pcompute.testing.adversary import DirectoryRing
+
+    async with (
+        _cluster_peers(base, workers, adversary) as peers,
+        open_client(
+            [peers[0].worker.addr], data_dir=base / "client", listen=(f"/ip4/{CLUSTER_CLIENT_IP}/tcp/0",)
+        ) as client,
+    ):
+        with trio.fail_after(market_timeout_s):
+            await client.node.wait_for(lambda: len(client.node.market) >= workers)
+        ring = adversary.count and adversary.mode in ("ring", "mixed")
+        oracle = DirectoryRing(base / "ring") if adversary.oracle and ring else None
+        return await run_trial(client, peers, config, oracle=oracle)

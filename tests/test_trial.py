@@ -1,0 +1,78 @@
+"""Short verification trials against an in-process cluster (p2pcompute.trial.run_cluster_trial), one per patient
+adversary: real hosts, workers with real executor children, a real client, in one trio process.
+
+They check the report's structure and that the adversary did what it is for (cheat, after its honest jobs; re-enter
+under a new key) — not the verification goals, which benchmarks/verification.py measures at 1,000 jobs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from p2pcompute.trial import Adversary, TrialConfig, TrialReport, run_cluster_trial
+
+TRIAL_TIMEOUT_S = 300.0  # worker start-up dominates (executor children import torch on a loaded 2-core machine)
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.export's deprecation noise
+
+
+async def _trial(tmp_path: Path, workers: int, adversary: Adversary, config: TrialConfig) -> TrialReport:
+    with trio.fail_after(TRIAL_TIMEOUT_S):
+        return await run_cluster_trial(tmp_path, workers, adversary, config)
+
+
+def _structure(report: TrialReport, jobs: int) -> dict[str, Any]:
+    data = report.to_json()
+    assert data["jobs"] == jobs
+    assert data["accepted"] + data["failed"] == jobs
+    assert 0.0 <= data["wrong_accepted_rate"] <= 1.0
+    assert data["compute_overhead"] >= 1.0
+    assert len(data["compute_by_block"]) == 1  # fewer than 100 jobs: one block
+    assert data["job_flops"] > 0
+    assert report.lines()[0].startswith(f"jobs run {jobs}")
+    (mode,) = data["adversaries"]
+    adversary: dict[str, Any] = data["adversaries"][mode]
+    for key in ("members", "caught", "ring_caught", "jobs_until_detected", "cheats", "wrong_accepted", "reentries"):
+        assert key in adversary
+    return adversary
+
+
+async def test_sleeper_is_honest_for_its_first_jobs_then_cheats_and_is_caught(tmp_path: Path) -> None:
+    honest_jobs = 3
+    # Four workers: a disagreement needs three agreeing results to settle (quorum 2, plus one against the odd one).
+    report = await _trial(tmp_path, 4, Adversary("sleeper", 1, honest_jobs=honest_jobs), TrialConfig(jobs=16))
+    sleeper = _structure(report, 16)
+    assert sleeper["members"] == 1
+    assert sleeper["cheats"] >= 1
+    (key,) = report.cheaters.values()
+    assert key["detected"], report.lines()
+    # Caught on a cheat, and it cheats only after its honest jobs (no job was escalated before its first cheat, so
+    # every job it ran until then was gathered and counted).
+    assert key["jobs_until_detected"] > honest_jobs
+    assert report.honest_flagged == []
+
+
+async def test_ring_cheats_when_every_replica_is_a_member(tmp_path: Path) -> None:
+    """Two ring members and one honest worker, every job on two of them: the ring cheats on the jobs it has alone."""
+    report = await _trial(tmp_path, 3, Adversary("ring", 2), TrialConfig(jobs=24, redundancy=2))
+    ring = _structure(report, 24)
+    assert ring["members"] == 2
+    assert ring["cheats"] >= 2  # each job both members had (1 in 3 expected) is two cheats, one per member
+    assert ring["cheats"] % 2 == 0  # never one member alone: the ring always agrees with itself
+    assert report.honest_flagged == []
+
+
+async def test_sybil_comes_back_under_a_new_key_once_flagged(tmp_path: Path) -> None:
+    adversary = Adversary("sybil", 1, honest_jobs=2, new_address=True)
+    report = await _trial(tmp_path, 4, adversary, TrialConfig(jobs=16, max_reentries=1))
+    sybil = _structure(report, 16)
+    assert sybil["members"] == 1
+    assert sybil["reentries"] == report.reentries == 1
+    first, fresh = sorted(report.cheaters.items(), key=lambda item: item[1]["reentry"])
+    assert first[1]["detected"] and first[1]["cheats"] >= 1
+    assert fresh[1]["reentry"] == 1 and fresh[1]["member"] == first[1]["member"]
+    assert fresh[0] != first[0]  # a new peer id

@@ -16,6 +16,7 @@ signed attestation, and retries on another worker when one declines, times out o
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import math
@@ -24,7 +25,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,43 +34,61 @@ import trio
 
 from p2pcompute.compute.compare import make_agree
 from p2pcompute.config import NodeConfig, parse_price
+from p2pcompute.core.envelope import Opened
 from p2pcompute.core.identity import KeyPair, PeerId
 from p2pcompute.core.jobspec import Comparison, JobLimits, JobSpec, decode_bundle, decode_job, job_digest
 from p2pcompute.core.ledger import LedgerRole
-from p2pcompute.core.matching import Candidate, choose, default_weight, eligible
-from p2pcompute.core.messages import ComparisonMode, DeviceKind, Requirements, Timings
-from p2pcompute.core.negotiation import MAX_CLOCK_SKEW_MS, MESSAGE_TTL_MS
+from p2pcompute.core.matching import Candidate, default_weight, eligible
+from p2pcompute.core.messages import ComparisonMode, DeviceKind, JobResult, Requirements, Timings
+from p2pcompute.core.negotiation import MAX_CLOCK_SKEW_MS, MAX_TRACE_REQUEST_NODES, MESSAGE_TTL_MS
 from p2pcompute.core.replay import SeenCache
 from p2pcompute.core.reputation import Outcome
+from p2pcompute.core.scheduler import (
+    Abandon,
+    Accuse,
+    Action,
+    Bisect,
+    Check,
+    CheckOutcome,
+    Done,
+    JobScheduler,
+    Launch,
+    NeedCandidates,
+    Record,
+    SchedulerPolicy,
+    Settle,
+    TaskFacts,
+)
 from p2pcompute.core.tensors import TensorMeta, outputs_digest
+from p2pcompute.core.throughput import ThroughputLedger
+from p2pcompute.core.trace import TraceLeaf, check_trace, first_divergence
 from p2pcompute.core.verification import (
     DEFAULT_EVIDENCE_TTL_MS,
-    Accepted,
-    Failed,
     KnownAnswer,
-    NeedMore,
-    QuorumPolicy,
     ResultClaim,
-    Status,
+    ValidCheckEvidence,
     Verdict,
-    Verifier,
     make_evidence,
 )
 from p2pcompute.errors import (
+    NegotiationFailed,
     NoWorkersError,
     P2PComputeError,
     Reason,
+    TraceError,
+    TransferError,
 )
 from p2pcompute.keys import default_data_dir, load_or_create_key
 from p2pcompute.net.host import HostConfig, open_host
 from p2pcompute.net.logs import libp2p_logs_at_debug
-from p2pcompute.net.negotiate import PreparedJob, WorkerResult, open_session
+from p2pcompute.net.negotiate import ClientSession, PreparedJob, WorkerResult, open_session
 from p2pcompute.node import Node
 from p2pcompute.store import STORE_FILE, JobRecord, JobRole, JobState, Store, open_store
 
 if TYPE_CHECKING:
     import torch
 
+    from p2pcompute.compute.check import NodeCheck
     from p2pcompute.compute.export import ExportedJob
 
 __all__ = ["Attempt", "Client", "Job", "ProgressEvent", "RunResult", "open_client", "run_job"]
@@ -96,7 +115,7 @@ _MISBEHAVIOUR = frozenset(
         Reason.INCONSISTENT,
     }
 )
-MAX_RESELECTIONS = 8  # how often a job given to one trusted worker that declines (busy) is placed anew
+TRACE_FETCH_TIMEOUT_S = 60.0  # a bisection's wait for a worker's committed leaves
 ESCALATION_WAIT_S = 5.0  # how long a job needing more workers waits for adverts of workers not yet asked
 DEFAULT_MAX_WORKERS = 5  # results gathered for one job when results disagree (escalation bound)
 DEFAULT_DEADLINE_S = 120.0
@@ -124,6 +143,8 @@ class Job:
     blobs: dict[bytes, bytes]
     requirements: Requirements
     outputs: tuple[tuple[str, tuple[int, ...]], ...]  # (dtype, shape) of each output, from the dry run
+    trace_bytes: int = 0  # bytes of every node's outputs: what checking a result in full may fetch
+    check_flops: int = 0  # flops of checking a result in full (Freivalds for products, recomputation for the rest)
 
     @classmethod
     def from_module(
@@ -155,10 +176,12 @@ class Job:
 
     @classmethod
     def from_parts(cls, spec_bytes: bytes, blobs: dict[bytes, bytes], *, device_kind: DeviceKind | None) -> Job:
+        from p2pcompute.compute.check import check_costs
         from p2pcompute.compute.interpreter import dry_run
 
         spec = decode_job(spec_bytes)
         run = dry_run(spec)
+        costs = check_costs(spec, run)
         tensors = {m.digest: m for m in (*spec.inputs, *spec.constants)}
         requirements = Requirements(
             device_kind=device_kind,
@@ -174,6 +197,20 @@ class Job:
             blobs=blobs,
             requirements=requirements,
             outputs=run.outputs,
+            trace_bytes=sum(_nbytes(dtype, shape) for outs in run.node_outputs for dtype, shape in outs),
+            check_flops=sum(cost.check_flops for cost in costs),
+        )
+
+    @property
+    def facts(self) -> TaskFacts:
+        """What the verification scheduler knows of this job (from the client's own dry run)."""
+        return TaskFacts(
+            digest=self.digest,
+            flops=self.requirements.flops,
+            nodes=len(self.spec.nodes),
+            trace_bytes=self.trace_bytes,
+            check_flops=self.check_flops,
+            mode=ComparisonMode(self.spec.compare.mode.value),
         )
 
     @functools.cached_property
@@ -228,6 +265,16 @@ class RunResult:
     workers: tuple[WorkerResult, ...] = field(default=(), repr=False)
     verdict: Verdict | None = field(default=None, repr=False)
     spot_check: bool = False
+    plan: str = ""  # how it was verified: "full" (every node checked against the committed trace) or "sample"
+    check_flops: int = 0  # what the client's own checks cost
+    check_bytes: int = 0  # intermediates fetched for them
+    job_flops: int = 0  # one honest run of the job
+
+    @property
+    def compute(self) -> float:
+        """Compute spent on this job in units of one honest run: results gathered plus the client's checks."""
+        runs = len(self.workers) + (1 if self.spot_check else 0)
+        return runs + (self.check_flops / self.job_flops if self.job_flops else 0.0)
 
     @property
     def agreeing(self) -> tuple[PeerId, ...]:
@@ -261,7 +308,16 @@ class RunResult:
             "disagreeing": [str(p) for p in self.disagreeing],
             "results": len(self.workers),
             "spot_check": self.spot_check,
+            "plan": self.plan,
+            "check_flops": self.check_flops,
+            "check_bytes": self.check_bytes,
         }
+
+
+def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    from p2pcompute.core.tensors import DTYPES
+
+    return math.prod(shape) * DTYPES.get(dtype, 8)
 
 
 def _now_ms() -> int:
@@ -285,6 +341,8 @@ class Client:
         self.clock = clock
         self.seen = SeenCache(max_ttl_ms=MESSAGE_TTL_MS + MAX_CLOCK_SKEW_MS)  # no longer-lived message is taken
         self.rng = random.Random(secrets.randbits(64))
+        self.throughput = ThroughputLedger()  # what workers deliver against their adverts' TFLOPS
+        self.scheduler_policy = SchedulerPolicy()  # how jobs are verified (core.scheduler; verification.md §11)
         # Spending: the hash-chained ledger of the receipts this client signed.
         self.ledger = store.load_ledger(keypair, LedgerRole.CLIENT)
         self.evidence_published: list[bytes] = []
@@ -317,6 +375,7 @@ class Client:
         max_workers: int = DEFAULT_MAX_WORKERS,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         progress: ProgressFn | None = None,
+        only: Sequence[PeerId] | None = None,
     ) -> RunResult:
         """Run ``job`` on workers for at most ``max_price`` credits each, within ``deadline`` seconds from now.
 
@@ -327,25 +386,45 @@ class Client:
         Only workers whose results are accepted get a receipt; the others get a signed rejection, and evidence
         against them is gossiped. Raises :class:`VerificationError` (no quorum) or :class:`NoWorkersError`.
         """
-        run = _Run(self, job, _to_micro(max_price), progress or (lambda event: None))
+        run = _Run(self, job, _to_micro(max_price), progress or (lambda event: None), only)
         with trio.fail_after(max(0.001, deadline)):
             return await run.execute(redundancy, max_workers, max_attempts, self.clock() + int(deadline * 1000))
 
     def _weight(self, candidate: Candidate) -> float:
-        """Matching weight: cheaper and faster, and more for a better reputation (never zero)."""
+        """Matching weight: cheaper and faster, and more for a better reputation (never zero).
+
+        Faster as measured: a worker that claims more TFLOPS than it delivered is weighed at what it delivered
+        (``core.throughput``), so over-claiming wins it no work."""
+        claimed = candidate.device.tflops
+        delivered = self.throughput.effective_tflops(candidate.peer, claimed)
+        if 0 < delivered < claimed:
+            candidate = replace(candidate, expected_ms=int(candidate.expected_ms * claimed / delivered))
         # A better score is likelier, but at most 6x: work must stay spread, or only a few workers ever earn
         # the trust that lets their jobs run unreplicated (measured: a stronger preference raised the overhead).
         score = self.node.reputation.get(candidate.peer).score
         return default_weight(candidate) * (1.0 + max(0.0, min(score, 50.0)) / 10.0)
 
-    def _pick(
-        self, job: Job, max_price: int, count: int, exclude: Sequence[PeerId], groups: Sequence[str]
-    ) -> list[Candidate]:
-        pool = [c for c in self.candidates(job, max_price, exclude) if self.node.reputation.eligible(c.peer)]
-        return choose(pool, count, self.rng, weight=self._weight, taken_groups=groups)
+    async def benchmark(
+        self, worker: PeerId, *, max_price: int | float | str | Decimal, deadline: float = DEFAULT_DEADLINE_S
+    ) -> float:
+        """Measure what ``worker`` delivers: a short matrix-product job sized to take ``min_expected_ms`` at its
+        claimed TFLOPS, run (and checked, and paid) there like any job. Returns the TFLOPS it delivered (a lower
+        bound); the measurement caps its advert's claim from now on (``core.throughput``)."""
+        claimed = next((c.device.tflops for c in self.candidates_all() if c.peer == worker), 0.0)
+        job = benchmark_job(max(claimed, 0.01), self.throughput.policy.min_expected_ms)
+        result = await self.run(job, max_price=max_price, deadline=deadline, redundancy=1, only=(worker,))
+        waited = max(1, result.elapsed_ms)
+        return job.requirements.flops / (waited * 1e9)
 
-    def record(self, peer: PeerId, outcome: Outcome) -> None:
-        self.node.record_outcome(peer, outcome)
+    def candidates_all(self) -> list[Candidate]:
+        """Every worker in the market view with a live advert, whatever the job (for measurements)."""
+        now = self.clock()
+        adverts = [entry.advert for entry in self.node.market.adverts(now)]
+        probe = Requirements(device_kind=None, memory_bytes=0, input_bytes=0, output_bytes=0, op_count=1, flops=0)
+        return eligible(adverts, probe, 1 << 62, now, exclude=(self.peer_id,))
+
+    def record(self, peer: PeerId, outcome: Outcome, *, flops: int = 0, group: str = "") -> None:
+        self.node.record_outcome(peer, outcome, flops=flops, group=group)
 
     def _remember(self, job_id: bytes, worker: PeerId, job: Job, outcome: WorkerResult, receipt: bytes) -> None:
         now = self.clock()
@@ -369,26 +448,25 @@ class Client:
         self.store.append_to_ledger(self.ledger, receipt)
 
 
-class _Reselect(Exception):
-    """Internal: the one trusted worker of an unreplicated job declined before accepting; choose again."""
-
-
 @dataclass
-class _Pending:
-    """A worker's open session waiting for the verdict: pay it or reject it."""
+class _Session:
+    """One worker's session, driven by the runner: a result, then checks, then a settlement."""
 
-    settled: trio.Event = field(default_factory=trio.Event)
-    pay: bool = False
-    reason: str = ""
-    detail: str = ""
+    candidate: Candidate
+    commands: trio.MemorySendChannel[tuple[str, Any]]
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    has_result: bool = False
+    accepted: bool = False  # it accepted the job (its failures may cost it reputation)
+    answered: bool = False
 
 
 class _Run:
-    """One job's redundant execution: launch workers, feed the verifier, settle every session."""
+    """One job: the core scheduler (``core.scheduler``) decides; this runner opens sessions, fetches and checks
+    committed traces, settles, and records what the scheduler says."""
 
-    def __init__(self, client: Client, job: Job, max_price: int, report: ProgressFn) -> None:
+    def __init__(
+        self, client: Client, job: Job, max_price: int, report: ProgressFn, only: Sequence[PeerId] | None = None
+    ) -> None:
+        self.only = frozenset(only) if only is not None else None
         self.client = client
         self.job = job
         self.max_price = max_price
@@ -396,19 +474,14 @@ class _Run:
         self.started = client.clock()
         self.spec = job.spec
         self.attempts: list[Attempt] = []
-        self.asked: list[PeerId] = []
-        self.groups: list[str] = []
-        self.pending: dict[PeerId, _Pending] = {}
+        self.sessions: dict[PeerId, _Session] = {}
         self.results: dict[PeerId, WorkerResult] = {}
-        self.before_accept: set[PeerId] = set()
-        self.unanswered: set[PeerId] = set()
-        self.reselect_on_decline = False
-        self.spot_check = False
         self.blobs: dict[Hashable, list[bytes]] = {}
+        self.accusations: list[Accuse] = []
         self.paid = 0
-        self.send, self.inbox = trio.open_memory_channel[tuple[Candidate, WorkerResult | P2PComputeError, bool]](
-            math.inf
-        )
+        self.done: Done | None = None
+        self.error: P2PComputeError | None = None
+        self.send, self.inbox = trio.open_memory_channel[tuple[str, Any]](math.inf)
 
     async def execute(self, redundancy: int | None, max_workers: int, max_attempts: int, deadline_ms: int) -> RunResult:
         client, job = self.client, self.job
@@ -416,138 +489,153 @@ class _Run:
         self.report(ProgressEvent("matching", 0, 1))
         if not client.candidates(job, self.max_price):
             await client.wait_for_workers(job, self.max_price)
-        failure: P2PComputeError | None = None
-        verdict: Verdict | None = None
-        for _ in range(MAX_RESELECTIONS):
-            try:
-                verdict = await self._attempt(redundancy, max_workers, max_attempts)
-                break
-            except _Reselect:
-                log.debug("job %s: the trusted worker declined; choosing again", job.digest.hex()[:16])
-                continue  # a trusted worker declined before accepting: decide the replication anew
-            except P2PComputeError as exc:
-                failure = exc
-                break
-        else:
-            failure = NoWorkersError(Reason.ALL_ATTEMPTS_FAILED, f"job {job.digest.hex()[:16]}: {self._tried()}")
-        if failure is not None:
-            raise failure
-        assert verdict is not None
-        self._record_outcomes(verdict.outcomes())
-        await self._publish_evidence(verdict)
-        self.report(ProgressEvent("done", 1, 1))
-        return self._result(verdict)
-
-    async def _attempt(self, redundancy: int | None, max_workers: int, max_attempts: int) -> Verdict:
-        """One verifier's worth of work: choose the replication, launch workers, gather, settle every session.
-
-        In adaptive mode a job given to one trusted worker (*q* = 1) must get its result from that worker: when
-        it declines before accepting, :class:`_Reselect` starts over, so the replacement's trust decides anew.
-        """
-        client, job = self.client, self.job
-        first = client._pick(job, self.max_price, 1, self.asked, self.groups)
-        if not first:
-            raise NoWorkersError(
-                Reason.NO_WORKERS if not self.asked else Reason.ALL_ATTEMPTS_FAILED,
-                f"no eligible worker for job {job.digest.hex()[:16]}" + (f" ({self._tried()})" if self.asked else ""),
-            )
-        reputation = client.node.reputation
-        if redundancy is None:
-            quorum = 2 if reputation.should_replicate(first[0].peer, client.rng.random()) else 1
-        else:
-            quorum = max(1, redundancy)
-        self.reselect_on_decline = redundancy is None and quorum == 1
-        log.debug("job %s: first worker %s, quorum %d", job.digest.hex()[:16], first[0].peer, quorum)
-        known = None
-        if quorum == 1 and redundancy is None and reputation.spot_check(client.rng.random()):
-            known = await trio.to_thread.run_sync(self._known_answer)
-        self.spot_check = known is not None
         compare = self.spec.compare
-        # Declines before an accept (a busy worker) cost nothing but count as asked: leave room for them.
-        policy = QuorumPolicy(
-            quorum=quorum,
-            max_workers=max(quorum, max_workers),
-            max_attempts=max(quorum, max_workers, max_attempts),
-        )
-        self.verifier = Verifier(
-            policy,
-            job_digest=job.digest,
-            mode=ComparisonMode(compare.mode.value),
+        self.scheduler = JobScheduler(
+            facts=job.facts,
+            policy=replace(
+                client.scheduler_policy,
+                max_workers=max(1, max_workers),
+                max_attempts=max(max_workers, max_attempts),
+            ),
+            trust=_ClientTrust(client),
+            rng=client.rng,
             agree=make_agree(self.blobs, compare.rtol, compare.atol),
-            known=known,
+            known=self._known_answer,
+            redundancy=redundancy,
         )
-        error: P2PComputeError | _Reselect | None = None
-        verdict: Verdict | None = None
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
-            self._launch(first)
-            if quorum > 1:
-                self._launch(client._pick(job, self.max_price, quorum - 1, self.asked, self.groups))
-            try:
-                verdict = await self._gather()
-            except (P2PComputeError, _Reselect) as exc:
-                error = exc  # raised below, outside the nursery, as itself (not in an exception group)
-            self._settle_all(verdict)  # receipts for the accepted, rejections for the rest, abort the unfinished
-        if error is not None:
-            raise error
-        assert verdict is not None
-        return verdict
+            self._do(self.scheduler.start(self._candidates()))
+            while self.done is None and self.error is None:
+                kind, payload = await self.inbox.receive()
+                self._do(self._feed(kind, payload))
+            for session in self.sessions.values():  # nothing left to wait for
+                if not session.answered:
+                    session.scope.cancel()
+        await self._publish_evidence()  # a cheater caught is reported whether or not the job got an answer
+        if self.error is not None:
+            raise self.error
+        assert self.done is not None
+        self.report(ProgressEvent("done", 1, 1))
+        return self._result(self.done)
 
-    async def _gather(self) -> Verdict:
-        """Feed answers to the verifier, asking more workers when it says so, until a verdict or a failure."""
-        client, job = self.client, self.job
-        status: Status = self.verifier.status()
-        while not isinstance(status, (Accepted, Failed)):
-            if isinstance(status, NeedMore) and status.count:
-                launched = self._launch(client._pick(job, self.max_price, status.count, self.asked, self.groups))
-                if not launched and not self._in_flight():
-                    # Nobody left to ask in the market view now: wait a little for adverts of others.
-                    with trio.move_on_after(ESCALATION_WAIT_S):
-                        await client.node.wait_for(
-                            lambda: bool(client._pick(job, self.max_price, 1, self.asked, self.groups))
-                        )
-                    launched = self._launch(client._pick(job, self.max_price, status.count, self.asked, self.groups))
-                if not launched and not self._in_flight():
-                    raise NoWorkersError(
-                        Reason.ALL_ATTEMPTS_FAILED,
-                        f"job {job.digest.hex()[:16]}: no further eligible worker ({self._tried()})",
-                    )
-            elif not self._in_flight():
-                raise NoWorkersError(Reason.ALL_ATTEMPTS_FAILED, f"job {job.digest.hex()[:16]}: {self._tried()}")
-            candidate, answer, after_accept = await self.inbox.receive()
-            status = self._absorb(candidate, answer, after_accept)
-            if self.reselect_on_decline and not isinstance(answer, WorkerResult) and not after_accept:
-                raise _Reselect
-        if isinstance(status, Failed):
-            self._record_outcomes(status.outcomes())
-            raise status.error()
-        return status.verdict
+    # -- the scheduler's actions -------------------------------------------------------------------------------
+
+    def _do(self, actions: Sequence[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Launch):
+                self._launch(action.candidate)
+            elif isinstance(action, Check):
+                self._command(action.peer, ("check", action.nodes))
+            elif isinstance(action, Bisect):
+                self.nursery.start_soon(self._bisect, action.first, action.second)
+            elif isinstance(action, Settle):
+                self._settle(action)
+            elif isinstance(action, Record):
+                session = self.sessions.get(action.peer)
+                group = session.candidate.group if session is not None else ""
+                if session is None or session.accepted or action.outcome is not Outcome.DECLINED_AFTER_ACCEPT:
+                    self.client.record(action.peer, action.outcome, flops=action.flops, group=group)
+            elif isinstance(action, Accuse):
+                self.accusations.append(action)
+            elif isinstance(action, NeedCandidates):
+                self.nursery.start_soon(self._wait_for_candidates)
+            elif isinstance(action, Done):
+                self.done = action
+            elif isinstance(action, Abandon):
+                error = action.error
+                if isinstance(error, NoWorkersError) and self.attempts:
+                    error = NoWorkersError(error.reason, f"job {self.job.digest.hex()[:16]}: {self._tried()}")
+                self.error = error
+
+    def _feed(self, kind: str, payload: Any) -> list[Action]:
+        scheduler, now = self.scheduler, self.client.clock()
+        if kind == "result":
+            candidate, answer = payload
+            peer = candidate.peer
+            result = answer.result.message
+            self.results[peer] = answer
+            self.blobs[peer] = [answer.outputs[meta.digest] for meta in result.outputs]
+            self.attempts.append(Attempt(peer, "result", "", now - self.started))
+            self.client.throughput.observe(
+                peer,
+                flops=self.job.requirements.flops,
+                waited_ms=answer.elapsed_ms,
+                claimed_tflops=candidate.device.tflops,
+            )
+            traced = result.trace_length == len(self.spec.nodes) and result.trace_length > 0
+            return scheduler.on_result(peer, ResultClaim(answer.result, key=peer), traced=traced)
+        if kind == "failure":
+            candidate, error, after_accept = payload
+            peer = candidate.peer
+            log.info("job %s on %s: %s", self.job.digest.hex()[:16], peer, error)
+            self.attempts.append(Attempt(peer, error.reason.value, error.detail, now - self.started))
+            if error.reason is Reason.TIMEOUT:
+                outcome = Outcome.TIMEOUT
+            elif after_accept and error.reason in _MISBEHAVIOUR:
+                outcome = Outcome.INVALID  # it signed or sent something false: not a crash, not the network
+            else:
+                outcome = Outcome.DECLINED_AFTER_ACCEPT  # it walked away, died, or the connection broke
+            return scheduler.on_failure(peer, outcome, after_accept=after_accept)
+        if kind == "checked":
+            peer, outcome = payload
+            if not outcome.ok:
+                what = "trace_refused" if outcome.refused else "check_failed"
+                log.info("job %s on %s: %s: %s", self.job.digest.hex()[:16], peer, what, outcome.detail)
+                self.attempts.append(Attempt(peer, what, outcome.detail, now - self.started))
+            return scheduler.on_check(peer, outcome)
+        if kind == "candidates":
+            return scheduler.offer(payload) if payload else scheduler.give_up()
+        raise AssertionError(kind)
+
+    def _candidates(self) -> list[Candidate]:
+        found = self.client.candidates(self.job, self.max_price)
+        return found if self.only is None else [c for c in found if c.peer in self.only]
 
     def _tried(self) -> str:
-        return "; ".join(f"{a.worker}: {a.outcome} {a.detail}".strip() for a in self.attempts) or "none tried"
+        return "; ".join(f"{a.worker}: {a.outcome} {a.detail}".strip() for a in self.attempts)
 
-    def _in_flight(self) -> bool:
-        """Some worker asked has not been heard of yet (its answer may already wait in the inbox)."""
-        return bool(self.unanswered)
+    def _launch(self, candidate: Candidate) -> None:
+        send, receive = trio.open_memory_channel[tuple[str, Any]](math.inf)
+        session = _Session(candidate, send)
+        self.sessions[candidate.peer] = session
+        self.nursery.start_soon(self._work, session, receive)
 
-    def _launch(self, candidates: Sequence[Candidate]) -> int:
-        for candidate in candidates:
-            self.verifier.assign(candidate.peer)
-            self.asked.append(candidate.peer)
-            self.groups.append(candidate.group)
-            self.pending[candidate.peer] = _Pending()
-            self.unanswered.add(candidate.peer)
-            self.nursery.start_soon(self._work, candidate)
-        return len(candidates)
+    def _command(self, peer: PeerId, command: tuple[str, Any]) -> None:
+        session = self.sessions[peer]
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            session.commands.send_nowait(command)
 
-    async def _work(self, candidate: Candidate) -> None:
-        client, pending = self.client, self.pending[candidate.peer]
+    def _settle(self, settle: Settle) -> None:
+        session = self.sessions.get(settle.peer)
+        if session is None:
+            return
+        if not session.answered:
+            session.scope.cancel()  # not needed any more: abort, nothing is owed
+            return
+        self._command(settle.peer, ("settle", settle))
+
+    async def _wait_for_candidates(self) -> None:
+        """Nobody left to ask in the market view now: wait a little for adverts of workers not yet asked."""
+        client = self.client
+        asked = set(self.sessions)
+
+        def fresh() -> list[Candidate]:
+            return [c for c in self._candidates() if c.peer not in asked]
+
+        with trio.move_on_after(ESCALATION_WAIT_S):
+            await client.node.wait_for(lambda: bool(fresh()))
+        self.send.send_nowait(("candidates", fresh()))
+
+    # -- one worker --------------------------------------------------------------------------------------------
+
+    async def _work(self, session: _Session, commands: trio.MemoryReceiveChannel[tuple[str, Any]]) -> None:
+        client, candidate = self.client, session.candidate
 
         def forward(phase: str, done: int, total: int) -> None:
             self.report(ProgressEvent(phase, done, total, candidate.peer))
 
-        answered = False
-        with pending.scope:
+        with session.scope:
             try:
                 async with open_session(
                     client.node.host,
@@ -560,88 +648,147 @@ class _Run:
                     seen=client.seen,
                     clock=client.clock,
                     progress=forward,
-                ) as session:
+                ) as worker_session:
                     try:
-                        outcome = await session.run()
+                        outcome = await worker_session.run()
                     except P2PComputeError as exc:
-                        answered = True
-                        self.send.send_nowait((candidate, exc, session.machine.accept is not None))
+                        session.answered = True
+                        accepted = worker_session.machine.accept is not None
+                        self.send.send_nowait(("failure", (candidate, exc, accepted)))
                         return
-                    answered = True
-                    pending.has_result = True
-                    self.send.send_nowait((candidate, outcome, True))
-                    await pending.settled.wait()
-                    if pending.pay:
-                        receipt = await session.pay()
-                        self.paid += outcome.price
-                        client._remember(session.request.id, candidate.peer, self.job, outcome, receipt.envelope)
-                    else:
-                        await session.reject(pending.reason, pending.detail)
+                    session.answered = session.accepted = True
+                    self.send.send_nowait(("result", (candidate, outcome)))
+                    async for command, argument in commands:
+                        if command == "check":
+                            checked = await self._check(worker_session, outcome, argument)
+                            self.send.send_nowait(("checked", (candidate.peer, checked)))
+                        elif command == "leaves":
+                            argument.send_nowait(await self._leaves(worker_session))
+                        elif command == "settle":
+                            await self._pay_or_reject(worker_session, outcome, argument)
+                            return
             except P2PComputeError as exc:
-                if not answered:
-                    self.send.send_nowait((candidate, exc, False))
+                if not session.answered:
+                    session.answered = True
+                    self.send.send_nowait(("failure", (candidate, exc, False)))
                 else:
-                    log.info("settling job %s with %s failed: %s", self.job.digest.hex()[:16], candidate.peer, exc)
+                    log.info("job %s with %s: %s", self.job.digest.hex()[:16], candidate.peer, exc)
 
-    def _absorb(self, candidate: Candidate, answer: WorkerResult | P2PComputeError, after_accept: bool) -> Status:
-        peer, now = candidate.peer, self.client.clock()
-        self.unanswered.discard(peer)
-        if isinstance(answer, WorkerResult):
-            result = answer.result.message
-            self.results[peer] = answer
-            self.blobs[peer] = [answer.outputs[meta.digest] for meta in result.outputs]
-            self.attempts.append(Attempt(peer, "result", "", now - self.started))
-            try:
-                return self.verifier.add_claim(ResultClaim(answer.result, key=peer))
-            except P2PComputeError as exc:
-                self.attempts[-1] = Attempt(peer, exc.reason.value, exc.detail, now - self.started)
-                return self.verifier.add_failure(peer, Outcome.INVALID)
-        log.info("job %s on %s: %s", self.job.digest.hex()[:16], peer, answer)
-        self.attempts.append(Attempt(peer, answer.reason.value, answer.detail, now - self.started))
-        self.pending[peer].settled.set()
-        if answer.reason is Reason.TIMEOUT:
-            outcome = Outcome.TIMEOUT
-        elif after_accept and answer.reason in _MISBEHAVIOUR:
-            outcome = Outcome.INVALID  # it signed or sent something false: not a crash, not the network
+    async def _pay_or_reject(self, worker_session: ClientSession, outcome: WorkerResult, settle: Settle) -> None:
+        if settle.pay:
+            receipt = await worker_session.pay()
+            self.paid += outcome.price
+            self.client._remember(worker_session.request.id, worker_session.worker, self.job, outcome, receipt.envelope)
         else:
-            outcome = Outcome.DECLINED_AFTER_ACCEPT  # it walked away, died, or the connection broke
-        if not after_accept:
-            self.before_accept.add(peer)  # declining or being unreachable costs no reputation
-        return self.verifier.add_failure(peer, outcome)
+            await worker_session.reject(settle.reason or "verification_failed", settle.detail)
 
-    def _settle_all(self, verdict: Verdict | None) -> None:
-        agreeing = set(verdict.agreeing_workers) if verdict is not None else set()
-        for peer, pending in self.pending.items():
-            if pending.settled.is_set():
-                continue
-            if not pending.has_result:
-                pending.scope.cancel()  # not needed any more: abort, nothing is owed
-                continue
-            pending.pay = peer in agreeing
-            if not pending.pay:
-                pending.reason = "verification_failed" if verdict is not None else Reason.NO_QUORUM.value
-                pending.detail = "result outside the accepted cluster" if verdict is not None else "no quorum"
-            pending.settled.set()
+    async def _leaves(self, worker_session: ClientSession) -> tuple[TraceLeaf, ...] | None:
+        """The committed trace's leaves, checked against the signed root; None when the worker does not deliver."""
+        if worker_session.machine.trace_rounds:
+            return tuple(worker_session.machine.trace_leaves)
+        try:
+            return (await worker_session.fetch_trace((), leaves=True)).leaves
+        except P2PComputeError as exc:
+            log.info("trace leaves from %s: %s", worker_session.worker, exc)
+            return None
 
-    def _record_outcomes(self, outcomes: dict[PeerId, Outcome]) -> None:
-        for peer, outcome in outcomes.items():
-            if peer not in self.before_accept:
-                self.client.record(peer, outcome)
+    async def _check(
+        self, worker_session: ClientSession, outcome: WorkerResult, nodes: tuple[int, ...] | None
+    ) -> CheckOutcome:
+        """Fetch what checking ``nodes`` (all: None) needs from the committed trace, and check it.
 
-    async def _publish_evidence(self, verdict: Verdict) -> None:
+        The leaves are checked against the job (one per node, the dry run's dtypes and shapes) before any tensor is
+        fetched, so a worker cannot make the client download more than the job's own intermediates."""
+        from p2pcompute.compute.check import TraceChecker
+
+        spec = self.spec
+        wanted = tuple(range(len(spec.nodes))) if nodes is None else nodes
+        fetched = 0
+        try:
+            leaves = await self._leaves(worker_session)
+            if leaves is None:
+                return CheckOutcome(ok=False, refused=True, detail="the committed trace was not delivered")
+            check_trace(spec, leaves, outcome.result.message.outputs)
+            checker = await trio.to_thread.run_sync(TraceChecker, spec, self.job.blobs, leaves)
+            needed = checker.needed(wanted)
+            fetch = [i for i, leaf in enumerate(leaves) if any(m.digest in needed for m in leaf.outputs)]
+            tensors: dict[bytes, bytes] = {}
+            for start in range(0, len(fetch), MAX_TRACE_REQUEST_NODES):
+                answer = await worker_session.fetch_trace(fetch[start : start + MAX_TRACE_REQUEST_NODES], leaves=False)
+                if answer.unavailable and nodes is None:
+                    # a full check is planned only within the budget every worker keeps (TRACE_BYTES_BUDGET)
+                    missing = sorted(answer.unavailable)[:8]
+                    return CheckOutcome(ok=False, refused=True, detail=f"nodes {missing} not delivered")
+                tensors.update(answer.blobs)
+                fetched += sum(len(b) for b in answer.blobs.values())
+            if nodes is not None:  # a sample over budget: check what the worker kept (the rest is unchecked)
+                wanted = tuple(i for i in wanted if checker.needed((i,)) <= tensors.keys())
+            seed = self.client.rng.getrandbits(64)
+            checks = await trio.to_thread.run_sync(functools.partial(checker.check, wanted, tensors, seed=seed))
+            draft = _CheckDraft(outcome.result, leaves, {**self.job.blobs, **tensors}, seed)
+        except TraceError as exc:  # a trace that contradicts its signed root, the result or the job
+            return CheckOutcome(ok=False, bytes=fetched, detail=f"{exc.reason.value}: {exc.detail}")
+        except (TransferError, NegotiationFailed) as exc:  # the stream or a transfer broke: no check was possible
+            return CheckOutcome(ok=False, refused=True, bytes=fetched, detail=f"{exc.reason.value}: {exc.detail}")
+        except P2PComputeError as exc:  # a committed tensor an op refuses: no honest worker commits one
+            return CheckOutcome(ok=False, bytes=fetched, detail=f"{exc.reason.value}: {exc.detail}")
+        flops = sum(c.flops for c in checks)
+        failed = next((c for c in checks if not c.ok), None)
+        if failed is None:
+            return CheckOutcome(ok=True, flops=flops, bytes=fetched, covered=len(checks))
+        return CheckOutcome(
+            ok=False,
+            flops=flops,
+            bytes=fetched,
+            node=failed.node,
+            detail=f"{failed.op} ({failed.method.value}): error {failed.error:.3g} over bound {failed.bound:.3g}",
+            evidence=replace(draft, failed=failed),
+        )
+
+    async def _bisect(self, first: PeerId, second: PeerId) -> None:
+        """Verde's referee: the first node where two committed traces part is checked on both."""
+        leaves: dict[PeerId, tuple[TraceLeaf, ...] | None] = {}
+        for peer in (first, second):
+            send, receive = trio.open_memory_channel[tuple[TraceLeaf, ...] | None](1)
+            self._command(peer, ("leaves", send))
+            with trio.move_on_after(TRACE_FETCH_TIMEOUT_S):
+                leaves[peer] = await receive.receive()
+        a, b = leaves.get(first), leaves.get(second)
+        if a is None or b is None:
+            for peer, got in ((first, a), (second, b)):
+                refused = CheckOutcome(ok=False, refused=True, detail="no trace for the bisection")
+                self.send.send_nowait(("checked", (peer, CheckOutcome(ok=True) if got is not None else refused)))
+            return
+        node = first_divergence(a, b)
+        nodes = (node,) if node is not None else ()
+        for peer in (first, second):
+            self._command(peer, ("check", nodes))
+
+    # -- results -------------------------------------------------------------------------------------------------
+
+    async def _publish_evidence(self) -> None:
         client, now = self.client, self.client.clock()
-        for accusation in verdict.accusations:
-            data = make_evidence(
-                client.keypair,
-                accusation,
-                id=secrets.token_bytes(16),
-                nonce=secrets.randbits(64),
-                expires_at=now + DEFAULT_EVIDENCE_TTL_MS,
-            )
+        for accuse in self.accusations:
+            ident, nonce, expires_at = secrets.token_bytes(16), secrets.randbits(64), now + DEFAULT_EVIDENCE_TTL_MS
+            data: bytes | None = None
+            if accuse.accusation is not None:
+                data = make_evidence(client.keypair, accuse.accusation, id=ident, nonce=nonce, expires_at=expires_at)
+            elif isinstance(accuse.check, _CheckDraft) and accuse.check.failed is not None:
+                from p2pcompute.compute.evidence import make_check_evidence
+
+                draft, failed = accuse.check, accuse.check.failed
+                data = make_check_evidence(
+                    client.keypair, draft.result, self.job.spec_bytes, draft.leaves, draft.tensors, failed,
+                    draft.seed, id=ident, nonce=nonce, expires_at=expires_at,
+                )  # fmt: skip
+                if data is None:
+                    log.info("the check evidence against %s is too large for gossip; kept local", accuse.peer)
+            if data is None:
+                continue
             try:
                 await client.node.publish_evidence(data)
             except P2PComputeError as exc:
-                log.warning("could not publish evidence against %s: %s", accusation.accused.worker, exc)
+                log.warning("could not publish evidence against %s: %s", accuse.peer, exc)
             client.evidence_published.append(data)
 
     def _known_answer(self) -> KnownAnswer:
@@ -652,9 +799,10 @@ class _Run:
         self.blobs["known"] = [data for _, data in blobs]
         return KnownAnswer(output_digest=outputs_digest(metas), outputs=metas, hardware_class="client", key="known")
 
-    def _result(self, verdict: Verdict) -> RunResult:
+    def _result(self, done: Done) -> RunResult:
         from p2pcompute.compute.interpreter import blob_to_tensor
 
+        verdict = done.verdict
         accepted = verdict.accepted
         if accepted is not None:
             chosen = self.results[accepted.worker]
@@ -680,8 +828,47 @@ class _Run:
             job_digest=self.job.digest,
             workers=tuple(self.results.values()),
             verdict=verdict,
-            spot_check=self.spot_check,
+            spot_check=done.plan.spot_check,
+            plan=done.plan.level.value,
+            check_flops=done.check_flops,
+            check_bytes=done.check_bytes,
+            job_flops=self.job.requirements.flops,
         )
+
+
+@dataclass(frozen=True, eq=False)
+class _CheckDraft:
+    """What a failed check needs to become evidence (``compute.evidence.make_check_evidence``)."""
+
+    result: Opened[JobResult]
+    leaves: tuple[TraceLeaf, ...]
+    tensors: dict[bytes, bytes]
+    seed: int
+    failed: NodeCheck | None = None
+
+
+class _ClientTrust:
+    """The scheduler's view of this client's reputation table (``core.scheduler.TrustView``)."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.reputation = client.node.reputation
+        self.flagged = self.reputation.flagged_groups()
+
+    def eligible(self, peer: PeerId) -> bool:
+        return self.reputation.eligible(peer)
+
+    def replication_probability(self, peer: PeerId) -> float:
+        return self.reputation.replication_probability(peer)
+
+    def checked_flops(self, peer: PeerId) -> int:
+        return self.reputation.checked_flops(peer)
+
+    def group_flagged(self, group: str) -> bool:
+        return group in self.flagged
+
+    def weight(self, candidate: Candidate) -> float:
+        return self.client._weight(candidate)
 
 
 @asynccontextmanager
@@ -715,6 +902,7 @@ async def open_client(
     try:
         async with open_host(keypair.seed, config.listen, config=HostConfig()) as host:
             node = Node(config, keypair, None, host, store=store)
+            node.rechecker = _recheck_in_thread  # a client has torch: it redoes others' failed checks itself
             async with trio.open_nursery() as nursery:
                 await nursery.start(
                     lambda task_status: node.run(advertise=False, serve_status=False, task_status=task_status)
@@ -727,6 +915,29 @@ async def open_client(
                 nursery.cancel_scope.cancel()
     finally:
         store.close()
+
+
+async def _recheck_in_thread(valid: ValidCheckEvidence) -> tuple[bool, str]:
+    from p2pcompute.compute.evidence import recheck
+
+    return await trio.to_thread.run_sync(recheck, valid)
+
+
+def benchmark_job(tflops: float, milliseconds: int) -> Job:
+    """A chain of square float32 matrix products that takes about ``milliseconds`` at ``tflops`` (at least 8
+    products of 64 x 64): what :meth:`Client.benchmark` sends."""
+    import torch
+
+    from p2pcompute.testing.jobs import chain_module
+
+    flops = tflops * 1e9 * milliseconds
+    n = min(4096, max(64, round((flops / 16) ** (1 / 3) / 64) * 64))
+    steps = max(8, math.ceil(flops / (2 * n**3)))
+    generator = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        module = chain_module(n, steps)
+    return Job.from_module(module, (torch.randn(n, n, generator=generator),))
 
 
 def run_job(

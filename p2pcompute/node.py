@@ -15,7 +15,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, cast
@@ -39,7 +39,7 @@ from p2pcompute.core.identity import KeyPair, PeerId
 from p2pcompute.core.messages import GpuAdvert
 from p2pcompute.core.reputation import Outcome, PeerReputation, Reputation
 from p2pcompute.core.schema import from_wire, to_wire
-from p2pcompute.core.verification import EvidenceInbox
+from p2pcompute.core.verification import EvidenceInbox, ValidCheckEvidence
 from p2pcompute.errors import (
     HostStartError,
     LocalProtocolError,
@@ -76,6 +76,8 @@ SYNC_TIMEOUT_S = 10.0  # one whole advert-sync exchange
 SYNC_PEERS = 3  # peers asked at start
 MIN_RESYNC_INTERVAL_S = 30.0
 MAX_CONCURRENT_SYNCS = 8  # sync requests served at once; more are reset
+RECHECK_QUEUE = 16  # check evidence waiting to be redone; more is passed on unconfirmed
+RECHECK_TIMEOUT_S = 30.0  # redoing one node check
 SYNC_REQUEST_MAX_BYTES = 256
 CONNECTION_HEADROOM = 32
 MIN_CAPACITY_ADVERT_S = 10.0  # least time between adverts caused by capacity changes (each costs every peer CPU)
@@ -149,6 +151,9 @@ class Node:
         self.store = store
         self.reputation = store.load_reputation() if store is not None else Reputation()
         self.evidence = EvidenceInbox()
+        # check evidence waiting for its check to be redone (a client: in a thread; a worker: in its executor)
+        self.rechecker: Callable[[ValidCheckEvidence], Awaitable[tuple[bool, str]]] | None = None
+        self._rechecks_send, self._rechecks_recv = trio.open_memory_channel[ValidCheckEvidence](RECHECK_QUEUE)
         self.keypair = keypair
         self.hardware = hardware
         self.host = host
@@ -240,9 +245,11 @@ class Node:
 
     # --- evidence of cheating (specs/verification.md) ---
 
-    def record_outcome(self, peer: PeerId, outcome: Outcome) -> PeerReputation:
-        """Apply an own observation of ``peer`` to its reputation, persisted when the node has a store."""
-        record = self.reputation.record(peer, outcome, self.clock())
+    def record_outcome(self, peer: PeerId, outcome: Outcome, *, flops: int = 0, group: str = "") -> PeerReputation:
+        """Apply an own observation of ``peer`` to its reputation, persisted when the node has a store.
+
+        ``flops``: the checked work a valid result earns (0: unchecked, no trust); ``group``: its address group."""
+        record = self.reputation.record(peer, outcome, self.clock(), flops=flops, group=group)
         if self.store is not None:
             self.store.save_reputation(record)
         return record
@@ -263,12 +270,47 @@ class Node:
             raise
         if valid.reporter == self.peer_id:
             return  # our own report: already applied as an own observation
+        if isinstance(valid, ValidCheckEvidence):
+            # signatures, proofs and tensors hold; whether the node really fails needs the check redone (torch):
+            # queued, and counted only once confirmed. The message itself is passed on either way.
+            try:
+                self._rechecks_send.send_nowait(valid)
+            except trio.WouldBlock:
+                self.metrics.evidence_received.labels(result="recheck_queue_full").inc()
+                log.info("check evidence against %s not rechecked: the queue is full", valid.accused)
+            return
         effect = self.reputation.record_report(valid.reporter, valid.accused, valid.job_digest, now)
         if self.store is not None:
             self.store.save_reputation(self.reputation.get(valid.accused))
         self.metrics.evidence_received.labels(result=effect.value).inc()
         log.info("evidence from %s against %s (%s): %s", valid.reporter, valid.accused, valid.strength, effect.value)
         self._notify_gossip()
+
+    async def _recheck_evidence(self) -> None:
+        """Redo the checks of received check evidence (``rechecker``) and count what they confirm."""
+        async for valid in self._rechecks_recv:
+            if self.rechecker is None:
+                self.metrics.evidence_received.labels(result="not_rechecked").inc()
+                log.info("check evidence against %s kept unconfirmed: this peer cannot redo checks", valid.accused)
+                continue
+            try:
+                with trio.fail_after(RECHECK_TIMEOUT_S):
+                    confirmed, detail = await self.rechecker(valid)
+            except (trio.TooSlowError, P2PComputeError) as exc:
+                log.info("rechecking evidence against %s failed: %s", valid.accused, exc)
+                continue
+            now = self.clock()
+            if confirmed:
+                effect = self.reputation.record_report(valid.reporter, valid.accused, valid.job_digest, now)
+                if self.store is not None:
+                    self.store.save_reputation(self.reputation.get(valid.accused))
+                self.metrics.evidence_received.labels(result=f"check_{effect.value}").inc()
+                log.info("check evidence from %s against %s confirmed: %s", valid.reporter, valid.accused, detail)
+            else:
+                self.record_outcome(valid.reporter, Outcome.BAD_EVIDENCE)
+                self.metrics.evidence_received.labels(result="check_refuted").inc()
+                log.info("check evidence from %s against %s refuted: %s", valid.reporter, valid.accused, detail)
+            self._notify_gossip()
 
     async def publish_evidence(self, data: bytes) -> None:
         await self.gossip.publish(EVIDENCE_TOPIC, data)
@@ -492,6 +534,7 @@ class Node:
             if serve_status:
                 self.status_port = await nursery.start(self._serve_status)
             nursery.start_soon(self._drain_gossip)
+            nursery.start_soon(self._recheck_evidence)
             nursery.start_soon(self._expire_market)
             nursery.start_soon(self._sync)
             if advertise:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -32,6 +32,8 @@ from p2pcompute.core.matching import DEFAULT_MIN_PRICE, address_group
 from p2pcompute.core.messages import DeclineReason, DeviceKind, JobReceipt, JobRequest, Requirements
 from p2pcompute.core.negotiation import (
     MAX_CLOCK_SKEW_MS,
+    MAX_LEAVES_PER_FRAME,
+    MAX_TICKET_BLOBS,
     MESSAGE_TTL_MS,
     Accept,
     Admit,
@@ -53,6 +55,10 @@ from p2pcompute.core.negotiation import (
     TicketBlob,
     TicketDirection,
     TicketFrame,
+    Trace,
+    TraceFrame,
+    TraceRequest,
+    TraceRequestFrame,
     WorkerNegotiation,
     admission,
     blob_frames,
@@ -366,7 +372,7 @@ class Worker:
                 )
                 self.stats["failed"] += 1
                 return
-            await self._send_result(conv, machine, result, key)
+            await self._send_result(conv, machine, result, key, blobs)
         except P2PComputeError as exc:
             # The exchange broke after the accept (the client vanished, a transfer failed): the job is over.
             # A cancellation (this worker shutting down) is left open on purpose: the next start's
@@ -422,10 +428,16 @@ class Worker:
         machine: WorkerNegotiation,
         result: ExecResult,
         key: tuple[bytes, JobRole, bytes],
+        inputs: Mapping[bytes, bytes],
     ) -> None:
         metas = tuple(meta for meta, _ in result.outputs)
         attestation = machine.make_result(
-            metas, hardware_class=result.hardware_class, timings=result.timings, **conv.message_fields()
+            metas,
+            hardware_class=result.hardware_class,
+            timings=result.timings,
+            trace_root=result.trace_root or bytes(32),
+            trace_length=len(result.trace) if result.trace_root else 0,
+            **conv.message_fields(),
         )
         sent = await conv.send_signed(attestation, lambda o: Result(opened=o))  # type: ignore[arg-type]
         self.store.update_job(*key, state=JobState.RESULT_SENT, now=self.clock(), envelopes={"result": sent.envelope})
@@ -437,7 +449,12 @@ class Worker:
         else:
             ticket = self.data.offer_download(outputs)
             await conv.send(Ticket(frame=_ticket_frame(ticket)))
-        settled = await conv.receive_kind(Receipt, Rejection)
+        known = {**inputs, **outputs, **result.trace_blobs}
+        settled = await conv.receive_kind(Receipt, Rejection, TraceRequest)
+        while isinstance(settled, TraceRequest):  # the client checks the committed trace before it pays
+            self.stats["trace_requests"] += 1
+            await self._serve_trace(conv, result, settled.frame, known)
+            settled = await conv.receive_kind(Receipt, Rejection, TraceRequest)
         if isinstance(settled, Receipt):
             self.store.append_to_ledger(self.ledger, settled.opened.envelope)
             self.store.update_job(
@@ -455,6 +472,41 @@ class Worker:
                 detail=f"{rejection.reason}: {rejection.detail}",
             )
             self.stats["rejected"] += 1
+
+    async def _serve_trace(
+        self, conv: Conversation, result: ExecResult, request: TraceRequestFrame, known: Mapping[bytes, bytes]
+    ) -> None:
+        """Answer a trace request: the leaves (in frames of at most MAX_LEAVES_PER_FRAME), then the tensors of the
+        requested nodes that this worker kept (the rest named ``unavailable``), inline or over the data channel."""
+        leaves = result.trace if request.leaves else ()
+        send: dict[bytes, bytes] = {}
+        unavailable: list[int] = []
+        for node in request.nodes:
+            digests = [meta.digest for meta in result.trace[node].outputs]
+            new = [d for d in digests if d not in send]
+            if any(d not in known for d in digests) or len(send) + len(new) > MAX_TICKET_BLOBS:
+                unavailable.append(node)
+                continue
+            for digest in new:
+                send[digest] = known[digest]
+        chunks = [leaves[i : i + MAX_LEAVES_PER_FRAME] for i in range(0, len(leaves), MAX_LEAVES_PER_FRAME)] or [()]
+        for i, chunk in enumerate(chunks):
+            last = i == len(chunks) - 1
+            frame = TraceFrame(
+                first=i * MAX_LEAVES_PER_FRAME if chunk else 0,
+                leaves=tuple(chunk),
+                last=last,
+                unavailable=tuple(unavailable) if last else (),
+            )
+            await conv.send(Trace(frame=frame))
+        if not send:
+            return
+        if sum(len(data) for data in send.values()) <= INLINE_BYTES:
+            for blobs in blob_frames(send.items()):
+                await conv.send(Blobs(frame=blobs))
+        else:
+            ticket = self.data.offer_download(send)
+            await conv.send(Ticket(frame=_ticket_frame(ticket)))
 
     def status(self) -> dict[str, object]:
         """Counters for the status endpoint: slots, jobs by outcome, stored jobs by state."""

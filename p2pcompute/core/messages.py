@@ -26,9 +26,14 @@ from p2pcompute.core import codec
 from p2pcompute.core.identity import PeerId
 from p2pcompute.core.schema import U32_MAX, U64_MAX, Range, Size, Struct, from_wire, to_wire
 from p2pcompute.core.tensors import Digest, TensorMeta
+from p2pcompute.core.trace import MAX_PROOF_LENGTH, TraceLeaf
 from p2pcompute.errors import LocalProtocolError, Reason, SchemaError
 
+MAX_TRACE_LENGTH = 1_000_000
+"""Most leaves a result's trace may have: the job format's largest ``max_ops`` (= core.trace.MAX_TRACE_LEAVES)."""
+
 __all__ = [
+    "MAX_TRACE_LENGTH",
     "DEFAULT_REGISTRY",
     "JOB_MESSAGES",
     "CheatingEvidence",
@@ -44,7 +49,12 @@ __all__ = [
     "JobResult",
     "Requirements",
     "Timings",
+    "MAX_CHECK_EVIDENCE_LEAVES",
+    "MAX_CHECK_EVIDENCE_SPEC",
+    "MAX_CHECK_EVIDENCE_TENSORS",
     "MAX_EVIDENCE_RESULTS",
+    "CheckEvidence",
+    "LeafProof",
     "MAX_RESULT_ENVELOPE_SIZE",
     "MESSAGE_ID_SIZE",
     "Device",
@@ -327,12 +337,19 @@ class JobAccept(Message):
 
 @dataclass(frozen=True, kw_only=True)
 class JobResult(Message):
-    """Worker → client: the worker's signed attestation of the outputs it computed (the evidence unit)."""
+    """Worker → client: the worker's signed attestation of the outputs it computed (the evidence unit).
+
+    Version 2 commits to the job's whole computation: ``trace_root`` is the Merkle root over one leaf per graph
+    node (the digests of every intermediate tensor, ``core/trace.py``), ``trace_length`` its number of leaves
+    (the job's node count; 0 commits to nothing, and such a result can only be checked by replication).
+    """
 
     TYPE: ClassVar[str] = "p2pcompute/job-result"
-    DOMAIN: ClassVar[str] = "p2pcompute/job-result/v1"
+    DOMAIN: ClassVar[str] = "p2pcompute/job-result/v2"
+    VERSION: ClassVar[int] = 2
     SIGNER_FIELD: ClassVar[str] = "worker"
 
+    version: U32 = 2
     worker: PeerId
     client: PeerId
     accept_hash: Digest
@@ -341,6 +358,8 @@ class JobResult(Message):
     outputs: Annotated[tuple[TensorMeta, ...], Size(0, 64)]
     hardware_class: HardwareClass
     timings: Timings
+    trace_root: Digest
+    trace_length: Annotated[int, Range(0, MAX_TRACE_LENGTH)]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -425,6 +444,46 @@ class CheatingEvidence(Message):
     agreeing_results: Annotated[tuple[ResultEnvelope, ...], Size(2, MAX_EVIDENCE_RESULTS)]
 
 
+MAX_CHECK_EVIDENCE_LEAVES = 64
+"""Leaves a check evidence carries: the checked node's and those of the nodes it reads (an op has few inputs)."""
+MAX_CHECK_EVIDENCE_TENSORS = 64
+MAX_CHECK_EVIDENCE_SPEC = 48 * 1024
+"""Evidence travels on gossip (a 64 KiB cap): it carries the job spec and the tensors only of small jobs."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LeafProof(Struct):
+    """A leaf of a committed trace with its Merkle inclusion proof (specs/verification.md §10)."""
+
+    leaf: TraceLeaf
+    proof: Annotated[tuple[Digest, ...], Size(0, MAX_PROOF_LENGTH)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckEvidence(Message):
+    """Reporter → anyone (gossip): the client's check of node ``node`` of ``accused``'s committed trace failed.
+
+    Self-contained, so a peer that never saw the job can redo the check (specs/verification.md §12): the accused's
+    signed ``JobResult`` (its ``trace_root``), the job spec (whose SHA-256 is the job digest), the leaves of the node
+    and of the nodes it reads with their inclusion proofs under that root, the bytes of every tensor the check
+    reads, and the check's ``seed``.
+    """
+
+    TYPE: ClassVar[str] = "p2pcompute/check-evidence"
+    DOMAIN: ClassVar[str] = "p2pcompute/check-evidence/v1"
+    SIGNER_FIELD: ClassVar[str] = "reporter"
+
+    reporter: PeerId
+    accused: PeerId
+    job_digest: Digest
+    accused_result: ResultEnvelope
+    spec: Annotated[bytes, Size(1, MAX_CHECK_EVIDENCE_SPEC)]
+    node: Annotated[int, Range(0, MAX_TRACE_LENGTH - 1)]
+    leaves: Annotated[tuple[LeafProof, ...], Size(1, MAX_CHECK_EVIDENCE_LEAVES)]
+    tensors: Annotated[tuple[bytes, ...], Size(0, MAX_CHECK_EVIDENCE_TENSORS)]
+    seed: U64
+
+
 JOB_MESSAGES: tuple[type[Message], ...] = (
     JobRequest,
     JobOffer,
@@ -436,4 +495,4 @@ JOB_MESSAGES: tuple[type[Message], ...] = (
     JobRejection,
 )
 
-DEFAULT_REGISTRY = MessageRegistry(PeerRecord, GpuAdvert, *JOB_MESSAGES, CheatingEvidence)
+DEFAULT_REGISTRY = MessageRegistry(PeerRecord, GpuAdvert, *JOB_MESSAGES, CheatingEvidence, CheckEvidence)

@@ -13,6 +13,7 @@ except by :func:`seal_opened`, which the adapter calls with its key.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum, StrEnum
@@ -24,6 +25,7 @@ from p2pcompute.core.identity import KeyPair, PeerId
 from p2pcompute.core.matching import run_estimate_ms
 from p2pcompute.core.messages import (
     JOB_MESSAGES,
+    MAX_TRACE_LENGTH,
     DeclineReason,
     DeviceKind,
     JobAccept,
@@ -41,6 +43,7 @@ from p2pcompute.core.messages import (
 )
 from p2pcompute.core.schema import U64_MAX, Range, Size, Struct, from_wire, to_wire
 from p2pcompute.core.tensors import Digest, TensorMeta, check_blob, outputs_digest
+from p2pcompute.core.trace import TraceLeaf, trace_root
 from p2pcompute.errors import (
     JobFormatError,
     LocalProtocolError,
@@ -50,6 +53,7 @@ from p2pcompute.errors import (
     ReplayError,
     SchemaError,
     SignatureError,
+    TraceError,
     TransferError,
 )
 
@@ -62,7 +66,10 @@ __all__ = [
     "MAX_SIGNED_SIZE",
     "MESSAGE_TTL_MS",
     "MAX_SPEC_SIZE",
+    "MAX_LEAVES_PER_FRAME",
     "MAX_TICKET_BLOBS",
+    "MAX_TRACE_REQUEST_NODES",
+    "MAX_TRACE_ROUNDS",
     "NON_TERMINAL",
     "PROTOCOL_ID",
     "TERMINAL",
@@ -126,6 +133,12 @@ MAX_BLOB_CHUNK_SIZE = codec.MAX_FRAME_SIZE - 1024
 """Largest piece of one tensor in one ``blobs`` frame (a tensor of any size travels as several chunks)."""
 MAX_CHUNKS_PER_FRAME = 256
 MAX_TICKET_BLOBS = 1024
+MAX_TRACE_REQUEST_NODES = 256
+"""Nodes one ``trace_request`` may ask the tensors of (a client checking more asks again)."""
+MAX_TRACE_ROUNDS = 64
+"""``trace_request`` s one negotiation may carry."""
+MAX_LEAVES_PER_FRAME = 4096
+"""Leaves one ``trace`` frame carries (each a few dozen bytes; a frame stays under ``MAX_FRAME_SIZE``)."""
 MAX_BLOB_TOTAL = 1 << 40
 
 JOB_REGISTRY = MessageRegistry(*JOB_MESSAGES)
@@ -145,6 +158,8 @@ class FrameKind(StrEnum):
     TICKET = "ticket"
     PROGRESS = "progress"
     ABORT = "abort"
+    TRACE_REQUEST = "trace_request"
+    TRACE = "trace"
 
 
 class TicketDirection(StrEnum):
@@ -235,9 +250,45 @@ class AbortFrame(Struct):
     detail: Annotated[str, Size(0, 512)]
 
 
-Frame = RequestFrame | SignedFrame | BlobsFrame | TicketFrame | ProgressFrame | AbortFrame
+@dataclass(frozen=True, kw_only=True)
+class TraceRequestFrame(Struct):
+    """Client → worker, after a result: send the trace's leaves (when ``leaves``) and the output tensors of
+    ``nodes`` (ascending, distinct) from the committed trace (specs/verification.md §10)."""
+
+    KIND: ClassVar[FrameKind] = FrameKind.TRACE_REQUEST
+    leaves: bool
+    nodes: Annotated[tuple[Annotated[int, Range(0, MAX_TRACE_LENGTH - 1)], ...], Size(0, MAX_TRACE_REQUEST_NODES)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TraceFrame(Struct):
+    """Worker → client, answering a ``trace_request``: leaves ``first ..`` of the trace, in order (when the request
+    asked for them), and in the answer's ``last`` frame the requested nodes whose tensors it cannot send
+    (``unavailable``). The tensors of the other requested nodes follow as ``blobs`` frames or one download
+    ticket."""
+
+    KIND: ClassVar[FrameKind] = FrameKind.TRACE
+    first: Annotated[int, Range(0, MAX_TRACE_LENGTH)]
+    leaves: Annotated[tuple[TraceLeaf, ...], Size(0, MAX_LEAVES_PER_FRAME)]
+    last: bool
+    unavailable: Annotated[tuple[Annotated[int, Range(0, MAX_TRACE_LENGTH - 1)], ...], Size(0, MAX_TRACE_REQUEST_NODES)]
+
+
+Frame = (
+    RequestFrame | SignedFrame | BlobsFrame | TicketFrame | ProgressFrame | AbortFrame | TraceRequestFrame | TraceFrame
+)
 _FRAME_CLASSES: dict[str, type[Struct]] = {
-    cls.KIND.value: cls for cls in (RequestFrame, SignedFrame, BlobsFrame, TicketFrame, ProgressFrame, AbortFrame)
+    cls.KIND.value: cls
+    for cls in (
+        RequestFrame,
+        SignedFrame,
+        BlobsFrame,
+        TicketFrame,
+        ProgressFrame,
+        AbortFrame,
+        TraceRequestFrame,
+        TraceFrame,
+    )
 }
 
 
@@ -256,6 +307,14 @@ def _check_frame(frame: Struct, error: type[P2PComputeError]) -> None:
             raise error(Reason.INCONSISTENT, f"progress {frame.done} > total {frame.total}")
     elif isinstance(frame, TicketFrame) and len(set(frame.digests)) != len(frame.blobs):
         raise error(Reason.INCONSISTENT, "a digest is named twice")
+    elif isinstance(frame, TraceRequestFrame) and any(a >= b for a, b in itertools.pairwise(frame.nodes)):
+        raise error(Reason.INCONSISTENT, "trace_request nodes must be ascending and distinct")
+    elif isinstance(frame, TraceFrame):
+        for i, leaf in enumerate(frame.leaves):
+            if leaf.node != frame.first + i:
+                raise error(Reason.INCONSISTENT, f"leaf {frame.first + i} names node {leaf.node}")
+        if frame.unavailable and not frame.last:
+            raise error(Reason.INCONSISTENT, "unavailable nodes are named in an answer's last frame only")
 
 
 def encode_frame_payload(frame: Frame) -> bytes:
@@ -287,7 +346,10 @@ def decode_frame_payload(data: bytes) -> Frame:
         raise SchemaError(Reason.OUT_OF_RANGE, f"unknown frame kind {kind[:32]!r}")
     frame = from_wire(cls, value, f"{kind} frame")
     _check_frame(frame, SchemaError)
-    assert isinstance(frame, (RequestFrame, SignedFrame, BlobsFrame, TicketFrame, ProgressFrame, AbortFrame))
+    assert isinstance(
+        frame,
+        (RequestFrame, SignedFrame, BlobsFrame, TicketFrame, ProgressFrame, AbortFrame, TraceRequestFrame, TraceFrame),
+    )
     return frame
 
 
@@ -392,6 +454,9 @@ class EventKind(StrEnum):
     RECEIPT = "receipt"
     REJECTION = "rejection"
     ABORT = "abort"
+    TRACE_REQUEST = "trace_request"
+    TRACE_PART = "trace_part"  # a trace frame that is not its answer's last
+    TRACE_END = "trace_end"  # the last trace frame of an answer
 
 
 class _Event:
@@ -482,7 +547,38 @@ class Abort(_Event):
     frame: AbortFrame
 
 
-Event = Request | Offer | Decline | Accept | Result | Failed | Receipt | Rejection | Blobs | Ticket | Progress | Abort
+@dataclass(frozen=True, slots=True)
+class TraceRequest(_Event):
+    KIND: ClassVar[EventKind] = EventKind.TRACE_REQUEST
+    frame: TraceRequestFrame
+
+
+@dataclass(frozen=True, slots=True)
+class Trace(_Event):
+    frame: TraceFrame
+
+    @property
+    def kind(self) -> EventKind:
+        """``trace_end`` for an answer's last frame (the tensors may follow), ``trace_part`` before it."""
+        return EventKind.TRACE_END if self.frame.last else EventKind.TRACE_PART
+
+
+Event = (
+    Request
+    | Offer
+    | Decline
+    | Accept
+    | Result
+    | Failed
+    | Receipt
+    | Rejection
+    | Blobs
+    | Ticket
+    | Progress
+    | Abort
+    | TraceRequest
+    | Trace
+)
 SignedEvent = Offer | Decline | Accept | Result | Failed | Receipt | Rejection
 
 _SIGNED_EVENTS: dict[type[Message], type[SignedEvent]] = {
@@ -522,6 +618,10 @@ def event_from_frame(frame: Frame, *, signer: PeerId) -> Event:
         return Ticket(frame=frame)
     if isinstance(frame, ProgressFrame):
         return Progress(frame=frame)
+    if isinstance(frame, TraceRequestFrame):
+        return TraceRequest(frame=frame)
+    if isinstance(frame, TraceFrame):
+        return Trace(frame=frame)
     return Abort(frame=frame)
 
 
@@ -529,7 +629,7 @@ def frame_of(event: Event) -> Frame:
     """The frame that carries ``event`` on the stream (what the adapter writes after :meth:`send`)."""
     if isinstance(event, Request):
         return RequestFrame(envelope=event.opened.envelope, spec=event.spec)
-    if isinstance(event, (Blobs, Ticket, Progress, Abort)):
+    if isinstance(event, (Blobs, Ticket, Progress, Abort, TraceRequest, Trace)):
         return event.frame
     return SignedFrame(envelope=event.opened.envelope)
 
@@ -549,6 +649,8 @@ class State(Enum):
     INPUTS = "INPUTS"
     RUNNING = "RUNNING"
     OUTPUTS = "OUTPUTS"
+    TRACE_ASKED = "TRACE_ASKED"
+    TRACED = "TRACED"
     DONE = "DONE"
     DECLINED = "DECLINED"
     FAILED = "FAILED"
@@ -581,6 +683,19 @@ TRANSITIONS: Mapping[State, Mapping[tuple[Role, EventKind], State]] = {
     State.OUTPUTS: {
         (W, K.BLOBS): State.OUTPUTS,
         (W, K.DOWNLOAD_TICKET): State.OUTPUTS,
+        (C, K.TRACE_REQUEST): State.TRACE_ASKED,
+        (C, K.RECEIPT): State.DONE,
+        (C, K.REJECTION): State.REJECTED,
+    },
+    State.TRACE_ASKED: {
+        (W, K.TRACE_PART): State.TRACE_ASKED,
+        (W, K.TRACE_END): State.TRACED,
+        (C, K.REJECTION): State.REJECTED,
+    },
+    State.TRACED: {
+        (W, K.BLOBS): State.TRACED,
+        (W, K.DOWNLOAD_TICKET): State.TRACED,
+        (C, K.TRACE_REQUEST): State.TRACE_ASKED,
         (C, K.RECEIPT): State.DONE,
         (C, K.REJECTION): State.REJECTED,
     },
@@ -646,6 +761,7 @@ class NegotiationPolicy:
     accept_timeout_ms: int = 10_000  # offer → accept
     inputs_timeout_ms: int = 60_000  # accept → first progress or result (inputs uploaded); never past the deadline
     receipt_timeout_ms: int = 30_000  # result → receipt or rejection (outputs transferred and verified)
+    trace_timeout_ms: int = 60_000  # first trace request → receipt or rejection (the client's checks)
     max_streams_per_peer: int = 4  # concurrent job streams with one peer; more are reset
     max_streams_per_group: int = 16  # ... with all peers of one address group (matching.address_group)
     max_pending_inputs_per_peer: int = 2  # accepted jobs of one peer whose inputs have not all arrived; more: busy
@@ -658,6 +774,7 @@ class NegotiationPolicy:
             "accept_timeout_ms",
             "inputs_timeout_ms",
             "receipt_timeout_ms",
+            "trace_timeout_ms",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -796,6 +913,15 @@ class _Negotiation:
         self.download_ticket: TicketFrame | None = None
         self.progress: ProgressFrame | None = None
         self.peer_abort: AbortFrame | None = None
+        # the committed trace (after a result): its leaves as they arrive, and the request being answered
+        self.trace_leaves: list[TraceLeaf] = []
+        self.trace_rounds = 0
+        self.trace_request: TraceRequestFrame | None = None
+        self._traced_at = 0  # when the first trace request was sent or received: the checks' time starts
+        self._now = 0
+        self.trace_expected: dict[bytes, int] = {}  # tensors the open request's answer may carry
+        self.trace_ticket: TicketFrame | None = None
+        self._trace_unavailable: frozenset[int] = frozenset()
 
     @property
     def state(self) -> State:
@@ -857,6 +983,8 @@ class _Negotiation:
             return min(self._entered_at + p.inputs_timeout_ms, deadline)
         if self._state is State.RUNNING:
             return deadline
+        if self._state in (State.TRACE_ASKED, State.TRACED):
+            return self._traced_at + p.trace_timeout_ms
         return self._entered_at + p.receipt_timeout_ms
 
     def _interrupt(self, target: State, now: int) -> State:
@@ -867,6 +995,7 @@ class _Negotiation:
 
     def _apply(self, event: Event, sender: Role, now: int) -> State:
         local = sender is self.ROLE
+        self._now = now
         target: State | None = None
         if self._state not in TERMINAL:
             if event.kind is EventKind.ABORT:
@@ -907,6 +1036,12 @@ class _Negotiation:
 
         if isinstance(event, Request):
             self._check_request(event, now, bad)
+            return
+        if isinstance(event, TraceRequest):
+            self._check_trace_request(event.frame, bad)
+            return
+        if isinstance(event, Trace):
+            self._check_trace(event.frame, bad)
             return
         if isinstance(event, (Blobs, Ticket, Progress, Abort)):
             self._check_frame_event(event, now, bad)
@@ -968,16 +1103,65 @@ class _Negotiation:
         if request.deadline <= now:
             bad(Reason.EXPIRED, f"request deadline passed {now - request.deadline} ms ago", ReplayError)
 
+    def _check_trace_request(self, frame: TraceRequestFrame, bad: _Bad) -> None:
+        assert self.result is not None
+        length = self.result.message.trace_length
+        if length == 0:
+            bad(Reason.UNEXPECTED_MESSAGE, "the result commits to no trace")
+        if self.trace_rounds >= MAX_TRACE_ROUNDS:
+            bad(Reason.TOO_LONG, f"more than {MAX_TRACE_ROUNDS} trace requests")
+        if not frame.leaves and not self.trace_rounds:
+            bad(Reason.UNEXPECTED_MESSAGE, "the first trace request must ask for the leaves")
+        if frame.nodes and frame.nodes[-1] >= length:
+            bad(Reason.OUT_OF_RANGE, f"node {frame.nodes[-1]} of a trace of {length}")
+
+    def _check_trace(self, frame: TraceFrame, bad: _Bad) -> None:
+        assert self.result is not None
+        request = self.trace_request
+        assert request is not None  # the table allows trace frames only after a trace request
+        length = self.result.message.trace_length
+        if frame.leaves and (not request.leaves or frame.first != len(self.trace_leaves)):
+            bad(Reason.UNEXPECTED_MESSAGE, f"leaves from {frame.first}, expected from {len(self.trace_leaves)}")
+        if len(self.trace_leaves) + len(frame.leaves) > length:
+            bad(Reason.BAD_TRACE, f"more leaves than the {length} the result commits to", TraceError)
+        if not frame.last:
+            return
+        leaves = [*self.trace_leaves, *frame.leaves]
+        if len(leaves) != length:
+            bad(Reason.BAD_TRACE, f"{len(leaves)} leaves, the result commits to {length}", TraceError)
+        if request.leaves and trace_root(leaves) != self.result.message.trace_root:
+            bad(Reason.BAD_TRACE, "the leaves do not hash to the result's trace_root", TraceError)
+        requested = set(request.nodes)
+        if not set(frame.unavailable) <= requested:
+            bad(Reason.INCONSISTENT, "unavailable names a node that was not requested")
+
+    def _trace_round_expected(self) -> dict[bytes, int]:
+        """The tensors the open request's answer may carry: outputs of requested nodes that are available."""
+        request = self.trace_request
+        assert request is not None
+        expected: dict[bytes, int] = {}
+        for node in request.nodes:
+            if node in self._trace_unavailable:
+                continue
+            for meta in self.trace_leaves[node].outputs:
+                expected[meta.digest] = meta.nbytes
+        return expected
+
     def _check_frame_event(self, event: Blobs | Ticket | Progress | Abort, now: int, bad: _Bad) -> None:
+        tracing = self._state is State.TRACED
         if isinstance(event, Ticket):
-            held = self.upload_ticket if event.kind is EventKind.UPLOAD_TICKET else self.download_ticket
+            if tracing:
+                held: TicketFrame | None = self.trace_ticket
+            else:
+                held = self.upload_ticket if event.kind is EventKind.UPLOAD_TICKET else self.download_ticket
             if held is not None:
                 bad(Reason.UNEXPECTED_MESSAGE, f"a second {event.kind.value}")
             if event.frame.expires_at <= now:
                 bad(Reason.EXPIRED, f"ticket expired {now - event.frame.expires_at} ms ago", ReplayError)
         if self.result is None:
             return
-        sizes = {meta.digest: meta.nbytes for meta in self.result.message.outputs}
+        outputs = {meta.digest: meta.nbytes for meta in self.result.message.outputs}
+        sizes = self.trace_expected if tracing else outputs
         if isinstance(event, Blobs):
             named = [(chunk.digest, chunk.total) for chunk in event.frame.chunks]
         elif isinstance(event, Ticket):
@@ -986,7 +1170,8 @@ class _Negotiation:
             return
         for digest, nbytes in named:
             if digest not in sizes:
-                bad(Reason.UNEXPECTED_BLOB, f"tensor {digest.hex()[:16]} is not an output of the result", TransferError)
+                what = "a requested trace tensor" if tracing else "an output of the result"
+                bad(Reason.UNEXPECTED_BLOB, f"tensor {digest.hex()[:16]} is not {what}", TransferError)
             if nbytes != sizes[digest]:
                 bad(
                     Reason.SHAPE_MISMATCH,
@@ -1027,10 +1212,27 @@ class _Negotiation:
             case Rejection():
                 self.rejection = event.opened
             case Ticket():
-                if event.kind is EventKind.UPLOAD_TICKET:
+                if self._state is State.TRACED:
+                    self.trace_ticket = event.frame
+                elif event.kind is EventKind.UPLOAD_TICKET:
                     self.upload_ticket = event.frame
                 else:
                     self.download_ticket = event.frame
+            case TraceRequest():
+                if not self.trace_rounds:
+                    self._traced_at = self._now
+                self.trace_request = event.frame
+                self.trace_rounds += 1
+                self.trace_expected = {}
+                self.trace_ticket = None
+                self._trace_unavailable = frozenset()
+                if event.frame.leaves:
+                    self.trace_leaves = []
+            case Trace():
+                self.trace_leaves.extend(event.frame.leaves)
+                if event.frame.last:
+                    self._trace_unavailable = frozenset(event.frame.unavailable)
+                    self.trace_expected = self._trace_round_expected()
             case Progress():
                 self.progress = event.frame
             case Abort():
@@ -1141,10 +1343,12 @@ class WorkerNegotiation(_Negotiation):
         *,
         hardware_class: str,
         timings: Timings,
+        trace_root: bytes,
+        trace_length: int,
         nonce: int,
         expires_at: int,
     ) -> JobResult:
-        """The signed attestation of ``outputs`` (their digest is computed here)."""
+        """The signed attestation of ``outputs`` (their digest is computed here) and of the committed trace."""
         self._require(EventKind.RESULT)
         assert self.request is not None and self.accept is not None
         return JobResult(
@@ -1159,6 +1363,8 @@ class WorkerNegotiation(_Negotiation):
             outputs=outputs,
             hardware_class=hardware_class,
             timings=timings,
+            trace_root=trace_root,
+            trace_length=trace_length,
         )
 
     def make_failed(self, reason: str, *, detail: str = "", nonce: int, expires_at: int) -> JobFailed:

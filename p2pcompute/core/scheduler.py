@@ -36,6 +36,7 @@ from typing import Protocol
 from p2pcompute.core.identity import PeerId
 from p2pcompute.core.matching import Candidate, Rng, choose
 from p2pcompute.core.reputation import Outcome
+from p2pcompute.core.trace import TRACE_BYTES_BUDGET
 from p2pcompute.core.verification import (
     Accepted,
     Accusation,
@@ -94,7 +95,8 @@ class TaskFacts:
 class SchedulerPolicy:
     """Parameters (defaults in specs/verification.md §Scheduling)."""
 
-    check_bytes_budget: int = 64 << 20  # most intermediate bytes fetched to check one result fully
+    check_bytes_budget: int = TRACE_BYTES_BUDGET  # most intermediate bytes fetched to check one result fully (what
+    # every worker keeps: a full check never asks for more than an honest worker has)
     check_flops_ratio: float = 1.0  # a full check may cost this times the job's flops ...
     check_flops_slack: int = 50_000_000  # ... plus this (tiny jobs are always checked)
     sample_nodes: int = 4  # nodes checked per result when a full check is over budget
@@ -227,6 +229,7 @@ class CheckOutcome:
     detail: str = ""
     evidence: Hashable | None = None
     refused: bool = False
+    covered: int | None = None  # nodes a passing check covered (None: all it was asked to)
 
 
 @dataclass
@@ -383,7 +386,9 @@ class JobScheduler:
             return self._refused(peer, outcome.detail or "the trace it committed to was not delivered")
         if not outcome.ok:
             return self._caught(peer, outcome)
-        share = 1.0 if slot.sampled is None else len(slot.sampled) / max(1, self.facts.nodes)
+        asked = self.facts.nodes if slot.sampled is None else len(slot.sampled)
+        covered = asked if outcome.covered is None else min(asked, outcome.covered)
+        share = covered / max(1, self.facts.nodes)
         slot.checked = max(slot.checked, share)
         if self.plan.level is CheckLevel.FULL and self.plan.quorum == 1 and slot.claim is not None:
             return self._accept_checked(peer)
@@ -397,7 +402,16 @@ class JobScheduler:
         assert self._verifier is not None
         slot = self._slots[peer]
         assert slot.claim is not None
-        return self._advance(self._verifier.add_claim(slot.claim))
+        try:
+            status = self._verifier.add_claim(slot.claim)
+        except P2PComputeError:  # a result for another job, or whose digest does not match its outputs
+            slot.failed = slot.settled = True
+            actions: list[Action] = [
+                Settle(peer, pay=False, reason="inconsistent", detail="the result contradicts itself"),
+                Record(peer, Outcome.INVALID),
+            ]
+            return actions + self._advance(self._verifier.add_failure(peer, Outcome.INVALID))
+        return self._advance(status)
 
     def _accept_checked(self, peer: PeerId) -> list[Action]:
         """A fully checked result is the job's answer: pay it, and settle everyone else."""

@@ -20,19 +20,23 @@ from typing import cast
 
 from p2pcompute.core.envelope import Opened, open_envelope, seal
 from p2pcompute.core.identity import KeyPair, PeerId
+from p2pcompute.core.jobspec import ConstRef, InputRef, JobSpec, NodeRef, decode_job
 from p2pcompute.core.messages import (
     MAX_EVIDENCE_RESULTS,
     CheatingEvidence,
+    CheckEvidence,
     ComparisonMode,
     JobResult,
     Message,
 )
 from p2pcompute.core.replay import SeenCache, replay_key
 from p2pcompute.core.reputation import Outcome
-from p2pcompute.core.tensors import TensorMeta, outputs_digest
+from p2pcompute.core.tensors import TensorMeta, check_blob, outputs_digest
+from p2pcompute.core.trace import TraceLeaf, leaf_hash, verify_proof
 from p2pcompute.errors import (
     ConfigError,
     DecodeError,
+    JobFormatError,
     LocalProtocolError,
     Reason,
     RemoteProtocolError,
@@ -59,7 +63,9 @@ __all__ = [
     "QuorumPolicy",
     "ResultClaim",
     "Status",
+    "ValidCheckEvidence",
     "ValidEvidence",
+    "check_check_evidence",
     "Verdict",
     "Verifier",
     "check_evidence",
@@ -625,21 +631,131 @@ class EvidenceInbox:
     max_remembered: int = 65_536
     _counted: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
 
-    def receive(self, data: bytes, now: int) -> ValidEvidence:
-        """Raise a :class:`RemoteProtocolError` for bad, forged or replayed evidence; else return it, once."""
+    def receive(self, data: bytes, now: int) -> ValidEvidence | ValidCheckEvidence:
+        """Raise a :class:`RemoteProtocolError` for bad, forged or replayed evidence; else return it, once.
+
+        Check evidence (a failed client check) is returned after its pure checks (signatures, proofs, tensors);
+        redoing the check itself needs torch and is the caller's (``compute.evidence.recheck``)."""
         if len(data) > MAX_EVIDENCE_SIZE:
             raise DecodeError(Reason.TOO_LARGE, f"evidence of {len(data)} bytes, limit {MAX_EVIDENCE_SIZE}")
-        opened = open_envelope(data, expect=CheatingEvidence)
-        self.seen.check(_replay_key(opened), opened.message.expires_at, now, opened.signer.raw)
-        valid = check_evidence(opened, now)
+        opened: Opened[Message] = open_envelope(data)
+        if not isinstance(opened.message, (CheatingEvidence, CheckEvidence)):
+            raise SignatureError(Reason.UNEXPECTED_PAYLOAD_TYPE, f"{opened.message.TYPE} is not evidence")
+        expires_at, signer = opened.message.expires_at, opened.signer.raw
+        self.seen.check(replay_key(opened), expires_at, now, signer)
+        valid: ValidEvidence | ValidCheckEvidence
+        if isinstance(opened.message, CheckEvidence):
+            valid = check_check_evidence(cast("Opened[CheckEvidence]", opened), now)
+        else:
+            valid = check_evidence(cast("Opened[CheatingEvidence]", opened), now)
         key = hashlib.sha256(valid.reporter.raw + valid.accused.raw + valid.job_digest).digest()
         if key in self._counted:
             raise ReplayError(Reason.REPLAYED, f"{valid.reporter} already reported {valid.accused} for this job")
-        self.seen.add(_replay_key(opened), opened.message.expires_at, now, opened.signer.raw)
+        self.seen.add(replay_key(opened), expires_at, now, signer)
         self._counted[key] = None
         while len(self._counted) > self.max_remembered:
             self._counted.popitem(last=False)
         return valid
+
+
+# --- evidence from the client's own checks --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ValidCheckEvidence:
+    """Check evidence whose signatures, proofs and tensors checked out; the check itself is still to redo."""
+
+    evidence: Opened[CheckEvidence]
+    accused_result: Opened[JobResult]
+    spec: JobSpec
+    leaves: dict[int, TraceLeaf]
+    tensors: dict[bytes, bytes]
+
+    @property
+    def reporter(self) -> PeerId:
+        return self.evidence.message.reporter
+
+    @property
+    def accused(self) -> PeerId:
+        return self.evidence.message.accused
+
+    @property
+    def job_digest(self) -> bytes:
+        return self.evidence.message.job_digest
+
+    @property
+    def node(self) -> int:
+        return self.evidence.message.node
+
+
+def check_check_evidence(opened: Opened[CheckEvidence], now: int) -> ValidCheckEvidence:
+    """The pure checks of check evidence (specs/verification.md §12): the accused's signed result was made for the
+    reporter, the spec is the job's, every leaf is under the result's trace root, the node and each node it reads
+    have their leaf, and every tensor the check reads is there with the bytes its meta names.
+
+    Raises :class:`ReplayError` (``expired``), :class:`SignatureError` or :class:`SchemaError` (``bad_evidence``).
+    """
+    ev = opened.message
+    if ev.expires_at <= now:
+        raise ReplayError(Reason.EXPIRED, f"evidence expired {now - ev.expires_at} ms ago")
+    if ev.accused == ev.reporter:
+        raise _bad("reporter accuses itself")
+    accused = _open_result(ev.accused_result, "accused result", signer=ev.accused)
+    result = accused.message
+    if result.job_digest != ev.job_digest or hashlib.sha256(ev.spec).digest() != ev.job_digest:
+        raise _bad("the accused result or the spec is not the job's")
+    if result.client != ev.reporter:
+        raise _bad("accused result was made for another client than the reporter")
+    try:
+        spec = decode_job(ev.spec)
+    except JobFormatError as exc:
+        raise _bad(f"spec: {exc.reason.value}: {exc.detail}") from exc
+    if result.trace_length != len(spec.nodes) or not ev.node < result.trace_length:
+        raise _bad(f"node {ev.node} of a trace of {result.trace_length}; the job has {len(spec.nodes)} nodes")
+    leaves: dict[int, TraceLeaf] = {}
+    for item in ev.leaves:
+        node = item.leaf.node
+        if node in leaves:
+            raise _bad(f"leaf {node} twice")
+        try:
+            verify_proof(result.trace_root, result.trace_length, node, leaf_hash(item.leaf), item.proof)
+        except RemoteProtocolError as exc:
+            raise _bad(f"leaf {node}: {exc.reason.value}: {exc.detail}") from exc
+        leaves[node] = item.leaf
+    if ev.node not in leaves:
+        raise _bad(f"no leaf of the checked node {ev.node}")
+    metas = list(leaves[ev.node].outputs)
+    for ref in _node_inputs(spec, ev.node):
+        match ref:
+            case InputRef(index=index):
+                metas.append(spec.inputs[index])
+            case ConstRef(index=index):
+                metas.append(spec.constants[index])
+            case NodeRef(node=source, item=position):
+                leaf = leaves.get(source)
+                if leaf is None or (position or 0) >= len(leaf.outputs):
+                    raise _bad(f"node {ev.node} reads node {source}, whose leaf is missing")
+                metas.append(leaf.outputs[position or 0])
+    tensors = {hashlib.sha256(data).digest(): data for data in ev.tensors}
+    for meta in metas:
+        data = tensors.get(meta.digest)
+        if data is None:
+            raise _bad(f"tensor {meta.digest.hex()[:16]} the check reads is missing")
+        try:
+            check_blob(meta, data)
+        except JobFormatError as exc:
+            raise _bad(f"tensor {meta.digest.hex()[:16]}: {exc.reason.value}") from exc
+    return ValidCheckEvidence(evidence=opened, accused_result=accused, spec=spec, leaves=leaves, tensors=tensors)
+
+
+def _node_inputs(spec: JobSpec, index: int) -> list[InputRef | ConstRef | NodeRef]:
+    node = spec.nodes[index]
+    found: list[InputRef | ConstRef | NodeRef] = []
+    for arg in (*node.args, *(value for _, value in node.kwargs)):
+        for item in arg if isinstance(arg, tuple) else (arg,):
+            if isinstance(item, (InputRef, ConstRef, NodeRef)):
+                found.append(item)
+    return found
 
 
 def _replay_key(opened: Opened[CheatingEvidence]) -> bytes:

@@ -60,6 +60,9 @@ from p2pcompute.core.negotiation import (
     Ticket,
     TicketDirection,
     TicketFrame,
+    Trace,
+    TraceRequest,
+    TraceRequestFrame,
     WorkerNegotiation,
     abort_frame,
     blob_frames,
@@ -71,6 +74,7 @@ from p2pcompute.core.negotiation import (
 )
 from p2pcompute.core.replay import SeenCache
 from p2pcompute.core.tensors import TensorMeta
+from p2pcompute.core.trace import TraceLeaf
 from p2pcompute.errors import (
     DialError,
     NegotiationFailed,
@@ -89,6 +93,7 @@ __all__ = [
     "Conversation",
     "PreparedJob",
     "ProgressCallback",
+    "TraceAnswer",
     "WorkerResult",
     "open_session",
     "remote_host",
@@ -245,6 +250,16 @@ class PreparedJob:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TraceAnswer:
+    """What a trace request brought: every leaf so far (checked against the signed root), the requested tensors
+    (each checked against its leaf), and the requested nodes the worker could not send."""
+
+    leaves: tuple[TraceLeaf, ...]
+    blobs: dict[bytes, bytes]
+    unavailable: frozenset[int]
+
+
+@dataclass(frozen=True, kw_only=True)
 class WorkerResult:
     """A worker's answer: its signed attestation, the checked output bytes and the exchange so far."""
 
@@ -363,6 +378,41 @@ class ClientSession:
             blobs = await download(remote_host(conv.stream), ticket.port, ticket.token, ticket.key, metas)
         self.progress("downloading", total, total)
         return {digest: bytes(view) for digest, view in blobs.items()}
+
+    async def fetch_trace(self, nodes: Sequence[int], *, leaves: bool) -> TraceAnswer:
+        """Ask the worker for its committed trace: the leaves (when ``leaves``; the first request must) and the
+        output tensors of ``nodes`` (ascending, at most MAX_TRACE_REQUEST_NODES). The machine checks the leaves
+        against the signed ``trace_root`` and every tensor against its leaf; returns what came, and the nodes the
+        worker said it cannot send."""
+        conv = self.conversation
+        await conv.send(TraceRequest(frame=TraceRequestFrame(leaves=leaves, nodes=tuple(nodes))))
+        while True:
+            event = await conv.receive_kind(Trace)
+            if event.frame.last:
+                break
+        machine = self.machine
+        unavailable = frozenset(event.frame.unavailable)
+        metas: dict[bytes, TensorMeta] = {}
+        for node in nodes:
+            if node not in unavailable:
+                for meta in machine.trace_leaves[node].outputs:
+                    metas.setdefault(meta.digest, meta)
+        blobs: dict[bytes, bytes] = {}
+        if metas:
+            total = sum(meta.nbytes for meta in metas.values())
+            if total <= INLINE_BYTES:
+                assembler = BlobAssembler(metas.values())
+                while not assembler.complete:
+                    assembler.feed((await conv.receive_kind(Blobs)).frame)
+                blobs = assembler.blobs()
+            else:
+                ticket: TicketFrame = (await conv.receive_kind(Ticket)).frame
+                with trio.fail_after(TRANSFER_TIMEOUT_S):
+                    got = await download(
+                        remote_host(conv.stream), ticket.port, ticket.token, ticket.key, list(metas.values())
+                    )
+                blobs = {digest: bytes(view) for digest, view in got.items()}
+        return TraceAnswer(leaves=tuple(machine.trace_leaves), blobs=blobs, unavailable=unavailable)
 
     async def pay(self) -> Opened[JobReceipt]:
         """Sign and send the receipt for the result (call only once it passed verification)."""

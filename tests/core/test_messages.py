@@ -14,6 +14,7 @@ from p2pcompute.core.messages import (
     DEFAULT_REGISTRY,
     JOB_MESSAGES,
     CheatingEvidence,
+    CheckEvidence,
     GpuAdvert,
     Message,
     MessageRegistry,
@@ -38,7 +39,7 @@ def test_every_message_type_round_trips(payload_type: str, data: st.DataObject) 
 
 
 def test_default_registry_holds_the_protocol_types() -> None:
-    assert set(DEFAULT_REGISTRY) == {PeerRecord.TYPE, GpuAdvert.TYPE, CheatingEvidence.TYPE} | {
+    assert set(DEFAULT_REGISTRY) == {PeerRecord.TYPE, GpuAdvert.TYPE, CheatingEvidence.TYPE, CheckEvidence.TYPE} | {
         c.TYPE for c in JOB_MESSAGES
     }
     assert DEFAULT_REGISTRY[PeerRecord.TYPE] is PeerRecord

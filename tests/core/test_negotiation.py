@@ -71,6 +71,10 @@ from p2pcompute.core.negotiation import (
     TicketBlob,
     TicketDirection,
     TicketFrame,
+    Trace,
+    TraceFrame,
+    TraceRequest,
+    TraceRequestFrame,
     WorkerNegotiation,
     abort_frame,
     admission,
@@ -84,6 +88,7 @@ from p2pcompute.core.negotiation import (
 )
 from p2pcompute.core.schema import to_wire
 from p2pcompute.core.tensors import TensorMeta, outputs_digest, tensor_digest
+from p2pcompute.core.trace import TraceLeaf, trace_root
 from p2pcompute.errors import (
     JobFormatError,
     LocalProtocolError,
@@ -114,6 +119,8 @@ REQUIREMENTS = Requirements(
     device_kind=DeviceKind.CUDA, memory_bytes=1 << 20, input_bytes=64, output_bytes=16, op_count=3, flops=10**9
 )
 TIMINGS = Timings(queue_ms=1, load_ms=2, exec_ms=3, total_ms=6)
+LEAVES = (TraceLeaf(node=0, outputs=(OUTPUT_META,)),)  # a one-node job: its only node gives the output
+TRACED: dict[str, Any] = {"trace_root": trace_root(LEAVES), "trace_length": 1}
 
 REQUEST_MESSAGE = JobRequest(
     id=b"\x01" * 16,
@@ -172,11 +179,19 @@ def _reference_events() -> dict[tuple[Role, EventKind], Event]:
     failed = w.make_failed("wall_time", detail="ran 60 s", nonce=5, expires_at=EXPIRES)
     events[(W, K.FAILED)] = Failed(opened=seal_opened(WORKER_KEY, failed))
     step(W, Progress(frame=ProgressFrame(phase="exec", done=1, total=3)))
-    result = w.make_result((OUTPUT_META,), hardware_class="cuda/h100", timings=TIMINGS, nonce=6, expires_at=EXPIRES)
+    result = w.make_result(
+        (OUTPUT_META,), hardware_class="cuda/h100", timings=TIMINGS, nonce=6, expires_at=EXPIRES, **TRACED
+    )
     step(W, Result(opened=seal_opened(WORKER_KEY, result)))
     download = replace(
         ticket, direction=TicketDirection.DOWNLOAD, key=None, blobs=(TicketBlob(digest=OUTPUT_META.digest, nbytes=16),)
     )
+    step(W, Ticket(frame=download))
+    step(W, Blobs(frame=BlobsFrame(chunks=(BlobChunk(digest=OUTPUT_META.digest, offset=0, total=16, data=OUTPUT),))))
+    # the client checks the committed trace: leaves and node 0's output (= the job's output) again
+    step(C, TraceRequest(frame=TraceRequestFrame(leaves=True, nodes=(0,))))
+    events[(W, K.TRACE_PART)] = Trace(frame=TraceFrame(first=0, leaves=(), last=False, unavailable=()))
+    step(W, Trace(frame=TraceFrame(first=0, leaves=LEAVES, last=True, unavailable=())))
     step(W, Ticket(frame=download))
     step(W, Blobs(frame=BlobsFrame(chunks=(BlobChunk(digest=OUTPUT_META.digest, offset=0, total=16, data=OUTPUT),))))
     rejection = c.make_rejection(nonce=7, expires_at=EXPIRES, reason="hash_mismatch", detail="")
@@ -201,6 +216,8 @@ PATHS: dict[State, list[Any]] = {
     State.INPUTS: _TO_INPUTS,
     State.RUNNING: [*_TO_INPUTS, (W, K.PROGRESS)],
     State.OUTPUTS: _TO_OUTPUTS,
+    State.TRACE_ASKED: [*_TO_OUTPUTS, (C, K.TRACE_REQUEST)],
+    State.TRACED: [*_TO_OUTPUTS, (C, K.TRACE_REQUEST), (W, K.TRACE_END)],
     State.DONE: [*_TO_OUTPUTS, (C, K.RECEIPT)],
     State.DECLINED: [(C, K.REQUEST), (W, K.DECLINE)],
     State.FAILED: [*_TO_INPUTS, (W, K.FAILED)],
@@ -318,7 +335,7 @@ MessageT = TypeVar("MessageT", bound=Message)
 
 def _message(key: tuple[Role, EventKind], cls: type[MessageT]) -> MessageT:
     event = EVENTS[key]
-    assert not isinstance(event, (Blobs, Ticket, Progress, Abort))
+    assert not isinstance(event, (Blobs, Ticket, Progress, Abort, TraceRequest, Trace))
     message = event.opened.message
     assert isinstance(message, cls)
     return message
@@ -602,7 +619,9 @@ def test_happy_path_over_frames_and_offline_chain() -> None:
     for frame in blob_frames([(tensor_digest(INPUT), INPUT)]):
         _wire(c, w, Blobs(frame=frame))
     _wire(w, c, Progress(frame=ProgressFrame(phase="exec", done=0, total=1)))
-    result = w.make_result((OUTPUT_META,), hardware_class="cuda/h100", timings=TIMINGS, nonce=13, expires_at=EXPIRES)
+    result = w.make_result(
+        (OUTPUT_META,), hardware_class="cuda/h100", timings=TIMINGS, nonce=13, expires_at=EXPIRES, **TRACED
+    )
     _wire(w, c, Result(opened=seal_opened(WORKER_KEY, result)))
     outputs = BlobAssembler(result.outputs)
     for frame in blob_frames([(OUTPUT_META.digest, OUTPUT)]):

@@ -85,7 +85,7 @@ def result(
         id=hashlib.sha256(pair.public_key + job).digest()[:16], nonce=1, expires_at=NOW + 60_000,
         worker=pair.peer_id, client=client.peer_id, accept_hash=hashlib.sha256(pair.public_key).digest(),
         job_digest=job, output_digest=outputs_digest(outs), outputs=outs, hardware_class=hw,
-        timings=Timings(queue_ms=0, load_ms=1, exec_ms=2, total_ms=3),
+        timings=Timings(queue_ms=0, load_ms=1, exec_ms=2, total_ms=3), trace_root=bytes(32), trace_length=0,
     )  # fmt: skip
     fields.update(changes)
     opened: Opened[JobResult] = open_envelope(seal(pair, JobResult(**fields)), expect=JobResult)

@@ -11,6 +11,7 @@ their adverts (``client.ESCALATION_WAIT_S``), the path a real network takes when
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -22,14 +23,15 @@ import torch
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from p2pcompute.client import DEFAULT_MAX_WORKERS, Client, Job, ProgressEvent
+from p2pcompute.client import Client, Job, ProgressEvent
 from p2pcompute.config import NodeConfig
 from p2pcompute.core.envelope import open_envelope
 from p2pcompute.core.identity import PeerId
 from p2pcompute.core.ledger import LedgerRole, verify_chain
-from p2pcompute.core.messages import CheatingEvidence, JobReceipt, JobRejection
+from p2pcompute.core.messages import CheckEvidence, JobReceipt, JobRejection
 from p2pcompute.core.reputation import PeerReputation
-from p2pcompute.errors import NoWorkersError, Reason, VerificationError
+from p2pcompute.core.throughput import ThroughputLedger, ThroughputPolicy
+from p2pcompute.errors import NoWorkersError, Reason, RemoteProtocolError
 from p2pcompute.net.gossip import Gossip, GossipConfig
 from p2pcompute.net.host import connect
 from p2pcompute.net.protocols import EVIDENCE_TOPIC
@@ -46,6 +48,7 @@ from p2pcompute.testing.jobs import (
 )
 
 MAX_PRICE = 1_000_000  # micro-credits: 1 credit per job and worker
+CHEAP = 5_000  # a max_price worker 0 (priced out by EXPENSIVE) never fits
 DEADLINE_S = 60.0
 TEST_TIMEOUT_S = 240.0  # a whole test: worker start-up dominates (100 s seen at load average 18 on 2 cores)
 HTTP_TIMEOUT_S = 5.0
@@ -60,8 +63,15 @@ def _model_job(seed: int) -> Job:
     return Job.from_module(model, (torch.randn(8, 16),))
 
 
-def _cheats(modes: dict[int, str]) -> Callable[[int, NodeConfig], NodeConfig]:
+EXPENSIVE = 10**9  # micro-credits per second: worker 0's price in the check test, so no job fits it
+
+
+def _cheats(modes: dict[int, str], expensive: Iterable[int] = ()) -> Callable[[int, NodeConfig], NodeConfig]:
+    priced_out = set(expensive)
+
     def configure(index: int, config: NodeConfig) -> NodeConfig:
+        if index in priced_out:
+            config = replace(config, price_per_second=EXPENSIVE)
         return replace(config, cheat_mode=modes[index]) if index in modes else config
 
     return configure
@@ -203,138 +213,128 @@ class _Net:
 
 @asynccontextmanager
 async def _network(
-    base: Path, count: int, *, cheaters: dict[int, str], isolated: dict[int, str] | None = None
+    base: Path,
+    count: int,
+    *,
+    cheaters: dict[int, str],
+    isolated: dict[int, str] | None = None,
+    expensive: Iterable[int] = (),
 ) -> AsyncIterator[_Net]:
     """``count`` workers (``cheaters``: index -> cheat mode) known to a client, plus ``isolated`` ones."""
     async with trio.open_nursery() as nursery:
         extra = await _start_isolated(nursery, base, sorted(isolated or {}), isolated or {})
         async with (
-            cluster(base, count, configure=_cheats(cheaters)) as workers,
+            cluster(base, count, configure=_cheats(cheaters, expensive)) as workers,
             client_of(workers, base / "client", wait_for=count) as client,
         ):
             yield _Net(workers, extra, client, nursery)
         nursery.cancel_scope.cancel()
 
 
-async def test_cheater_is_caught_rejected_reported_and_unverified_results_are_never_paid(tmp_path: Path) -> None:
-    """Worker 1 returns zeros. Two results that disagree, with nobody else to ask, are never paid; with two more
-    honest workers joining, the honest majority is accepted, only it is paid, and the evidence against the
-    cheater lowers its reputation on another worker. Forged evidence over gossip changes nothing."""
+async def test_a_cheater_is_caught_by_the_clients_check_and_a_stranger_confirms_the_evidence(tmp_path: Path) -> None:
+    """Worker 1 returns zeros under a self-consistent committed trace (only the output node is faked). Worker 0 is
+    priced out, so the job goes to the cheater alone: the client's own check of its trace catches the faked node,
+    rejects the result (no receipt), flags the cheater and gossips evidence that a peer which never saw the job (a
+    second client) redoes and counts. Then an honest worker joins and the job is accepted, checked and paid."""
     with trio.fail_after(TEST_TIMEOUT_S):
-        async with _network(tmp_path, 2, cheaters={1: "zeros"}, isolated={2: "", 3: ""}) as net_:
+        async with _network(tmp_path, 2, cheaters={1: "zeros"}, isolated={2: ""}, expensive={0}) as net_:
             client = net_.client
-            (h1, c), h2, h3 = net_.workers, net_.isolated[2], net_.isolated[3]
-
-            # 1. Only the honest worker and the cheater are known, and their results disagree. With no third result
-            # allowed (max_workers=2) the verdict fails at once; by default escalation looks for more workers, finds
-            # none within ESCALATION_WAIT_S and gives up. Either way nothing is accepted and nobody is paid.
-            for k, max_workers, error, reason in (
-                (1, 2, VerificationError, Reason.NO_QUORUM),
-                (2, DEFAULT_MAX_WORKERS, NoWorkersError, Reason.ALL_ATTEMPTS_FAILED),
-            ):
-                unverified = _model_job(k)
+            (h0, c), h2 = net_.workers, net_.isolated[2]
+            async with client_of(net_.workers, tmp_path / "stranger") as stranger:
+                job = _model_job(1)
                 asked = _Asked()
-                with pytest.raises(error) as failure:
-                    await client.run(
-                        unverified, max_price=MAX_PRICE, deadline=DEADLINE_S, redundancy=2, max_workers=max_workers,
-                        progress=asked,
-                    )  # fmt: skip
-                assert failure.value.reason is reason
-                assert set(asked.workers) == {h1.peer, c.peer}
-                for worker in (h1, c):
-                    _assert_rejected(await _settled(worker, unverified), client, worker, Reason.NO_QUORUM.value)
-                    assert _ledger_entries(worker) == []
-            assert len(client.ledger) == 0
-            assert client.store.jobs(JobRole.CLIENT) == []
-            assert client.evidence_published == []
-            assert not client.node.reputation.get(c.peer).flagged  # no verdict: nobody was judged
+                with pytest.raises(NoWorkersError) as failure:
+                    await client.run(job, max_price=CHEAP, deadline=DEADLINE_S, progress=asked)
+                assert asked.workers == [c.peer]
+                assert "check_failed" in failure.value.detail, failure.value
+                _assert_rejected(await _settled(c, job), client, c, "check_failed")
+                assert _ledger_entries(c) == []
+                assert client.node.reputation.get(c.peer).flagged
+                (published,) = client.evidence_published
+                evidence = open_envelope(published, expect=CheckEvidence).message
+                assert (evidence.reporter, evidence.accused, evidence.job_digest) == (
+                    client.peer_id,
+                    c.peer,
+                    job.digest,
+                )
+                assert evidence.node == len(job.spec.nodes) - 1  # the faked output node, nothing before it
 
-            # 2. Again with both, but two honest workers join while they compute: the disagreement escalates to
-            # them and the honest majority (quorum + 1 = 3 of 4) is accepted.
-            job = _model_job(3)
-            asked = _Asked()
+                # A peer that never saw the job redoes the check from the evidence alone and counts it.
+                with trio.fail_after(WAIT_S):
+                    while stranger.node.reputation.get(c.peer).reports < 1:
+                        await trio.sleep(POLL_S)
+                assert stranger.node.reputation.get(c.peer).reports == 1
 
-            async def join_when_asked() -> None:
-                await asked.wait_for([h1.peer, c.peer])
-                await _join(client, [h2, h3])
+                # Forged evidence (a tensor changed: its digest no longer matches the committed leaf) is refused.
+                from p2pcompute.core.verification import check_check_evidence
 
-            net_.nursery.start_soon(join_when_asked)
-            before = _reputation(h1, c.peer)
-            result = await client.run(job, max_price=MAX_PRICE, deadline=DEADLINE_S, redundancy=2, progress=asked)
-            assert set(asked.workers[:2]) == {h1.peer, c.peer}
-            assert set(asked.workers) == {h1.peer, c.peer, h2.peer, h3.peer}
-            assert torch.equal(result.outputs[0], job.run_locally()[0])
-            assert result.disagreeing == (c.peer,)
-            assert set(result.agreeing) == {h1.peer, h2.peer, h3.peer}
-            assert len(result.workers) == 4 and not result.spot_check
+                opened = open_envelope(published, expect=CheckEvidence)
+                forged_tensors = (bytes(len(evidence.tensors[0])), *evidence.tensors[1:])
+                forged = replace(opened, message=replace(evidence, tensors=forged_tensors))
+                with pytest.raises(RemoteProtocolError) as refused:
+                    check_check_evidence(forged, client.clock())
+                assert refused.value.reason is Reason.BAD_EVIDENCE
 
-            # Paid: exactly the agreeing workers, each a receipt in its verified hash chain and in the client's.
-            for worker in (h1, h2, h3):
-                assert (await _settled(worker, job)).state is JobState.PAID
-                receipts = [r for r in _ledger_entries(worker) if r.job_digest == job.digest]
-                assert [(r.client, r.worker) for r in receipts] == [(client.peer_id, worker.peer)]
-            verify_chain(client.ledger.entries, owner=client.peer_id, role=LedgerRole.CLIENT)
-            paid = {r.message.worker for r in client.ledger.receipts}
-            assert paid == {h1.peer, h2.peer, h3.peer}
-            assert {r.message.job_digest for r in client.ledger.receipts} == {job.digest}
-
-            # Rejected: the cheater holds a signed rejection and no receipt.
-            _assert_rejected(await _settled(c, job), client, c, "verification_failed")
-            assert _ledger_entries(c) == []
-
-            # Reported: the client flagged the cheater and gossiped evidence, which another worker (neither the
-            # client nor the cheater) checked and counted against the cheater.
-            assert client.node.reputation.get(c.peer).flagged
-            assert len(client.evidence_published) == 1
-            evidence = open_envelope(client.evidence_published[0], expect=CheatingEvidence).message
-            assert (evidence.reporter, evidence.accused, evidence.job_digest) == (client.peer_id, c.peer, job.digest)
-            async with httpx.AsyncClient(timeout=HTTP_TIMEOUT_S) as http:
-                counts = await _wait_counts(http, h1, lambda counts: counts.get("counted", 0) >= 1)
-                after = _reputation(h1, c.peer)
-                assert after.reports == 1 and after.score < before.score
-                assert after.score < 0 and not after.flagged  # one report: distrusted; flagged after more
-                assert _reputation(h1, h2.peer).reports == 0
-
-                # 3. Forged evidence (the genuine bytes with a flipped signature bit) from a peer that joins the
-                # gossip mesh: the worker rejects it and nothing changes.
-                forged = bytearray(client.evidence_published[0])
-                forged[-5] ^= 1
-                async with _attacker(tmp_path.name, h1) as attacker:
-                    await attacker.publish(EVIDENCE_TOPIC, bytes(forged))
-                    forged_counts = await _wait_counts(http, h1, lambda now: now.get("bad_signature", 0) >= 1)
-            assert forged_counts == {**counts, "bad_signature": 1.0}
-            assert _reputation(h1, c.peer) == after
+                # An honest worker joins: the job is run there, checked in full and paid.
+                await _join(client, [h2])
+                result = await client.run(job, max_price=CHEAP, deadline=DEADLINE_S)
+                assert result.worker == h2.peer and result.plan == "full" and result.check_flops > 0
+                assert torch.equal(result.outputs[0], job.run_locally()[0])
+                assert (await _settled(h2, job)).state is JobState.PAID
+                assert client.node.reputation.checked_flops(h2.peer) == job.requirements.flops
+                assert _ledger_entries(h0) == []
 
 
-async def test_colluding_pair_is_outvoted_by_the_honest_majority(tmp_path: Path) -> None:
-    """Workers 1 and 2 collude (identical wrong outputs, so they agree with each other). The client first asks an
-    honest worker and a colluder; escalation asks the other colluder and an honest worker, which ties the
-    clusters 2-2; a fifth result breaks the tie for the honest cluster (3 of 5, and quorum + 1)."""
+async def test_colluders_over_the_check_budget_are_caught_by_sampled_checks(tmp_path: Path) -> None:
+    """A job over the client's check budget is replicated and sampled. Workers 1 and 2 collude (the same wrong
+    output, each under a self-consistent trace), so they would agree with each other; each one's sampled check
+    (the output node is always sampled) catches it, and the honest results are accepted and paid."""
     with trio.fail_after(TEST_TIMEOUT_S):
         async with _network(tmp_path, 2, cheaters={1: "collude"}, isolated={2: "collude", 3: "", 4: ""}) as net_:
             client = net_.client
+            client.scheduler_policy = replace(client.scheduler_policy, check_bytes_budget=0, spot_check_rate=0.0)
             (h1, x1), (x2, h2, h3) = net_.workers, (net_.isolated[2], net_.isolated[3], net_.isolated[4])
             job = _model_job(4)
             asked = _Asked()
 
             async def join_in_turn() -> None:
                 await asked.wait_for([h1.peer, x1.peer])
-                await _join(client, [x2, h2])
-                await asked.wait_for([x2.peer, h2.peer])
-                await _join(client, [h3])
+                await _join(client, [x2, h2, h3])
 
             net_.nursery.start_soon(join_in_turn)
             result = await client.run(job, max_price=MAX_PRICE, deadline=DEADLINE_S, redundancy=2, progress=asked)
-            assert set(asked.workers[:2]) == {h1.peer, x1.peer}
+            assert result.plan == "sample"
             assert torch.equal(result.outputs[0], job.run_locally()[0])
-            assert set(result.disagreeing) == {x1.peer, x2.peer}
-            assert set(result.agreeing) == {h1.peer, h2.peer, h3.peer}
-            assert len(result.workers) == 5  # escalated well past the quorum of 2
-            digests = {w.worker: w.result.message.output_digest for w in result.workers}
-            assert digests[x1.peer] == digests[x2.peer] != result.output_digest  # they did collude
-            for colluder in (x1, x2):
-                _assert_rejected(await _settled(colluder, job), client, colluder, "verification_failed")
+            assert len(result.agreeing) == 2 and x1.peer not in result.agreeing and x2.peer not in result.agreeing
+            for colluder in [x for x in (x1, x2) if x.peer in asked.workers]:
+                _assert_rejected(await _settled(colluder, job), client, colluder, "check_failed")
                 assert _ledger_entries(colluder) == []
                 assert client.node.reputation.get(colluder.peer).flagged
-            accused = {open_envelope(e, expect=CheatingEvidence).message.accused for e in client.evidence_published}
-            assert accused == {x1.peer, x2.peer}
+            for honest in [w for w in (h1, h2, h3) if w.peer in result.agreeing]:
+                assert (await _settled(honest, job)).state is JobState.PAID
+
+
+async def test_a_worker_claiming_more_tflops_than_it_delivers_is_weighed_at_what_it_delivers(tmp_path: Path) -> None:
+    """A worker whose advert claims 1,000 TFLOPS (its hardware report edited) delivers what this machine does. Two
+    benchmark jobs (checked and paid like any job) measure it; from then on the client weighs it at what it
+    delivered, so the claim wins it nothing."""
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            config = worker_config(tmp_path, 0)
+            await trio.to_thread.run_sync(write_hardware_cache, [config.data_dir])
+            report = json.loads((config.data_dir / "hardware.json").read_text())
+            for device in report["devices"]:
+                device["tflops"] = 1000.0
+            (config.data_dir / "hardware.json").write_text(json.dumps(report))
+            worker = await start_worker(nursery, 0, config)
+            async with client_of([worker], tmp_path / "client", wait_for=1) as client:
+                client.throughput = ThroughputLedger(ThroughputPolicy(min_expected_ms=1, min_samples=2))
+                (candidate,) = client.candidates_all()
+                assert candidate.device.tflops == 1000.0
+                before = client._weight(candidate)
+                for _ in range(2):
+                    delivered = await client.benchmark(worker.peer, max_price=MAX_PRICE)
+                    assert 0 < delivered < 1000.0
+                assert client.throughput.overclaims(worker.peer, 1000.0)
+                assert client._weight(candidate) < before
+            nursery.cancel_scope.cancel()

@@ -725,7 +725,7 @@ class _Run:
                 wanted = tuple(i for i in wanted if checker.needed((i,)) <= tensors.keys())
             seed = self.client.rng.getrandbits(64)
             checks = await trio.to_thread.run_sync(functools.partial(checker.check, wanted, tensors, seed=seed))
-            draft = _CheckDraft(outcome.result, leaves, {**self.job.blobs, **tensors}, seed)
+            draft = _CheckDraft(outcome.result, leaves, {**checker.blobs, **tensors}, seed)
         except TraceError as exc:  # a trace that contradicts its signed root, the result or the job
             return CheckOutcome(ok=False, bytes=fetched, detail=f"{exc.reason.value}: {exc.detail}")
         except (TransferError, NegotiationFailed) as exc:  # the stream or a transfer broke: no check was possible

@@ -76,6 +76,7 @@ __all__ = [
     "build_trace",
     "check_costs",
     "check_nodes",
+    "derived_nodes",
     "conv_check",
     "conv_check_flops",
     "freivalds_blocks",
@@ -127,6 +128,23 @@ class CheckMethod(StrEnum):
     PROJECTION = "projection"
     RECOMPUTE = "recompute"
     FREE = "free"
+    DERIVED = "derived"  # a view of the job's own tensors: the client derives it and compares the digest
+
+
+def derived_nodes(spec: JobSpec) -> frozenset[int]:
+    """Nodes the client derives itself, exactly and for free: views (an op whose output aliases its input, e.g.
+    ``permute`` of a weight) that read only the job's own inputs and constants or other such views. Their committed
+    digest must equal the client's; their bytes are never fetched, and a product that reads one (``x @ w.T``) is
+    checked against the client's own copy."""
+    derived: set[int] = set()
+    for i, node in enumerate(spec.nodes):
+        schema = OP_SCHEMAS.get(node.op)
+        if schema is None or not schema.aliases:
+            continue
+        refs = _node_refs(spec, i)
+        if refs and all(not isinstance(ref, NodeRef) or ref.node in derived for ref in refs):
+            derived.add(i)
+    return frozenset(derived)
 
 
 @dataclass(frozen=True, slots=True)
@@ -566,10 +584,12 @@ def needed_tensors(spec: JobSpec, leaves: Sequence[TraceLeaf], nodes: Iterable[i
     """Digests of the committed intermediates a client must fetch to check ``nodes``: each node's outputs and the
     outputs of earlier nodes it reads. The job's own inputs and constants are left out (the client has them)."""
     own = {meta.digest for meta in spec.inputs + spec.constants}
+    derived = derived_nodes(spec)
+    own.update(meta.digest for i in derived for meta in leaves[i].outputs)
     wanted: set[bytes] = set()
     for i in nodes:
         leaf = leaves[i]
-        if method_of(spec.nodes[i].op, leaf.outputs[0].dtype) is CheckMethod.FREE:
+        if i in derived or method_of(spec.nodes[i].op, leaf.outputs[0].dtype) is CheckMethod.FREE:
             continue
         wanted.update(meta.digest for meta in leaf.outputs)
         wanted.update(_meta_of(spec, leaves, ref).digest for ref in _node_refs(spec, i) if isinstance(ref, NodeRef))
@@ -599,9 +619,10 @@ def check_costs(
         raise AssertionError(ref)
 
     costs = []
+    derived = derived_nodes(spec)
     for i, node in enumerate(spec.nodes):
         outs = shapes[i]
-        method = method_of(node.op, outs[0][0])
+        method = CheckMethod.DERIVED if i in derived else method_of(node.op, outs[0][0])
         out_numel = sum(math.prod(s) for _, s in outs)
         fetch = sum(math.prod(s) * _itemsize(d) for d, s in outs)
         fetch += sum(
@@ -610,7 +631,12 @@ def check_costs(
             if isinstance(ref, NodeRef)
         )
         node_flops = plan.node_flops[i]
-        if method is CheckMethod.FREE:
+        fetch -= sum(
+            math.prod(shape(ref)[1]) * _itemsize(shape(ref)[0])
+            for ref in _node_refs(spec, i)
+            if isinstance(ref, NodeRef) and ref.node in derived
+        )
+        if method in (CheckMethod.FREE, CheckMethod.DERIVED):
             check, fetch = 0, 0
         elif method is CheckMethod.FREIVALDS:
             named = _named(spec, i)
@@ -659,10 +685,41 @@ class TraceChecker:
                     Reason.BAD_TRACE, f"node {i}: the leaf states {stated[:4]}, the job gives {expected[:4]}"
                 )
         self.spec = spec
-        self.blobs = blobs
         self.leaves = tuple(leaves)
         self.device = device
         self._costs: tuple[NodeCost, ...] | None = None
+        self.derived = derived_nodes(spec)
+        self.blobs, self._derived_bad = self._derive(blobs)
+
+    def _derive(self, blobs: Mapping[bytes, bytes]) -> tuple[dict[bytes, bytes], dict[int, str]]:
+        """Compute the derived nodes (views of the job's own tensors) here; a committed digest that differs from
+        the client's is a faked node. Their bytes join the job's own, so nothing that reads them is fetched."""
+        own = dict(blobs)
+        bad: dict[int, str] = {}
+        values: dict[int, list[torch.Tensor]] = {}
+
+        def lookup(ref: TensorRef) -> torch.Tensor:
+            if isinstance(ref, NodeRef):
+                return values[ref.node][0 if ref.item is None else ref.item]
+            meta = _meta_of(self.spec, self.leaves, ref)
+            return blob_to_tensor(meta, own[meta.digest]).to(self.device)
+
+        for i in sorted(self.derived):
+            if any(isinstance(r, NodeRef) and r.node not in values for r in _node_refs(self.spec, i)):
+                continue  # reads a derived node that was faked: checked as such below
+            try:
+                outs = run_node(self.spec, i, lookup, device=self.device)
+            except (KeyError, P2PComputeError) as exc:
+                bad[i] = f"the client cannot derive it: {exc}"
+                continue
+            pairs = [tensor_to_blob(t) for t in outs]
+            if tuple(meta for meta, _ in pairs) != self.leaves[i].outputs:
+                bad[i] = "its committed digest is not the view of the job's own tensors"
+                continue
+            values[i] = outs
+            for meta, data in pairs:
+                own[meta.digest] = data
+        return own, bad
 
     def needed(self, nodes: Iterable[int]) -> set[bytes]:
         return needed_tensors(self.spec, self.leaves, nodes)
@@ -746,6 +803,15 @@ class TraceChecker:
 
         if method is CheckMethod.FREE:
             return result(Discrepancy(True, 0.0, 0.0, 0), method)
+        if i in self.derived:
+            why = self._derived_bad.get(i)
+            if why is None and any(isinstance(r, NodeRef) and r.node in self._derived_bad for r in refs):
+                why = "it reads a faked view"
+            found = Discrepancy(why is None, 0.0 if why is None else math.inf, 0.0, 0)
+            return NodeCheck(
+                node=i, op=node.op, ok=why is None, method=CheckMethod.DERIVED, error=found.error, bound=0.0,
+                flops=0, bytes_read=0, seed=seed, inputs=inputs, outputs=leaf.outputs, detail=why or "",
+            )  # fmt: skip
         try:
             committed = [self._tensor(meta, fetched, cache) for meta in leaf.outputs]
             lookup: Callable[[TensorRef], torch.Tensor] = lambda ref: self._tensor(  # noqa: E731

@@ -15,6 +15,7 @@ from p2pcompute.compute.check import (
     CheckMethod,
     TraceChecker,
     build_trace,
+    derived_nodes,
     check_costs,
     check_nodes,
     conv_check,
@@ -148,10 +149,17 @@ def test_honest_traces_pass_and_every_faked_node_is_caught_where_it_was_faked(na
 
 @pytest.mark.parametrize("name", ["mlp", "conv", "chain", "attention"])
 def test_a_fake_within_the_tolerance_passes(name: str) -> None:
+    """Except where no honest worker can differ at all: a view of the job's own tensors (``permute`` of a weight)
+    is bytes the client derives itself, so any change to it is a fake, within the tolerance or not."""
     job = MODELS[name]
+    derived = derived_nodes(job.spec)
     for node in range(len(job.spec.nodes)):
         faked, kept, _ = build_trace(job.spec, job.blobs, fakes={node: _perturb(0.4, job.spec.compare)})
-        assert all(c.ok for c in _check_all(job, faked, kept)), (name, node)
+        checks = _check_all(job, faked, kept)
+        if node in derived:
+            assert [c.node for c in checks if not c.ok] == [node], (name, node)
+        else:
+            assert all(c.ok for c in checks), (name, node)
 
 
 def test_a_single_element_fake_is_caught_by_its_row_or_by_sampling() -> None:

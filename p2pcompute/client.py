@@ -399,10 +399,11 @@ class Client:
         delivered = self.throughput.effective_tflops(candidate.peer, claimed)
         if 0 < delivered < claimed:
             candidate = replace(candidate, expected_ms=int(candidate.expected_ms * claimed / delivered))
-        # A better score is likelier, but at most 6x: work must stay spread, or only a few workers ever earn
-        # the trust that lets their jobs run unreplicated (measured: a stronger preference raised the overhead).
+        # A better score is likelier, but at most 2x: work must stay spread, or newcomers (honest ones, and those a
+        # check would catch) never get work, and the few favourites are busy (measured: 6x concentrated the work of
+        # a 5-worker testnet on 3 workers within 20 jobs, and earlier raised the replication overhead).
         score = self.node.reputation.get(candidate.peer).score
-        return default_weight(candidate) * (1.0 + max(0.0, min(score, 50.0)) / 10.0)
+        return default_weight(candidate) * (1.0 + max(0.0, min(score, 20.0)) / 20.0)
 
     async def benchmark(
         self, worker: PeerId, *, max_price: int | float | str | Decimal, deadline: float = DEFAULT_DEADLINE_S

@@ -13,14 +13,15 @@ job, brings a flagged ``sybil`` back under a fresh key, and reports:
   waited for work, got before it was flagged again, and cheated);
 - honest workers wrongly flagged;
 - **compute per accepted job** in units of one honest execution: (worker executions x the job's flops + the
-  client's own check flops) / the job's flops — ``RunResult.check_flops`` where the client reports it, else one
-  execution per hidden spot check — overall, over the second half (steady state, once trust is earned) and per
-  block of 100 jobs.
+  client's own checks: a hidden spot check's execution, ``RunResult.check_flops``) / the job's flops, overall, over
+  the second half (steady state, once trust is earned) and per block of 100 jobs; how jobs were verified (the
+  client's plans) and the bytes its checks fetched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import random
@@ -111,6 +112,14 @@ class TrialConfig:
     redundancy: int | None = None  # None: adaptive replication
     warmup: int = 0  # jobs run first and not counted (trust is earned): measures the steady state
     max_reentries: int = MAX_REENTRIES  # sybils coming back with a fresh key, in all
+    workload: str = "demo"  # the job: "demo" (a tiny MLP, batch 4, 32 -> 64 -> 8) or "mlp512" (WORKLOADS)
+
+
+WORKLOADS: dict[str, tuple[int, tuple[int, ...]]] = {
+    "demo": (4, (32, 64, 8)),  # a toy: every check costs as much as the job (matrix-vector products)
+    "mlp512": (128, (512, 512, 512, 10)),  # a batch of 128 through a 3-layer 512-wide MLP: 136 MFLOP
+}
+"""Trial jobs: batch size and layer widths of an MLP (Linear, ReLU, ..., Linear)."""
 
 
 @dataclass
@@ -153,7 +162,9 @@ class TrialReport:
     warmup: int = 0
     results_gathered: int = 0  # worker executions behind the accepted jobs
     spot_checks: int = 0
-    check_compute: float = 0.0  # the client's own checks, in honest executions (spot checks or check flops)
+    check_compute: float = 0.0  # the client's own checks, in honest executions (spot checks and check flops)
+    check_bytes: int = 0  # intermediates the client fetched for its checks
+    plans: Counter[str] = field(default_factory=Counter)  # how accepted jobs were verified ("full", "sample")
     job_flops: int = 0  # one honest execution of a trial job (the dry run's count)
     killed: list[str] = field(default_factory=list)
     trust: dict[str, float] = field(default_factory=dict)  # honest workers' streaks and replication at the end
@@ -221,6 +232,8 @@ class TrialReport:
             "results_gathered": self.results_gathered,
             "spot_checks": self.spot_checks,
             "check_compute": round(self.check_compute, 4),
+            "check_bytes": self.check_bytes,
+            "plans": dict(self.plans),
             "job_flops": self.job_flops,
             "compute_overhead": round(self.overhead(), 4),
             "compute_overhead_second_half": round(self.overhead(second_half=True), 4),
@@ -277,6 +290,18 @@ def _listed(values: Sequence[int | None]) -> str:
     return "[" + ", ".join("-" if v is None else str(v) for v in values) + "]"
 
 
+def _model(seed: int, widths: tuple[int, ...]) -> Any:
+    import torch
+
+    torch.manual_seed(seed)
+    layers: list[Any] = []
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
+        layers.append(torch.nn.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*layers).eval()
+
+
 def _demo_model(seed: int) -> Any:
     import torch
 
@@ -299,17 +324,10 @@ def _wrong(answer: WorkerResult, truth: torch.Tensor) -> bool:
 
 
 def _compute(result: RunResult, job_flops: int) -> tuple[int, float]:
-    """(worker executions, the client's checks in honest executions) behind one accepted result.
-
-    ``RunResult.results_gathered`` / ``check_flops`` where the client reports them (the check flops then include any
-    spot check it ran); else every gathered result, and one execution per spot check.
-    """
-    gathered = getattr(result, "results_gathered", None)
-    executions = int(gathered) if gathered is not None else len(result.workers)
-    check_flops = getattr(result, "check_flops", None)
-    if check_flops is not None and job_flops > 0:
-        return executions, float(check_flops) / job_flops
-    return executions, float(int(result.spot_check))
+    """(worker executions, the client's own checks in honest executions) behind one accepted result: every result
+    gathered; one execution per hidden spot check plus ``check_flops`` / the job's flops (``RunResult.compute``)."""
+    flops = result.job_flops or job_flops
+    return len(result.workers), int(result.spot_check) + (result.check_flops / flops if flops else 0.0)
 
 
 async def run_trial(
@@ -329,8 +347,9 @@ async def run_trial(
     from p2pcompute.compute.export import export_job
 
     rng = random.Random(config.seed)
-    model = _demo_model(config.seed)
-    template = export_job(model, (torch.zeros(4, 32),))
+    batch, widths = WORKLOADS[config.workload]
+    model = _model(config.seed, widths)
+    template = export_job(model, (torch.zeros(batch, widths[0]),))
     report = TrialReport(warmup=config.warmup)
     report.job_flops = Job.from_exported(template).requirements.flops
     by_peer = {p.peer_id: p for p in peers}
@@ -443,6 +462,9 @@ async def run_trial(
             report.results_gathered += executions
             report.spot_checks += int(result.spot_check)
             report.check_compute += checks
+            report.check_bytes += result.check_bytes
+            if result.plan:
+                report.plans[result.plan] += 1
             report.per_job[index - config.warmup] = executions + checks
             if not torch.allclose(result.outputs[0], truth, rtol=TRUTH_RTOL, atol=TRUTH_ATOL):
                 report.wrong_accepted += 1
@@ -458,7 +480,8 @@ async def run_trial(
         # worker start timeout) and is counted.
         async with trio.open_nursery() as background, trio.open_nursery() as nursery:
             for index in range(config.warmup + config.jobs):
-                x = torch.randn(4, 32, generator=torch.Generator().manual_seed(config.seed * 100_003 + index))
+                seed = config.seed * 100_003 + index
+                x = torch.randn(batch, widths[0], generator=torch.Generator().manual_seed(seed))
                 nursery.start_soon(one, index, x, background)  # the limiter keeps `concurrency` of them running
     report.elapsed_s = trio.current_time() - started
     for peer_id, identity in identities.items():

@@ -652,6 +652,7 @@ async def serve(config: NodeConfig, *, task_status: TaskStatus[NodeInfo] = trio.
                     on_capacity=node.set_free_slots,
                 )
                 node.worker.recover()
+                node.rechecker = lambda valid: executor.recheck(valid.evidence.envelope, node.clock())
             await node.run(task_status=task_status)
     finally:
         store.close()

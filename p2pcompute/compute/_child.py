@@ -67,6 +67,7 @@ MAX_HEADER_SIZE = codec.MAX_FRAME_SIZE
 MAX_BLOB_FRAME = 1 << 40  # 1 TiB: a sanity cap; the real bounds are the job's limits, checked before reading
 MEMORY_HEADROOM = 512 << 20  # address space allowed above baseline + the job's memory + its outputs
 MAX_ERROR_DETAIL = 1000
+_DEFAULT_MEMORY = 1 << 30  # a recheck's memory when the worker set no limit
 TRACE_LEAVES_PER_FRAME = 4096  # = codec.DEFAULT_LIMITS.max_array_len: the parent decodes a frame with the defaults
 _U64_MAX = (1 << 64) - 1
 _DETERMINISTIC_ENV = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
@@ -169,6 +170,22 @@ class _Worker:
     def estimate(self, out: IO[bytes], spec_bytes: bytes) -> None:
         """The worker's own dry run of a job: peak bytes (with per-tensor overhead), output bytes, flops."""
         self._answer(out, lambda: self._estimate(spec_bytes))
+
+    def recheck(self, out: IO[bytes], evidence: bytes, now: int) -> None:
+        """Redo the check of another client's check evidence (specs/verification.md §12), here in the sandbox:
+        its tensors come from strangers."""
+        self._answer(out, lambda: self._recheck(evidence, now))
+
+    def _recheck(self, evidence: bytes, now: int) -> tuple[dict[str, Any], list[bytes]]:
+        from p2pcompute.compute.evidence import recheck
+        from p2pcompute.core.envelope import open_envelope
+        from p2pcompute.core.messages import CheckEvidence
+        from p2pcompute.core.verification import check_check_evidence
+
+        valid = check_check_evidence(open_envelope(evidence, expect=CheckEvidence), now)
+        with self._guard(self.memory_limit or _DEFAULT_MEMORY, 0):
+            confirmed, detail = recheck(valid)
+        return {"type": "rechecked", "confirmed": confirmed, "detail": detail[:MAX_ERROR_DETAIL]}, []
 
     def _answer(self, out: IO[bytes], work: Callable[[], tuple[dict[str, Any], list[bytes]]]) -> None:
         cuda = self.device == "cuda"  # after any CUDA error the context may be poisoned: recycle the child
@@ -423,6 +440,10 @@ def _serve(proto_in: IO[bytes], proto_out: IO[bytes], options: _Options) -> int:
             kind = header.get("type") if isinstance(header, dict) else None
             if kind == "estimate":
                 worker.estimate(proto_out, _read_frame(proto_in, MAX_BLOB_FRAME))
+                continue
+            if kind == "recheck":
+                now = header.get("now")
+                worker.recheck(proto_out, _read_frame(proto_in, MAX_BLOB_FRAME), now if isinstance(now, int) else 0)
                 continue
             if kind != "job":
                 return 3

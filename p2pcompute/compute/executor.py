@@ -80,6 +80,7 @@ log = logging.getLogger(__name__)
 CHILD_START_TIMEOUT_S = 120.0  # python start + import torch + warm-up, on a loaded machine
 ESTIMATE_TIMEOUT_S = 5.0  # one meta dry run in the estimator child (the client's offer timeout is 10 s)
 ESTIMATE_CACHE = 256  # estimates kept by job digest
+RECHECK_TIMEOUT_S = 30.0  # redoing one node check of received evidence
 KILL_WAIT_S = 5.0  # how long to wait for a SIGKILLed child to be reaped
 RESPAWN_ATTEMPTS = 3  # consecutive failed starts before a pool slot is given up
 RESPAWN_BACKOFF_S = 1.0
@@ -180,13 +181,14 @@ class _Child:
     def pid(self) -> int:
         return self.process.pid
 
-    async def estimate(self, spec_bytes: bytes) -> dict[str, Any]:
+    async def request(self, header: dict[str, Any], payload: bytes) -> dict[str, Any]:
+        """One header and one frame to the child; its answer's header."""
         stdin = self.process.stdin
         assert stdin is not None
-        header = codec.pack({"type": "estimate"})
+        packed = codec.pack(header)
         try:
-            await stdin.send_all(FRAME_PREFIX.pack(len(header)) + header + FRAME_PREFIX.pack(len(spec_bytes)))
-            await stdin.send_all(spec_bytes)
+            await stdin.send_all(FRAME_PREFIX.pack(len(packed)) + packed + FRAME_PREFIX.pack(len(payload)))
+            await stdin.send_all(payload)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise _ChildDied from exc
         return await self.reader.read_header()
@@ -330,32 +332,7 @@ class Executor:
         if cached is not None:
             self._estimates.move_to_end(digest)
             return cached
-        async with self._estimator_lock:
-            if self._closed:
-                raise ExecutionError(Reason.EXECUTOR_CLOSED, "the executor is closed")
-            if self._estimator is None:
-                self._estimator = await _spawn(self._args, self._uid(self._slots_total))
-            child = self._estimator
-            keep = False
-            try:
-                with trio.move_on_after(ESTIMATE_TIMEOUT_S) as scope:
-                    header = await child.estimate(spec_bytes)
-                if scope.cancelled_caught:
-                    raise ExecutionError(Reason.WALL_TIME, f"the dry run took longer than {ESTIMATE_TIMEOUT_S} s")
-                keep = not header.get("recycle", False)
-                if header["type"] == "error":
-                    raise _child_error(header)
-                if header["type"] != "estimate":
-                    raise _ChildDied(f"unexpected message {header['type']!r} from the estimator")
-            except _ChildDied as exc:
-                if self._closed:
-                    raise ExecutionError(Reason.EXECUTOR_CLOSED, "the executor closed during a dry run") from exc
-                raise ExecutionError(Reason.WORKER_CRASHED, str(exc) or "the estimator died") from exc
-            finally:
-                if not keep:
-                    self._estimator = None
-                    child.process.kill()
-                    self._dying.add(child.process)
+        header = await self._ask_estimator({"type": "estimate"}, spec_bytes, ESTIMATE_TIMEOUT_S, "dry run")
         estimate = Estimate(
             peak_bytes=_int(header.get("peak_bytes")),
             output_bytes=_int(header.get("output_bytes")),
@@ -365,6 +342,47 @@ class Executor:
         while len(self._estimates) > ESTIMATE_CACHE:
             self._estimates.popitem(last=False)
         return estimate
+
+    async def recheck(self, evidence: bytes, now: int) -> tuple[bool, str]:
+        """Redo the check of another client's check evidence (``compute.evidence.recheck``) in the sandboxed
+        estimator child: the node process never imports torch, and the evidence's tensors come from strangers.
+        Returns ``(confirmed, detail)``; raises :class:`P2PComputeError` as :meth:`estimate` does, or the
+        evidence's own ``bad_evidence``."""
+        header = await self._ask_estimator({"type": "recheck", "now": now}, evidence, RECHECK_TIMEOUT_S, "recheck")
+        return bool(header.get("confirmed")), str(header.get("detail", ""))[:1000]
+
+    async def _ask_estimator(
+        self, request: dict[str, Any], payload: bytes, timeout_s: float, what: str
+    ) -> dict[str, Any]:
+        """One request to the estimator child (started again when it died), bounded by ``timeout_s``."""
+        async with self._estimator_lock:
+            if self._closed:
+                raise ExecutionError(Reason.EXECUTOR_CLOSED, "the executor is closed")
+            if self._estimator is None:
+                self._estimator = await _spawn(self._args, self._uid(self._slots_total))
+            child = self._estimator
+            keep = False
+            try:
+                with trio.move_on_after(timeout_s) as scope:
+                    header = await child.request(request, payload)
+                if scope.cancelled_caught:
+                    raise ExecutionError(Reason.WALL_TIME, f"the {what} took longer than {timeout_s} s")
+                keep = not header.get("recycle", False)
+                if header["type"] == "error":
+                    raise _child_error(header)
+                expected = "estimate" if request["type"] == "estimate" else "rechecked"
+                if header["type"] != expected:
+                    raise _ChildDied(f"unexpected message {header['type']!r} from the estimator")
+            except _ChildDied as exc:
+                if self._closed:
+                    raise ExecutionError(Reason.EXECUTOR_CLOSED, f"the executor closed during a {what}") from exc
+                raise ExecutionError(Reason.WORKER_CRASHED, str(exc) or "the estimator died") from exc
+            finally:
+                if not keep:
+                    self._estimator = None
+                    child.process.kill()
+                    self._dying.add(child.process)
+        return header
 
     @property
     def worker_pids(self) -> tuple[int, ...]:

@@ -264,6 +264,10 @@ async def test_a_cheater_is_caught_by_the_clients_check_and_a_stranger_confirms_
                     while stranger.node.reputation.get(c.peer).reports < 1:
                         await trio.sleep(POLL_S)
                 assert stranger.node.reputation.get(c.peer).reports == 1
+                # ... and so does worker 0, in its executor's sandboxed child (its node process has no torch)
+                async with httpx.AsyncClient(timeout=HTTP_TIMEOUT_S) as http:
+                    await _wait_counts(http, h0, lambda counts: counts.get("check_counted", 0) >= 1)
+                assert _reputation(h0, c.peer).reports == 1
 
                 # Forged evidence (a tensor changed: its digest no longer matches the committed leaf) is refused.
                 from p2pcompute.core.verification import check_check_evidence

@@ -380,15 +380,20 @@ class Client:
         """Run ``job`` on workers for at most ``max_price`` credits each, within ``deadline`` seconds from now.
 
         ``redundancy`` is the quorum: that many independent workers (distinct peers and address groups) must
-        agree. ``None`` (the default) is adaptive (specs/verification.md): 2 for a worker not yet trusted here,
-        then falling with its run of verified results, with hidden spot checks the client computes itself.
-        Disagreement escalates to more workers, up to ``max_workers`` results and ``max_attempts`` workers asked.
-        Only workers whose results are accepted get a receipt; the others get a signed rejection, and evidence
-        against them is gossiped. Raises :class:`VerificationError` (no quorum) or :class:`NoWorkersError`.
+        agree. ``None`` (the default) lets the scheduler decide (specs/verification.md §11): a job whose
+        intermediates fit the check budget runs on one worker and its committed trace is checked node by node
+        before it is paid; a bigger one is replicated by the worker's proven work and sampled, disagreements
+        bisected. ``only`` restricts the workers to these peers. Disagreement escalates to more workers, up to
+        ``max_workers`` results and ``max_attempts`` workers asked. Only workers whose results are accepted get a
+        receipt; the others get a signed rejection, and evidence
+        against them is gossiped. Raises :class:`VerificationError` (no quorum), :class:`NoWorkersError`, or
+        :class:`NegotiationFailed` (``timeout``: no verified result within ``deadline``).
         """
         run = _Run(self, job, _to_micro(max_price), progress or (lambda event: None), only)
-        with trio.fail_after(max(0.001, deadline)):
+        with trio.move_on_after(max(0.001, deadline)) as scope:
             return await run.execute(redundancy, max_workers, max_attempts, self.clock() + int(deadline * 1000))
+        assert scope.cancelled_caught
+        raise NegotiationFailed(Reason.TIMEOUT, f"job {job.digest.hex()[:16]}: no verified result in {deadline} s")
 
     def _weight(self, candidate: Candidate) -> float:
         """Matching weight: cheaper and faster, and more for a better reputation (never zero).

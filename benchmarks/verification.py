@@ -19,9 +19,9 @@ workers with their executor and estimator children fit in ~5 GB where 10 node pr
 (3) the jobs, not process start-up, dominate the run. ``p2pcompute testnet --cheat-mode sleeper|ring|sybil`` runs the
 same adversaries over real processes.
 
-Compute per accepted job is (worker executions x the job's flops + the client's check flops) / one honest
-execution's flops (``TrialReport.overhead``): the client's ``RunResult.check_flops`` where it reports them, else one
-execution per hidden spot check. Prints one table with the goals and ratios to the clean run.
+Compute per accepted job is (worker executions x the job's flops + the client's own checks: a hidden spot check's
+execution, ``RunResult.check_flops``) / one honest execution's flops (``TrialReport.overhead``). Prints one table with
+the goals and ratios to the clean run, then per scenario how the client verified the jobs and what each adversary did.
 """
 
 from __future__ import annotations
@@ -191,6 +191,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                     f"cheated again ({a['cheats_after_reentry']} cheats, {a['wrong_accepted_after_reentry']} accepted)"
                 )
             print(detail)
+        if report.plans or report.check_bytes:
+            print(
+                f"  {labels[key]}: plans {dict(report.plans)}, checks {report.check_compute:.1f} runs' worth of flops, "
+                f"{report.check_bytes / 2**20:.1f} MiB fetched"
+            )
         if report.honest_flagged:
             print(f"  {labels[key]}: {len(report.honest_flagged)} honest worker(s) flagged")
         if report.failed:

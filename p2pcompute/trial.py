@@ -443,13 +443,13 @@ async def run_trial(
                         redundancy=config.redundancy,
                         progress=progress,
                     )
-                except P2PComputeError as exc:
+                except (P2PComputeError, trio.TooSlowError) as exc:  # TooSlowError: the job's deadline passed
                     if index >= config.warmup:
                         report.failed += 1
-                        report.failures[exc.reason.value] += 1
+                        report.failures[exc.reason.value if isinstance(exc, P2PComputeError) else "deadline"] += 1
                         if len(report.failure_details) < MAX_FAILURE_DETAILS:
-                            report.failure_details.append(str(exc)[:600])
-                    log.info("trial job %d failed: %s", index, exc)
+                            report.failure_details.append(str(exc)[:600] or type(exc).__name__)
+                    log.info("trial job %d failed: %r", index, exc)
             note_participants(result, truth, nursery)
             finished += 1
             if index < config.warmup:

@@ -56,9 +56,9 @@ from p2pcompute.compute.interpreter import (
     run_node,
     tensor_to_blob,
 )
-from p2pcompute.core.jobspec import OP_SCHEMAS, Arg, ConstRef, InputRef, JobSpec, NodeRef, TensorRef
+from p2pcompute.core.jobspec import OP_SCHEMAS, Arg, ConstRef, InputRef, JobSpec, NodeRef, TensorRef, node_refs
 from p2pcompute.core.tensors import TensorMeta
-from p2pcompute.core.trace import TraceLeaf, check_trace
+from p2pcompute.core.trace import TraceLeaf, check_trace, meta_of
 from p2pcompute.errors import ExecutionError, JobFormatError, P2PComputeError, Reason, TraceError
 
 __all__ = [
@@ -551,14 +551,8 @@ def _nan_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 # --- the checker ---------------------------------------------------------------------------------------------------
 
 
-def _refs(arg: Arg) -> list[TensorRef]:
-    items = arg if isinstance(arg, tuple) else (arg,)
-    return [item for item in items if isinstance(item, (InputRef, ConstRef, NodeRef))]
-
-
 def _node_refs(spec: JobSpec, index: int) -> list[TensorRef]:
-    node = spec.nodes[index]
-    return [ref for arg in (*node.args, *(v for _, v in node.kwargs)) for ref in _refs(arg)]
+    return node_refs(spec.nodes[index])
 
 
 def _named(spec: JobSpec, index: int) -> dict[str, Arg]:
@@ -569,15 +563,7 @@ def _named(spec: JobSpec, index: int) -> dict[str, Arg]:
     return named
 
 
-def _meta_of(spec: JobSpec, leaves: Sequence[TraceLeaf], ref: TensorRef) -> TensorMeta:
-    match ref:
-        case InputRef(index=index):
-            return spec.inputs[index]
-        case ConstRef(index=index):
-            return spec.constants[index]
-        case NodeRef(node=node, item=item):
-            return leaves[node].outputs[0 if item is None else item]
-    raise AssertionError(ref)
+_meta_of = meta_of
 
 
 def needed_tensors(spec: JobSpec, leaves: Sequence[TraceLeaf], nodes: Iterable[int]) -> set[bytes]:

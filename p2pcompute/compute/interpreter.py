@@ -41,9 +41,11 @@ from p2pcompute.core.jobspec import (
     JobSpec,
     Layout,
     MemoryFormat,
+    Node,
     NodeRef,
     TensorRef,
     check_args,
+    node_refs,
     tighter,
 )
 from p2pcompute.core.tensors import DTYPES, MAX_DIM, MAX_DIMS, TensorMeta, check_blob, tensor_digest
@@ -322,12 +324,7 @@ class _Run:
 
 
 def _refs(args: Sequence[Arg], kwargs: Sequence[tuple[str, Arg]]) -> list[TensorRef]:
-    found: list[TensorRef] = []
-    for arg in [*args, *(value for _, value in kwargs)]:
-        for item in arg if isinstance(arg, tuple) else (arg,):
-            if isinstance(item, (InputRef, ConstRef, NodeRef)):
-                found.append(item)
-    return found
+    return node_refs(Node(op="", args=tuple(args), kwargs=tuple(kwargs)))
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:

@@ -62,6 +62,7 @@ __all__ = [
     "encode_bundle",
     "encode_job",
     "job_digest",
+    "node_refs",
     "summary",
     "tighter",
 ]
@@ -497,6 +498,16 @@ def _type_text(param: Param) -> str:
     if param.is_list:
         text += f"[{param.size or ''}]"
     return text + ("?" if param.optional and param.is_list else "?" if param.optional else "")
+
+
+def node_refs(node: Node) -> list[TensorRef]:
+    """Every tensor a node reads, in argument order (positional, then keyword; list items in order)."""
+    found: list[TensorRef] = []
+    for arg in (*node.args, *(value for _, value in node.kwargs)):
+        for item in arg if isinstance(arg, tuple) else (arg,):
+            if isinstance(item, (InputRef, ConstRef, NodeRef)):
+                found.append(item)
+    return found
 
 
 # --- limits, comparison, the spec ------------------------------------------------------------------------------------

@@ -21,12 +21,12 @@ nodes against them).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated
 
 from p2pcompute.core import codec
-from p2pcompute.core.jobspec import TUPLE_OPS, ConstRef, InputRef, JobLimits, JobSpec, NodeRef
+from p2pcompute.core.jobspec import TUPLE_OPS, ConstRef, InputRef, JobLimits, JobSpec, NodeRef, TensorRef
 from p2pcompute.core.schema import U32_MAX, Range, Size, Struct, fields_of, to_wire
 from p2pcompute.core.tensors import DIGEST_SIZE, TensorMeta
 from p2pcompute.errors import LocalProtocolError, Reason, TraceError
@@ -48,6 +48,7 @@ __all__ = [
     "leaf_hashes",
     "merkle_proof",
     "merkle_root",
+    "meta_of",
     "trace_outputs",
     "trace_root",
     "verify_proof",
@@ -189,22 +190,26 @@ def first_divergence(a: Sequence[TraceLeaf], b: Sequence[TraceLeaf]) -> int | No
     return None
 
 
+def meta_of(spec: JobSpec, leaves: Sequence[TraceLeaf] | Mapping[int, TraceLeaf], ref: TensorRef) -> TensorMeta:
+    """The meta of a tensor a node reads: a job input or constant as the spec names it, a node's output as its leaf
+    does. Raises :class:`TraceError` (``bad_trace``) when the leaf is missing or has no such output."""
+    match ref:
+        case InputRef(index=index):
+            return spec.inputs[index]
+        case ConstRef(index=index):
+            return spec.constants[index]
+        case NodeRef(node=node, item=item):
+            leaf = leaves.get(node) if isinstance(leaves, Mapping) else (leaves[node] if node < len(leaves) else None)
+            position = 0 if item is None else item
+            if leaf is None or position >= len(leaf.outputs):
+                raise TraceError(Reason.BAD_TRACE, f"no leaf names output {position} of node {node}")
+            return leaf.outputs[position]
+    raise AssertionError(ref)
+
+
 def trace_outputs(spec: JobSpec, leaves: Sequence[TraceLeaf]) -> tuple[TensorMeta, ...]:
     """The metas of the job's outputs as the trace names them (inputs and constants as the spec does)."""
-    metas: list[TensorMeta] = []
-    for ref in spec.outputs:
-        match ref:
-            case InputRef(index=index):
-                metas.append(spec.inputs[index])
-            case ConstRef(index=index):
-                metas.append(spec.constants[index])
-            case NodeRef(node=node, item=item):
-                outputs = leaves[node].outputs
-                position = 0 if item is None else item
-                if position >= len(outputs):
-                    raise TraceError(Reason.BAD_TRACE, f"node {node} has {len(outputs)} outputs, the job uses {item}")
-                metas.append(outputs[position])
-    return tuple(metas)
+    return tuple(meta_of(spec, leaves, ref) for ref in spec.outputs)
 
 
 def check_trace(spec: JobSpec, leaves: Sequence[TraceLeaf], outputs: Sequence[TensorMeta] | None = None) -> None:

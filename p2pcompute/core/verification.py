@@ -20,7 +20,7 @@ from typing import cast
 
 from p2pcompute.core.envelope import Opened, open_envelope, seal
 from p2pcompute.core.identity import KeyPair, PeerId
-from p2pcompute.core.jobspec import ConstRef, InputRef, JobSpec, NodeRef, decode_job
+from p2pcompute.core.jobspec import JobSpec, decode_job, node_refs
 from p2pcompute.core.messages import (
     MAX_EVIDENCE_RESULTS,
     CheatingEvidence,
@@ -32,7 +32,7 @@ from p2pcompute.core.messages import (
 from p2pcompute.core.replay import SeenCache, replay_key
 from p2pcompute.core.reputation import Outcome
 from p2pcompute.core.tensors import TensorMeta, check_blob, outputs_digest
-from p2pcompute.core.trace import TraceLeaf, leaf_hash, verify_proof
+from p2pcompute.core.trace import TraceLeaf, leaf_hash, meta_of, verify_proof
 from p2pcompute.errors import (
     ConfigError,
     DecodeError,
@@ -43,6 +43,7 @@ from p2pcompute.errors import (
     ReplayError,
     SchemaError,
     SignatureError,
+    TraceError,
     VerificationError,
 )
 
@@ -725,17 +726,11 @@ def check_check_evidence(opened: Opened[CheckEvidence], now: int) -> ValidCheckE
     if ev.node not in leaves:
         raise _bad(f"no leaf of the checked node {ev.node}")
     metas = list(leaves[ev.node].outputs)
-    for ref in _node_inputs(spec, ev.node):
-        match ref:
-            case InputRef(index=index):
-                metas.append(spec.inputs[index])
-            case ConstRef(index=index):
-                metas.append(spec.constants[index])
-            case NodeRef(node=source, item=position):
-                leaf = leaves.get(source)
-                if leaf is None or (position or 0) >= len(leaf.outputs):
-                    raise _bad(f"node {ev.node} reads node {source}, whose leaf is missing")
-                metas.append(leaf.outputs[position or 0])
+    for ref in node_refs(spec.nodes[ev.node]):
+        try:
+            metas.append(meta_of(spec, leaves, ref))
+        except TraceError as exc:
+            raise _bad(f"node {ev.node} reads a tensor the evidence has no leaf of: {exc.detail}") from exc
     tensors = {hashlib.sha256(data).digest(): data for data in ev.tensors}
     for meta in metas:
         data = tensors.get(meta.digest)
@@ -746,16 +741,6 @@ def check_check_evidence(opened: Opened[CheckEvidence], now: int) -> ValidCheckE
         except JobFormatError as exc:
             raise _bad(f"tensor {meta.digest.hex()[:16]}: {exc.reason.value}") from exc
     return ValidCheckEvidence(evidence=opened, accused_result=accused, spec=spec, leaves=leaves, tensors=tensors)
-
-
-def _node_inputs(spec: JobSpec, index: int) -> list[InputRef | ConstRef | NodeRef]:
-    node = spec.nodes[index]
-    found: list[InputRef | ConstRef | NodeRef] = []
-    for arg in (*node.args, *(value for _, value in node.kwargs)):
-        for item in arg if isinstance(arg, tuple) else (arg,):
-            if isinstance(item, (InputRef, ConstRef, NodeRef)):
-                found.append(item)
-    return found
 
 
 def _replay_key(opened: Opened[CheatingEvidence]) -> bytes:

@@ -55,6 +55,7 @@ from p2pcompute.core.scheduler import (
     Launch,
     NeedCandidates,
     Record,
+    ReputationTrust,
     SchedulerPolicy,
     Settle,
     TaskFacts,
@@ -503,7 +504,7 @@ class _Run:
                 max_workers=max(1, max_workers),
                 max_attempts=max(max_workers, max_attempts),
             ),
-            trust=_ClientTrust(client),
+            trust=ReputationTrust(client.node.reputation, client._weight),
             rng=client.rng,
             agree=make_agree(self.blobs, compare.rtol, compare.atol),
             known=self._known_answer,
@@ -851,30 +852,6 @@ class _CheckDraft:
     tensors: dict[bytes, bytes]
     seed: int
     failed: NodeCheck | None = None
-
-
-class _ClientTrust:
-    """The scheduler's view of this client's reputation table (``core.scheduler.TrustView``)."""
-
-    def __init__(self, client: Client) -> None:
-        self.client = client
-        self.reputation = client.node.reputation
-        self.flagged = self.reputation.flagged_groups()
-
-    def eligible(self, peer: PeerId) -> bool:
-        return self.reputation.eligible(peer)
-
-    def replication_probability(self, peer: PeerId) -> float:
-        return self.reputation.replication_probability(peer)
-
-    def checked_flops(self, peer: PeerId) -> int:
-        return self.reputation.checked_flops(peer)
-
-    def group_flagged(self, group: str) -> bool:
-        return group in self.flagged
-
-    def weight(self, candidate: Candidate) -> float:
-        return self.client._weight(candidate)
 
 
 @asynccontextmanager

@@ -34,8 +34,8 @@ from enum import StrEnum
 from typing import Protocol
 
 from p2pcompute.core.identity import PeerId
-from p2pcompute.core.matching import Candidate, Rng, choose
-from p2pcompute.core.reputation import Outcome
+from p2pcompute.core.matching import Candidate, Rng, choose, default_weight
+from p2pcompute.core.reputation import Outcome, Reputation
 from p2pcompute.core.trace import TRACE_BYTES_BUDGET
 from p2pcompute.core.verification import (
     Accepted,
@@ -67,6 +67,7 @@ __all__ = [
     "NeedCandidates",
     "Plan",
     "Record",
+    "ReputationTrust",
     "SchedulerPolicy",
     "Settle",
     "TaskFacts",
@@ -126,6 +127,31 @@ class TrustView(Protocol):
     def group_flagged(self, group: str) -> bool: ...
 
     def weight(self, candidate: Candidate) -> float: ...
+
+
+class ReputationTrust:
+    """The :class:`TrustView` of a :class:`Reputation` table, with a matching weight (``default_weight`` unless
+    given): what the client and the simulation hand the scheduler."""
+
+    def __init__(self, reputation: Reputation, weight: Callable[[Candidate], float] = default_weight) -> None:
+        self.reputation = reputation
+        self._weight = weight
+        self.flagged = reputation.flagged_groups()
+
+    def eligible(self, peer: PeerId) -> bool:
+        return self.reputation.eligible(peer)
+
+    def replication_probability(self, peer: PeerId) -> float:
+        return self.reputation.replication_probability(peer)
+
+    def checked_flops(self, peer: PeerId) -> int:
+        return self.reputation.checked_flops(peer)
+
+    def group_flagged(self, group: str) -> bool:
+        return group in self.flagged
+
+    def weight(self, candidate: Candidate) -> float:
+        return self._weight(candidate)
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,7 @@ from typing import Any
 
 from p2pcompute.core.envelope import Opened, open_envelope, seal
 from p2pcompute.core.identity import KeyPair, PeerId
-from p2pcompute.core.matching import Candidate, default_weight
+from p2pcompute.core.matching import Candidate
 from p2pcompute.core.messages import Device, DeviceKind, GpuAdvert, JobResult, Software, Timings
 from p2pcompute.core.reputation import Outcome, Reputation
 from p2pcompute.core.scheduler import (
@@ -41,6 +41,7 @@ from p2pcompute.core.scheduler import (
     Launch,
     NeedCandidates,
     Record,
+    ReputationTrust,
     SchedulerPolicy,
     Settle,
     TaskFacts,
@@ -148,25 +149,7 @@ class _Worker:
         return self.pair.peer_id
 
 
-class _Trust:
-    def __init__(self, reputation: Reputation) -> None:
-        self.reputation = reputation
-        self.flagged = reputation.flagged_groups()
-
-    def eligible(self, peer: PeerId) -> bool:
-        return self.reputation.eligible(peer)
-
-    def replication_probability(self, peer: PeerId) -> float:
-        return self.reputation.replication_probability(peer)
-
-    def checked_flops(self, peer: PeerId) -> int:
-        return self.reputation.checked_flops(peer)
-
-    def group_flagged(self, group: str) -> bool:
-        return group in self.flagged
-
-    def weight(self, candidate: Candidate) -> float:
-        return default_weight(candidate)
+_Trust = ReputationTrust  # the trust view the client uses, on the simulation's reputation table
 
 
 def _advert(pair: KeyPair, group_ip: str) -> GpuAdvert:

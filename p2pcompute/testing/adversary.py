@@ -50,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import logging
 import os
 import random
 import struct
@@ -91,6 +92,8 @@ __all__ = [
     "make_tamper",
     "ring_decision",
 ]
+
+log = logging.getLogger(__name__)
 
 Tamper = Callable[[bytes, ExecResult], ExecResult]
 """``(job digest, honest result) -> the result the cheater attests``."""
@@ -438,7 +441,9 @@ class Cheater:
             cheat = decision is Decision.CHEAT or (
                 decision is Decision.ALONE and self.rng.random() < self.unreplicated_rate
             )
-            if not self.ring.settle(digest, cheat):  # the first member to decide speaks for the ring
+            stands = self.ring.settle(digest, cheat)  # the first member to decide speaks for the ring
+            log.debug("ring member %s, job %s: %s -> %s", self.member[-8:], digest.hex()[:16], decision, stands)
+            if not stands:
                 return result
         self.cheats += 1
         return self.tamper(digest, result)

@@ -34,12 +34,21 @@ import trio
 
 from p2pcompute.compute.compare import make_agree
 from p2pcompute.config import NodeConfig, parse_price
+from p2pcompute.core.cluster import Capacity
 from p2pcompute.core.envelope import Opened
 from p2pcompute.core.identity import KeyPair, PeerId
-from p2pcompute.core.jobspec import Comparison, JobLimits, JobSpec, decode_bundle, decode_job, job_digest
+from p2pcompute.core.jobspec import (
+    Comparison,
+    JobLimits,
+    JobSpec,
+    decode_bundle,
+    decode_job,
+    encode_job,
+    job_digest,
+)
 from p2pcompute.core.ledger import LedgerRole
 from p2pcompute.core.matching import Candidate, default_weight, eligible
-from p2pcompute.core.messages import ComparisonMode, DeviceKind, JobResult, Requirements, Timings
+from p2pcompute.core.messages import ComparisonMode, DeclineReason, DeviceKind, JobResult, Requirements, Timings
 from p2pcompute.core.negotiation import MAX_CLOCK_SKEW_MS, MAX_TRACE_REQUEST_NODES, MESSAGE_TTL_MS
 from p2pcompute.core.replay import SeenCache
 from p2pcompute.core.reputation import Outcome
@@ -72,6 +81,7 @@ from p2pcompute.core.verification import (
     make_evidence,
 )
 from p2pcompute.errors import (
+    JobError,
     NegotiationFailed,
     NoWorkersError,
     P2PComputeError,
@@ -117,6 +127,7 @@ _MISBEHAVIOUR = frozenset(
     }
 )
 TRACE_FETCH_TIMEOUT_S = 60.0  # a bisection's wait for a worker's committed leaves
+ROOM_RECHECK_S = 1.0  # a job waiting for room re-checks at least this often (holds after busy answers end)
 ESCALATION_WAIT_S = 5.0  # how long a job needing more workers waits for adverts of workers not yet asked
 DEFAULT_MAX_WORKERS = 5  # results gathered for one job when results disagree (escalation bound)
 DEFAULT_DEADLINE_S = 120.0
@@ -146,6 +157,7 @@ class Job:
     outputs: tuple[tuple[str, tuple[int, ...]], ...]  # (dtype, shape) of each output, from the dry run
     trace_bytes: int = 0  # bytes of every node's outputs: what checking a result in full may fetch
     check_flops: int = 0  # flops of checking a result in full (Freivalds for products, recomputation for the rest)
+    source: _Source | None = field(default=None, compare=False, repr=False)  # what from_module exported
 
     @classmethod
     def from_module(
@@ -163,7 +175,55 @@ class Job:
         kwargs: dict[str, Any] = {"compare": compare}
         if limits is not None:
             kwargs["limits"] = limits
-        return cls.from_exported(export_job(module, tuple(example_inputs), **kwargs), device_kind=device_kind)
+        job = cls.from_exported(export_job(module, tuple(example_inputs), **kwargs), device_kind=device_kind)
+        source = _Source(module, tuple(example_inputs), compare, limits, device_kind)
+        return replace(job, source=source)
+
+    def with_inputs(self, inputs: Sequence[torch.Tensor]) -> Job:
+        """The same graph and constants with other input tensors, each of the dtype and shape of the one it
+        replaces (what ``client.map`` sends for each item). Raises :class:`JobError` (``shape_mismatch``)."""
+        import torch
+
+        from p2pcompute.compute.interpreter import tensor_to_blob
+
+        spec = self.spec
+        if len(inputs) != len(spec.inputs):
+            raise JobError(Reason.SHAPE_MISMATCH, f"the job takes {len(spec.inputs)} inputs, got {len(inputs)}")
+        blobs = {meta.digest: self.blobs[meta.digest] for meta in spec.constants}
+        metas = []
+        for i, (tensor, old) in enumerate(zip(inputs, spec.inputs, strict=True)):
+            if not isinstance(tensor, torch.Tensor):
+                raise JobError(Reason.BAD_ARGUMENT, f"input {i} is a {type(tensor).__name__}, not a tensor")
+            meta, blob = tensor_to_blob(tensor)
+            if (meta.dtype, meta.shape) != (old.dtype, old.shape):
+                raise JobError(
+                    Reason.SHAPE_MISMATCH,
+                    f"input {i}: {meta.dtype}{list(meta.shape)}, the job takes {old.dtype}{list(old.shape)}",
+                )
+            metas.append(meta)
+            blobs[meta.digest] = blob
+        spec_bytes = encode_job(replace(spec, inputs=tuple(metas)))
+        return replace(self, spec_bytes=spec_bytes, digest=job_digest(spec_bytes), blobs=blobs)
+
+    def for_batch(self, rows: int) -> Job:
+        """This job exported again for inputs of ``rows`` rows (every input's first dimension); only for a job
+        made by :meth:`from_module`. What ``client.map_batch`` runs on each shard (then :meth:`with_inputs`)."""
+        if self.source is None:
+            raise JobError(Reason.NOT_EXPORTABLE, "only a job made by Job.from_module can be re-exported per shard")
+        if rows < 1:
+            raise JobError(Reason.SHAPE_MISMATCH, f"a shard needs at least one row, got {rows}")
+        source = self.source
+        if any(x.dim() == 0 or x.shape[0] < 1 for x in source.example_inputs):
+            raise JobError(Reason.SHAPE_MISMATCH, "every example input needs a first (batch) dimension")
+        if all(x.shape[0] == rows for x in source.example_inputs):
+            return self
+        import torch
+
+        first = torch.zeros(rows, dtype=torch.long)
+        examples = tuple(x.index_select(0, first) for x in source.example_inputs)  # row 0, repeated: valid values
+        return Job.from_module(
+            source.module, examples, compare=source.compare, limits=source.limits, device_kind=source.device_kind
+        )
 
     @classmethod
     def from_exported(cls, exported: ExportedJob, *, device_kind: DeviceKind | None = None) -> Job:
@@ -238,6 +298,17 @@ class Job:
         from p2pcompute.compute.interpreter import execute
 
         return execute(self.spec, self.blobs)
+
+
+@dataclass(frozen=True, eq=False)
+class _Source:
+    """What :meth:`Job.from_module` exported, kept to export it again for another batch size."""
+
+    module: Any
+    example_inputs: tuple[torch.Tensor, ...]
+    compare: Comparison | None
+    limits: JobLimits | None
+    device_kind: DeviceKind | None
 
 
 @dataclass(frozen=True)
@@ -344,6 +415,7 @@ class Client:
         self.rng = random.Random(secrets.randbits(64))
         self.throughput = ThroughputLedger()  # what workers deliver against their adverts' TFLOPS
         self.scheduler_policy = SchedulerPolicy()  # how jobs are verified (core.scheduler; verification.md §11)
+        self.capacity = Capacity()  # this client's tasks in flight per worker (core.cluster; verification.md §13)
         # Spending: the hash-chained ledger of the receipts this client signed.
         self.ledger = store.load_ledger(keypair, LedgerRole.CLIENT)
         self.evidence_published: list[bytes] = []
@@ -357,6 +429,22 @@ class Client:
         now = self.clock()
         adverts = [entry.advert for entry in self.node.market.adverts(now)]
         return eligible(adverts, job.requirements, max_price, now, exclude=(self.peer_id, *exclude))
+
+    def with_room(self, candidates: Sequence[Candidate]) -> list[Candidate]:
+        """The candidates that may take another task of this client now (``core.cluster.Capacity``)."""
+        return self.capacity.with_room(candidates, self.clock())
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) until ``predicate()`` holds, re-checking when an advert arrives, a task of
+        this client ends, or a worker held back after a busy answer may be asked again. Returns the predicate."""
+        with trio.move_on_after(max(0.0, timeout_s)):
+            while not predicate():
+                now = self.clock()
+                change = self.capacity.next_change_ms(now)
+                tick = ROOM_RECHECK_S if change is None else min(ROOM_RECHECK_S, max(0.01, (change - now) / 1000))
+                with trio.move_on_after(tick):
+                    await self.node.wait_for(predicate)
+        return predicate()
 
     async def wait_for_workers(
         self, job: Job, max_price: int, *, count: int = 1, timeout_s: float = MARKET_WAIT_S
@@ -377,6 +465,7 @@ class Client:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         progress: ProgressFn | None = None,
         only: Sequence[PeerId] | None = None,
+        prefer: PeerId | None = None,
     ) -> RunResult:
         """Run ``job`` on workers for at most ``max_price`` credits each, within ``deadline`` seconds from now.
 
@@ -384,13 +473,17 @@ class Client:
         agree. ``None`` (the default) lets the scheduler decide (specs/verification.md §11): a job whose
         intermediates fit the check budget runs on one worker and its committed trace is checked node by node
         before it is paid; a bigger one is replicated by the worker's proven work and sampled, disagreements
-        bisected. ``only`` restricts the workers to these peers. Disagreement escalates to more workers, up to
+        bisected. ``only`` restricts the workers to these peers; ``prefer`` asks that worker first when it has room
+        (``map_batch`` sizes each shard for one). A worker gets no more of this client's jobs at once than its advert
+        offers slots (``core.cluster``): the job waits for room, within ``deadline``, rather than fail on a busy
+        worker; a worker that answers busy all the same is held back and another one asked. Disagreement
+        escalates to more workers, up to
         ``max_workers`` results and ``max_attempts`` workers asked. Only workers whose results are accepted get a
         receipt; the others get a signed rejection, and evidence
         against them is gossiped. Raises :class:`VerificationError` (no quorum), :class:`NoWorkersError`, or
         :class:`NegotiationFailed` (``timeout``: no verified result within ``deadline``).
         """
-        run = _Run(self, job, _to_micro(max_price), progress or (lambda event: None), only)
+        run = _Run(self, job, _to_micro(max_price), progress or (lambda event: None), only, prefer)
         with trio.move_on_after(max(0.001, deadline)) as scope:
             return await run.execute(redundancy, max_workers, max_attempts, self.clock() + int(deadline * 1000))
         assert scope.cancelled_caught
@@ -471,9 +564,16 @@ class _Run:
     committed traces, settles, and records what the scheduler says."""
 
     def __init__(
-        self, client: Client, job: Job, max_price: int, report: ProgressFn, only: Sequence[PeerId] | None = None
+        self,
+        client: Client,
+        job: Job,
+        max_price: int,
+        report: ProgressFn,
+        only: Sequence[PeerId] | None = None,
+        prefer: PeerId | None = None,
     ) -> None:
         self.only = frozenset(only) if only is not None else None
+        self.prefer = prefer
         self.client = client
         self.job = job
         self.max_price = max_price
@@ -494,8 +594,11 @@ class _Run:
         client, job = self.client, self.job
         self.deadline_ms = deadline_ms
         self.report(ProgressEvent("matching", 0, 1))
-        if not client.candidates(job, self.max_price):
-            await client.wait_for_workers(job, self.max_price)
+        if not self._eligible():
+            await client.wait_until(lambda: bool(self._eligible()), MARKET_WAIT_S)
+        if self._eligible() and not self._candidates():  # workers, all busy with this client's other jobs
+            self.report(ProgressEvent("waiting", 0, 1))
+            await client.wait_until(lambda: bool(self._candidates()), (deadline_ms - client.clock()) / 1000)
         compare = self.spec.compare
         self.scheduler = JobScheduler(
             facts=job.facts,
@@ -591,13 +694,30 @@ class _Run:
                 log.info("job %s on %s: %s: %s", self.job.digest.hex()[:16], peer, what, outcome.detail)
                 self.attempts.append(Attempt(peer, what, outcome.detail, now - self.started))
             return scheduler.on_check(peer, outcome)
+        if kind == "busy":
+            candidate = payload
+            self.attempts.append(Attempt(candidate.peer, "busy", "no free slot: asked again later", now - self.started))
+            self.client.capacity.busy(candidate.peer, now)
+            del self.sessions[candidate.peer]  # it never took the job: it may be asked again once it has room
+            return scheduler.on_busy(candidate.peer)
         if kind == "candidates":
             return scheduler.offer(payload) if payload else scheduler.give_up()
         raise AssertionError(kind)
 
-    def _candidates(self) -> list[Candidate]:
+    def _eligible(self) -> list[Candidate]:
+        """Workers that could run the job (price, hardware, ``only``), whether or not they have room now."""
         found = self.client.candidates(self.job, self.max_price)
         return found if self.only is None else [c for c in found if c.peer in self.only]
+
+    def _candidates(self) -> list[Candidate]:
+        """The eligible workers with room for another task of this client; the preferred one alone while it has
+        room and was not asked yet."""
+        found = self.client.with_room(self._eligible())
+        if self.prefer is not None and self.prefer not in self.sessions:
+            preferred = [c for c in found if c.peer == self.prefer]
+            if preferred:
+                return preferred
+        return found
 
     def _tried(self) -> str:
         return "; ".join(f"{a.worker}: {a.outcome} {a.detail}".strip() for a in self.attempts)
@@ -606,6 +726,7 @@ class _Run:
         send, receive = trio.open_memory_channel[tuple[str, Any]](math.inf)
         session = _Session(candidate, send)
         self.sessions[candidate.peer] = session
+        self.client.capacity.take(candidate.peer)
         self.nursery.start_soon(self._work, session, receive)
 
     def _command(self, peer: PeerId, command: tuple[str, Any]) -> None:
@@ -623,15 +744,20 @@ class _Run:
         self._command(settle.peer, ("settle", settle))
 
     async def _wait_for_candidates(self) -> None:
-        """Nobody left to ask in the market view now: wait a little for adverts of workers not yet asked."""
+        """Nobody left to ask with room now: wait for room on an eligible worker not yet asked (within the
+        job's deadline), or, when there is none, a little for adverts of workers not yet asked."""
         client = self.client
         asked = set(self.sessions)
 
         def fresh() -> list[Candidate]:
             return [c for c in self._candidates() if c.peer not in asked]
 
-        with trio.move_on_after(ESCALATION_WAIT_S):
-            await client.node.wait_for(lambda: bool(fresh()))
+        def busy() -> bool:
+            return any(c.peer not in asked for c in self._eligible())
+
+        await client.wait_until(lambda: bool(fresh()) or not busy(), (self.deadline_ms - client.clock()) / 1000)
+        if not fresh():
+            await client.wait_until(lambda: bool(fresh()), ESCALATION_WAIT_S)
         self.send.send_nowait(("candidates", fresh()))
 
     # -- one worker --------------------------------------------------------------------------------------------
@@ -642,6 +768,19 @@ class _Run:
         def forward(phase: str, done: int, total: int) -> None:
             self.report(ProgressEvent(phase, done, total, candidate.peer))
 
+        try:
+            await self._session(session, commands, forward)
+        finally:
+            client.capacity.release(candidate.peer, accepted=session.accepted)
+            client.node.notify_waiters()
+
+    async def _session(
+        self,
+        session: _Session,
+        commands: trio.MemoryReceiveChannel[tuple[str, Any]],
+        forward: Callable[[str, int, int], None],
+    ) -> None:
+        client, candidate = self.client, session.candidate
         with session.scope:
             try:
                 async with open_session(
@@ -661,7 +800,10 @@ class _Run:
                     except P2PComputeError as exc:
                         session.answered = True
                         accepted = worker_session.machine.accept is not None
-                        self.send.send_nowait(("failure", (candidate, exc, accepted)))
+                        if not accepted and _is_busy(exc):
+                            self.send.send_nowait(("busy", candidate))
+                        else:
+                            self.send.send_nowait(("failure", (candidate, exc, accepted)))
                         return
                     session.answered = session.accepted = True
                     self.send.send_nowait(("result", (candidate, outcome)))
@@ -898,6 +1040,11 @@ async def open_client(
                 nursery.cancel_scope.cancel()
     finally:
         store.close()
+
+
+def _is_busy(error: P2PComputeError) -> bool:
+    """A decline for want of a free slot (``busy``): the worker is full, not failing."""
+    return error.reason is Reason.DECLINED and error.detail.startswith(DeclineReason.BUSY.value)
 
 
 async def _recheck_in_thread(valid: ValidCheckEvidence) -> tuple[bool, str]:

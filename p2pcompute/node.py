@@ -230,17 +230,17 @@ class Node:
             # keep the market as it is but let gossip treat the message as valid (0.8.1 has no IGNORE).
             self.metrics.adverts_received.labels(result=exc.reason.value).inc()
             log.debug("ignored advert from %s: %s", origin, exc)
-            self._notify_gossip()
+            self.notify_waiters()
             return
         except RemoteProtocolError as exc:
             self._reject(origin, exc)
         self.metrics.adverts_received.labels(result="accepted").inc()
-        self._notify_gossip()
+        self.notify_waiters()
 
     def _reject(self, origin: ID, exc: RemoteProtocolError) -> NoReturn:
         self.metrics.adverts_received.labels(result=exc.reason.value).inc()
         log.info("rejected advert from %s: %s", origin, exc)
-        self._notify_gossip()
+        self.notify_waiters()
         raise exc
 
     # --- evidence of cheating (specs/verification.md) ---
@@ -284,7 +284,7 @@ class Node:
             self.store.save_reputation(self.reputation.get(valid.accused))
         self.metrics.evidence_received.labels(result=effect.value).inc()
         log.info("evidence from %s against %s (%s): %s", valid.reporter, valid.accused, valid.strength, effect.value)
-        self._notify_gossip()
+        self.notify_waiters()
 
     async def _recheck_evidence(self) -> None:
         """Redo the checks of received check evidence (``rechecker``) and count what they confirm."""
@@ -310,15 +310,15 @@ class Node:
                 self.record_outcome(valid.reporter, Outcome.BAD_EVIDENCE)
                 self.metrics.evidence_received.labels(result="check_refuted").inc()
                 log.info("check evidence from %s against %s refuted: %s", valid.reporter, valid.accused, detail)
-            self._notify_gossip()
+            self.notify_waiters()
 
     async def publish_evidence(self, data: bytes) -> None:
         await self.gossip.publish(EVIDENCE_TOPIC, data)
 
-    def _notify_gossip(self) -> None:
+    def notify_waiters(self) -> None:
+        """Wake every :meth:`wait_for` to re-check its predicate (an advert arrived, or a client's room changed)."""
         self._gossip_seen.set()
         self._gossip_seen = trio.Event()
-        self._sync_limiter = trio.CapacityLimiter(MAX_CONCURRENT_SYNCS)
 
     async def wait_for(self, predicate: Callable[[], bool]) -> None:
         """Wait until ``predicate()`` holds, re-checking after every advert received (put a timeout around it)."""
@@ -400,7 +400,7 @@ class Node:
             finally:
                 await stream.close()
         if accepted:
-            self._notify_gossip()
+            self.notify_waiters()
         return accepted
 
     async def _sync(self) -> None:

@@ -399,6 +399,20 @@ class JobScheduler:
         verifier_outcome = outcome if outcome in _VERIFIER_FAILURES else Outcome.DECLINED_AFTER_ACCEPT
         return actions + self._advance(self._verifier.add_failure(peer, verifier_outcome))
 
+    def on_busy(self, peer: PeerId) -> list[Action]:
+        """``peer`` declined before it accepted because it had no free slot: not a failure of the job. The worker
+        is forgotten for this job (it may be asked again once it has room) and another one is chosen, or
+        :class:`NeedCandidates` asks the runner for workers with room."""
+        slot = self._slot(peer)
+        if self._finished or slot.claim is not None or slot.failed:
+            return []
+        del self._slots[peer]
+        self._groups.remove(slot.candidate.group)
+        assert self._verifier is not None
+        self._verifier.unassign(peer)
+        self._candidates = [c for c in self._candidates if c.peer != peer]
+        return self._advance(self._status())
+
     def on_check(self, peer: PeerId, outcome: CheckOutcome) -> list[Action]:
         """The client's check of ``peer``'s result (from a :class:`Check` or a :class:`Bisect`)."""
         slot = self._slot(peer)

@@ -291,6 +291,14 @@ class Verifier:
             raise LocalProtocolError(Reason.UNEXPECTED_MESSAGE, f"already asked {self.policy.max_attempts} workers")
         self._assigned[worker] = None
 
+    def unassign(self, worker: PeerId) -> None:
+        """Forget that ``worker`` was asked: it declined before it accepted (busy), so the job was never its and
+        the attempt does not count against the job's bounds."""
+        self._check_open()
+        if worker not in self._assigned or worker in self._done:
+            raise LocalProtocolError(Reason.UNEXPECTED_MESSAGE, f"worker {worker} was not asked or already answered")
+        del self._assigned[worker]
+
     def add_claim(self, claim: ResultClaim) -> Status:
         """Add a worker's signed result (assigning the worker if it was not yet) and return the new status.
 

@@ -1,0 +1,140 @@
+"""Many tasks on many workers: the client's view of free capacity and the sizing of shards (sans-I/O).
+
+specs/verification.md §13. Each task is verified by its own :class:`~p2pcompute.core.scheduler.JobScheduler`
+(the same policy as one ``client.run``); what this module adds is *where there is room*:
+
+:class:`Capacity`
+    How many of this client's tasks each worker may hold at once: the slots its advert offers (a hint, capped by
+    ``max_per_worker``: a worker that claims 1,000 slots gets no more than a few tasks at a time), minus the tasks
+    of this client in flight there. A worker that declines ``busy`` (its slots are taken by other clients) is held
+    back for a while that doubles with each busy answer in a row and resets when it accepts. A task is launched
+    only on a worker with room; the rest wait in the client, so a batch never fails for "busy".
+:func:`shard_sizes`
+    Splits a batch of ``total`` rows over workers in proportion to their measured speed, in whole ``granule`` s, so
+    that all shards finish at about the same time; :func:`makespan` is the finishing time of such a split.
+
+Time is an argument (milliseconds); nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from p2pcompute.core.identity import PeerId
+from p2pcompute.core.matching import Candidate
+from p2pcompute.errors import ConfigError
+
+__all__ = ["Capacity", "CapacityPolicy", "makespan", "shard_sizes"]
+
+
+@dataclass(frozen=True, slots=True)
+class CapacityPolicy:
+    """Parameters (defaults in specs/verification.md §13)."""
+
+    max_per_worker: int = 8  # tasks of this client in flight on one worker, whatever its advert claims
+    busy_hold_ms: int = 1_000  # a worker that answered busy is not asked again for this long ...
+    max_busy_hold_ms: int = 16_000  # ... doubling with each busy answer in a row, up to this
+
+    def __post_init__(self) -> None:
+        if self.max_per_worker < 1:
+            raise ConfigError("max_per_worker must be at least 1")
+        if not 0 <= self.busy_hold_ms <= self.max_busy_hold_ms:
+            raise ConfigError("need 0 <= busy_hold_ms <= max_busy_hold_ms")
+
+
+@dataclass
+class Capacity:
+    """Tasks of this client in flight per worker, and the workers held back after a busy answer."""
+
+    policy: CapacityPolicy = field(default_factory=CapacityPolicy)
+    _in_flight: dict[PeerId, int] = field(default_factory=dict)
+    _held_until: dict[PeerId, int] = field(default_factory=dict)
+    _busy_in_a_row: dict[PeerId, int] = field(default_factory=dict)
+
+    def limit(self, candidate: Candidate) -> int:
+        """The most tasks of this client ``candidate`` may hold at once."""
+        return max(1, min(candidate.advert.slots_total, self.policy.max_per_worker))
+
+    def free(self, candidate: Candidate, now_ms: int) -> int:
+        """Tasks ``candidate`` may take now (0 while it is held back after a busy answer)."""
+        if self._held_until.get(candidate.peer, 0) > now_ms:
+            return 0
+        return max(0, self.limit(candidate) - self._in_flight.get(candidate.peer, 0))
+
+    def with_room(self, candidates: Iterable[Candidate], now_ms: int) -> list[Candidate]:
+        """The candidates that may take a task now, in the order given."""
+        return [c for c in candidates if self.free(c, now_ms) > 0]
+
+    def room(self, candidates: Iterable[Candidate], now_ms: int) -> int:
+        """Tasks the given workers may take now, all together (each worker counted once)."""
+        seen: dict[PeerId, int] = {}
+        for c in candidates:
+            seen[c.peer] = self.free(c, now_ms)
+        return sum(seen.values())
+
+    def in_flight(self, peer: PeerId | None = None) -> int:
+        """Tasks in flight on ``peer`` (or on every worker)."""
+        if peer is None:
+            return sum(self._in_flight.values())
+        return self._in_flight.get(peer, 0)
+
+    def take(self, peer: PeerId) -> None:
+        """A task was launched on ``peer`` (call even when it had no room: a caller's ``only`` may insist)."""
+        self._in_flight[peer] = self._in_flight.get(peer, 0) + 1
+
+    def release(self, peer: PeerId, *, accepted: bool) -> None:
+        """A task on ``peer`` ended (answered, failed or cancelled); ``accepted``: the worker had taken the job."""
+        left = self._in_flight.get(peer, 0) - 1
+        if left > 0:
+            self._in_flight[peer] = left
+        else:
+            self._in_flight.pop(peer, None)
+        if accepted:
+            self._busy_in_a_row.pop(peer, None)
+            self._held_until.pop(peer, None)
+
+    def busy(self, peer: PeerId, now_ms: int) -> int:
+        """``peer`` declined busy: hold it back; returns until when (ms)."""
+        row = self._busy_in_a_row.get(peer, 0) + 1
+        self._busy_in_a_row[peer] = row
+        hold = min(self.policy.max_busy_hold_ms, self.policy.busy_hold_ms << min(row - 1, 20))
+        until = now_ms + hold
+        self._held_until[peer] = until
+        return until
+
+    def next_change_ms(self, now_ms: int) -> int | None:
+        """When the next hold ends (None: no worker is held back)."""
+        later = [t for t in self._held_until.values() if t > now_ms]
+        return min(later) if later else None
+
+
+def shard_sizes(total: int, speeds: Sequence[float], granule: int = 1) -> list[int]:
+    """Split ``total`` rows over workers of the given relative ``speeds`` (> 0), in multiples of ``granule``
+    except the last non-empty shard, so that the shards finish at about the same time.
+
+    The rows go out in whole granules by largest remainder of each worker's exact share (ties to the faster, then
+    the earlier worker); a worker whose share rounds to nothing gets an empty shard (0). Deterministic."""
+    if total < 0 or granule < 1:
+        raise ConfigError("need total >= 0 and granule >= 1")
+    if not speeds or any(not s > 0 for s in speeds):
+        raise ConfigError("need at least one worker and every speed > 0")
+    units, rest = divmod(total, granule)
+    whole = units + (1 if rest else 0)  # granules to hand out; the last one may be partial
+    weight = sum(speeds)
+    exact = [whole * s / weight for s in speeds]
+    counts = [int(e) for e in exact]
+    order = sorted(range(len(speeds)), key=lambda i: (-(exact[i] - counts[i]), -speeds[i], i))
+    for i in order[: whole - sum(counts)]:
+        counts[i] += 1
+    sizes = [c * granule for c in counts]
+    if rest:  # one granule is short: take the shortfall from the largest shard (the one that finishes last)
+        last = max(range(len(sizes)), key=lambda i: (sizes[i] / speeds[i], i))
+        sizes[last] -= granule - rest
+    return sizes
+
+
+def makespan(sizes: Sequence[int], speeds: Sequence[float], overhead: float = 0.0) -> float:
+    """When the last shard finishes: each worker runs its ``sizes[i]`` rows at ``speeds[i]`` rows per unit time,
+    after ``overhead`` (a non-empty shard only)."""
+    return max((overhead + n / s for n, s in zip(sizes, speeds, strict=True) if n > 0), default=0.0)

@@ -23,7 +23,7 @@ import math
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Hashable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Hashable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
@@ -95,6 +95,15 @@ from p2pcompute.net.logs import libp2p_logs_at_debug
 from p2pcompute.net.negotiate import ClientSession, PreparedJob, WorkerResult, open_session
 from p2pcompute.node import Node
 from p2pcompute.store import STORE_FILE, JobRecord, JobRole, JobState, Store, open_store
+from p2pcompute.tasks import (
+    DEFAULT_RETRIES,
+    DEFAULT_TASK_DEADLINE_S,
+    BatchResult,
+    Item,
+    MapProgressFn,
+    MapRun,
+    map_batch,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -341,6 +350,7 @@ class RunResult:
     check_flops: int = 0  # what the client's own checks cost
     check_bytes: int = 0  # intermediates fetched for them
     job_flops: int = 0  # one honest run of the job
+    index: int = 0  # the task's position in the inputs of a ``client.map`` (0 for ``client.run``)
 
     @property
     def compute(self) -> float:
@@ -361,6 +371,7 @@ class RunResult:
     def summary(self) -> dict[str, Any]:
         """A JSON-ready summary (what ``p2pcompute submit`` prints and the testnet report records)."""
         return {
+            "index": self.index,
             "job_digest": self.job_digest.hex(),
             "output_digest": self.output_digest.hex(),
             "worker": str(self.worker),
@@ -488,6 +499,70 @@ class Client:
             return await run.execute(redundancy, max_workers, max_attempts, self.clock() + int(deadline * 1000))
         assert scope.cancelled_caught
         raise NegotiationFailed(Reason.TIMEOUT, f"job {job.digest.hex()[:16]}: no verified result in {deadline} s")
+
+    def map(
+        self,
+        job: Job,
+        inputs: Iterable[Item] | AsyncIterable[Item],
+        *,
+        max_price: int | float | str | Decimal,
+        deadline: float | None = None,
+        task_deadline: float = DEFAULT_TASK_DEADLINE_S,
+        redundancy: int | None = None,
+        ordered: bool = True,
+        progress: MapProgressFn | None = None,
+        window: int | None = None,
+        retries: int = DEFAULT_RETRIES,
+    ) -> MapRun:
+        """Run ``job`` once per item of ``inputs`` (a tensor or a tuple of tensors each, read lazily; an iterable
+        or an async iterable) on as many workers as have room; use as
+        ``async with client.map(...) as results: async for result in results: ...``.
+
+        Results come in input order (``ordered=False``: as they finish), each a :class:`RunResult` verified as by
+        :meth:`run` (``result.index``: its position). ``deadline`` bounds the whole map (None: no bound),
+        ``task_deadline`` each placement of a task; a task whose run fails is placed again up to ``retries``
+        times, then :class:`TaskFailed` is raised with its index (and the accepted results not yet yielded).
+        At most ``window`` tasks are held at once (default: twice the room the market offers this client).
+        Leaving the block early cancels the rest; only accepted results are paid. See :mod:`p2pcompute.tasks`."""
+        return MapRun(
+            self,
+            job,
+            inputs,
+            max_price=max_price,
+            deadline=deadline,
+            task_deadline=task_deadline,
+            redundancy=redundancy,
+            ordered=ordered,
+            progress=progress,
+            window=window,
+            retries=retries,
+        )
+
+    async def map_batch(
+        self,
+        job: Job,
+        batch: torch.Tensor | Sequence[torch.Tensor],
+        *,
+        max_price: int | float | str | Decimal,
+        deadline: float = DEFAULT_TASK_DEADLINE_S,
+        redundancy: int | None = None,
+        workers: int | None = None,
+        granule: int = 1,
+        progress: MapProgressFn | None = None,
+    ) -> BatchResult:
+        """Split one big batch into shards sized to each worker's speed, run them as verified jobs, and concatenate
+        the outputs in order (:func:`p2pcompute.tasks.map_batch`)."""
+        return await map_batch(
+            self,
+            job,
+            batch,
+            max_price=max_price,
+            deadline=deadline,
+            redundancy=redundancy,
+            workers=workers,
+            granule=granule,
+            progress=progress,
+        )
 
     def _weight(self, candidate: Candidate) -> float:
         """Matching weight: cheaper and faster, and more for a better reputation (never zero).

@@ -36,7 +36,7 @@ peer's fault and must never crash a peer; a ``LocalProtocolError`` is ours.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import ClassVar
+from typing import Any, ClassVar
 
 __all__ = [
     "ConfigError",
@@ -290,6 +290,18 @@ class NoWorkersError(JobError):
 
 class VerificationError(JobError):
     """Redundant results disagree and no quorum was reached within the escalation bound."""
+
+
+class TaskFailed(JobError):
+    """One task of a ``client.map`` (or one shard of ``map_batch``) could not be done: ``index`` is its position in
+    the inputs, ``cause`` the last error, ``results`` the tasks already accepted but not yet yielded (by index:
+    nothing accepted is lost)."""
+
+    def __init__(self, index: int, cause: P2PComputeError, results: dict[int, Any] | None = None) -> None:
+        super().__init__(cause.reason, f"task {index}: {cause.detail or cause.reason.value}")
+        self.index = index
+        self.cause = cause
+        self.results: dict[int, Any] = dict(results or {})
 
 
 class StoreError(P2PComputeError):

@@ -65,3 +65,30 @@ async def test_eight_concurrent_runs_on_three_one_slot_workers(tmp_path: Path) -
             assert all(a.outcome != "busy" or a.detail for a in results[i].attempts)
     assert max(most_in_flight.values()) <= 1  # never more of its jobs on a worker than the worker's one slot
     assert len({r.worker for r in results.values()}) >= 2  # the work spread
+
+
+async def test_map_of_200_tasks_on_three_one_slot_workers_in_order(tmp_path: Path) -> None:
+    model, job = small_job()
+
+    def inputs():  # a generator: read lazily
+        for i in range(200):
+            yield torch.randn(8, 16, generator=torch.Generator().manual_seed(i))
+
+    seen: list[int] = []
+    events: list[object] = []
+    most_in_flight = 0
+    with trio.fail_after(TEST_TIMEOUT_S * 2):
+        async with cluster(tmp_path, 3, configure=one_slot) as workers, client_of(
+            workers, tmp_path / "client", wait_for=3
+        ) as client:
+            async with client.map(job, inputs(), max_price=MAX_PRICE, progress=events.append) as results:
+                async for result in results:
+                    seen.append(result.index)
+                    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(result.index))
+                    with torch.no_grad():
+                        assert torch.equal(result.outputs[0], model(x)), result.index
+                    assert result.verdict is not None and result.price > 0
+                    most_in_flight = max(most_in_flight, max(client.capacity.in_flight(w.peer) for w in workers))
+    assert seen == list(range(200))
+    assert most_in_flight <= 1
+    assert events and events[-1].done == 200 and events[-1].workers >= 2

@@ -188,6 +188,33 @@ class Job:
         source = _Source(module, tuple(example_inputs), compare, limits, device_kind)
         return replace(job, source=source)
 
+    @classmethod
+    def from_train_step(
+        cls,
+        model: Any,
+        loss_fn: Callable[..., torch.Tensor],
+        example_inputs: Sequence[torch.Tensor],
+        *,
+        targets: int = 1,
+        compare: Comparison | None = None,
+        limits: JobLimits | None = None,
+        device_kind: DeviceKind | None = None,
+    ) -> Job:
+        """Export one training step of ``model`` (an ``nn.Module``): forward and backward as one graph whose outputs
+        are the loss and the gradients (``compute.export.export_train_step``).
+
+        The loss is ``loss_fn(model(*example_inputs[:-targets]), *example_inputs[-targets:])``, a 0-dim tensor. The
+        job's inputs are the model's trainable parameters (``named_parameters()`` order, ``requires_grad`` only),
+        then ``example_inputs``; its outputs the loss, then each parameter's gradient in the same order. Run it
+        with new parameters and data by :meth:`with_inputs`; :mod:`p2pcompute.train` does so step by step."""
+        from p2pcompute.compute.export import export_train_step
+
+        kwargs: dict[str, Any] = {"compare": compare, "targets": targets}
+        if limits is not None:
+            kwargs["limits"] = limits
+        exported = export_train_step(model, loss_fn, tuple(example_inputs), **kwargs)
+        return cls.from_exported(exported, device_kind=device_kind)
+
     def with_inputs(self, inputs: Sequence[torch.Tensor]) -> Job:
         """The same graph and constants with other input tensors, each of the dtype and shape of the one it
         replaces (what ``client.map`` sends for each item). Raises :class:`JobError` (``shape_mismatch``)."""

@@ -44,7 +44,7 @@ from p2pcompute.core.jobspec import (
 from p2pcompute.core.tensors import TensorMeta
 from p2pcompute.errors import JobError, P2PComputeError, Reason
 
-__all__ = ["ExportedJob", "export_job"]
+__all__ = ["ExportedJob", "export_job", "export_train_step", "trainable_names"]
 
 _SKIPPED_OPS = frozenset({"aten._assert_tensor_metadata.default", "aten._assert_scalar.default"})
 _SCALAR_OVERLOADS = {
@@ -123,20 +123,94 @@ def export_job(
     return _Builder(program, example_inputs).build(compare or Comparison(), limits)
 
 
+def trainable_names(model: nn.Module) -> tuple[str, ...]:
+    """The names of ``model``'s trainable parameters (``requires_grad``), in ``named_parameters()`` order: the
+    order in which a training step job takes them as inputs and returns their gradients."""
+    return tuple(name for name, param in model.named_parameters() if param.requires_grad)
+
+
+class _TrainStep(nn.Module):
+    def __init__(self, model: nn.Module, loss_fn: Callable[..., torch.Tensor], model_inputs: int) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+        self.model_inputs = model_inputs
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        out = self.model(*args[: self.model_inputs])
+        return self.loss_fn(out, *args[self.model_inputs :])
+
+
+def export_train_step(
+    model: nn.Module,
+    loss_fn: Callable[..., torch.Tensor],
+    example_inputs: tuple[torch.Tensor, ...],
+    *,
+    targets: int = 1,
+    compare: Comparison | None = None,
+    limits: JobLimits = DEFAULT_JOB_LIMITS,
+) -> ExportedJob:
+    """Export one training step of ``model`` as a job whose outputs are the loss and the gradients.
+
+    The loss is ``loss_fn(model(*example_inputs[:-targets]), *example_inputs[-targets:])`` (``targets`` trailing
+    inputs go to the loss, not the model), a 0-dimensional floating tensor. The job's inputs are the model's
+    trainable parameters (:func:`trainable_names` order), then ``example_inputs``; its outputs the loss, then the
+    gradient of each trainable parameter in the same order. Frozen parameters and buffers are constants.
+
+    The joint graph comes from ``torch.export.export`` and ``torch.export.experimental._export_forward_backward``
+    (forward and backward traced by AOTAutograd into one graph, decomposed to core ATen ops; specs/job-format.md
+    §15 says why this API). The module runs in its own mode: a model whose forward updates buffers (batch norm in
+    ``train()``) or draws random numbers (dropout in ``train()``) is not exportable.
+    """
+    if not isinstance(model, nn.Module):
+        raise JobError(Reason.NOT_EXPORTABLE, "a training step needs an nn.Module (its parameters are trained)")
+    if not all(isinstance(t, torch.Tensor) for t in example_inputs):
+        raise JobError(Reason.NOT_EXPORTABLE, "every example input must be a tensor")
+    if not 0 <= targets < len(example_inputs):
+        raise JobError(Reason.NOT_EXPORTABLE, f"{targets} targets of {len(example_inputs)} example inputs")
+    names = trainable_names(model)
+    if not names:
+        raise JobError(Reason.NOT_EXPORTABLE, "the model has no trainable parameters")
+    step = _TrainStep(model, loss_fn, len(example_inputs) - targets)
+    try:
+        from torch.export.experimental import _export_forward_backward
+
+        program = _export_forward_backward(torch.export.export(step, tuple(example_inputs)), joint_loss_index=0)
+    except P2PComputeError:
+        raise
+    except Exception as exc:  # torch.export and AOTAutograd raise many types
+        raise JobError(Reason.NOT_EXPORTABLE, f"exporting the training step failed: {str(exc)[:500]}") from exc
+    builder = _Builder(program, tuple(example_inputs), trained=tuple(f"model.{name}" for name in names))
+    return builder.build(compare or Comparison(), limits)
+
+
 class _Builder:
-    def __init__(self, program: torch.export.ExportedProgram, example_inputs: tuple[torch.Tensor, ...]) -> None:
+    def __init__(
+        self,
+        program: torch.export.ExportedProgram,
+        example_inputs: tuple[torch.Tensor, ...],
+        *,
+        trained: tuple[str, ...] | None = None,
+    ) -> None:
         self.program = program
         self.example_inputs = example_inputs
+        self.trained = trained  # a training step: these parameters are the first inputs, their gradients outputs
         self.refs: dict[fx.Node, TensorRef] = {}
         self.nodes: list[Node] = []
         self.blobs: dict[bytes, bytes] = {}
 
     def build(self, compare: Comparison, limits: JobLimits) -> ExportedJob:
+        allowed = (
+            (OutputKind.LOSS_OUTPUT, OutputKind.GRADIENT_TO_PARAMETER)
+            if self.trained is not None
+            else (OutputKind.USER_OUTPUT,)
+        )
         for output in self.program.graph_signature.output_specs:
-            if output.kind != OutputKind.USER_OUTPUT:
+            if output.kind not in allowed:
                 raise JobError(
                     Reason.NOT_EXPORTABLE,
-                    f"the program updates state ({output.kind.name}); export the module in eval()",
+                    f"the program updates state ({output.kind.name}); export the module in eval()"
+                    + (" or use group or layer norm" if self.trained is not None else ""),
                 )
         inputs, constants = self._placeholders()
         outputs: tuple[TensorRef, ...] = ()
@@ -160,17 +234,18 @@ class _Builder:
     def _placeholders(self) -> tuple[tuple[TensorMeta, ...], tuple[TensorMeta, ...]]:
         signature = self.program.graph_signature
         placeholders = [n for n in self.program.graph.nodes if n.op == "placeholder"]
-        inputs: list[TensorMeta] = []
+        trained = self.trained or ()
+        inputs: dict[int, TensorMeta] = {}
         constants: list[TensorMeta] = []
-        user = iter(self.example_inputs)
+        user = iter(enumerate(self.example_inputs, start=len(trained)))
         for fx_node, spec in zip(placeholders, signature.input_specs, strict=True):
             if spec.kind == InputKind.USER_INPUT:
-                tensor = next(user, None)
+                index, tensor = next(user, (0, None))
                 if tensor is None:  # pragma: no cover - torch.export keeps the inputs it was given
                     raise JobError(Reason.NOT_EXPORTABLE, "the program takes more inputs than were given")
-                meta, blob = _blob(tensor, f"input {len(inputs)}")
-                self.refs[fx_node] = InputRef(len(inputs))
-                inputs.append(meta)
+                meta, blob = _blob(tensor, f"input {index}")
+                self.refs[fx_node] = InputRef(index)
+                inputs[index] = meta
             elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
                 assert spec.target is not None
                 if spec.target in self.program.state_dict:
@@ -179,13 +254,21 @@ class _Builder:
                     tensor = self.program.constants[spec.target]
                 if not isinstance(tensor, torch.Tensor):
                     raise JobError(Reason.NOT_EXPORTABLE, f"constant {spec.target!r} is not a tensor")
-                meta, blob = _blob(tensor, f"constant {spec.target!r}")
-                self.refs[fx_node] = ConstRef(len(constants))
-                constants.append(meta)
+                if spec.kind == InputKind.PARAMETER and spec.target in trained:
+                    index = trained.index(spec.target)
+                    meta, blob = _blob(tensor, f"parameter {spec.target!r}")
+                    self.refs[fx_node] = InputRef(index)
+                    inputs[index] = meta
+                else:
+                    meta, blob = _blob(tensor, f"constant {spec.target!r}")
+                    self.refs[fx_node] = ConstRef(len(constants))
+                    constants.append(meta)
             else:
                 raise JobError(Reason.NOT_EXPORTABLE, f"input kind {spec.kind.name} is not supported")
             self.blobs[meta.digest] = blob
-        return tuple(inputs), tuple(constants)
+        if sorted(inputs) != list(range(len(inputs))):  # pragma: no cover - every trained parameter is lifted
+            raise JobError(Reason.NOT_EXPORTABLE, "a trained parameter is not an input of the program")
+        return tuple(inputs[i] for i in range(len(inputs))), tuple(constants)
 
     def _call(self, fx_node: fx.Node) -> None:
         target = fx_node.target
@@ -201,13 +284,27 @@ class _Builder:
         name = str(target)
         if name in _SKIPPED_OPS and not fx_node.users:
             return
+        if name == "aten.empty_permuted.default":
+            name, fx_args, fx_kwargs = self._empty_permuted(fx_node)
+        else:
+            fx_args, fx_kwargs = tuple(fx_node.args), dict(fx_node.kwargs)
         if name not in ALLOWED_OPS:
             raise JobError(Reason.NOT_EXPORTABLE, f"op {name} is not in the job format's allow-list")
-        args = tuple(self._arg(a, fx_node) for a in fx_node.args)
-        kwargs = tuple(sorted((key, self._arg(value, fx_node)) for key, value in fx_node.kwargs.items()))
+        args = tuple(self._arg(a, fx_node) for a in fx_args)
+        kwargs = tuple(sorted((key, self._arg(value, fx_node)) for key, value in fx_kwargs.items()))
         name, args, kwargs = self._wrap_numbers(name, args, kwargs, fx_node)
         self.refs[fx_node] = NodeRef(len(self.nodes))
         self.nodes.append(Node(op=name, args=args, kwargs=kwargs))  # tuple outputs are reached through getitem
+
+    @staticmethod
+    def _empty_permuted(fx_node: fx.Node) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
+        """``empty_permuted(size, physical_layout)`` (uninitialised memory laid out in some order; backward graphs
+        make one and fill it at once) is written ``full(size, 0)`` of its dtype: any values are an honest answer,
+        zeros are deterministic, and the job format needs no uninitialised op more (specs/job-format.md §4)."""
+        value = fx_node.meta.get("val")
+        if not isinstance(value, torch.Tensor):  # pragma: no cover - torch.export records every value
+            raise JobError(Reason.NOT_EXPORTABLE, f"{fx_node.name}: no dtype recorded")
+        return "aten.full.default", (fx_node.args[0], 0), {"dtype": value.dtype}
 
     def _wrap_numbers(
         self, name: str, args: tuple[Arg, ...], kwargs: tuple[tuple[str, Arg], ...], fx_node: fx.Node
@@ -297,7 +394,29 @@ class _Builder:
             if ref is None or (isinstance(ref, NodeRef) and ref.item is None and self.nodes[ref.node].op in TUPLE_OPS):
                 raise JobError(Reason.NOT_EXPORTABLE, f"output {value!r:.80} is not a tensor")
             refs.append(ref)
-        return tuple(refs)
+        if self.trained is None:
+            return tuple(refs)
+        return self._train_outputs(values, refs)
+
+    def _train_outputs(self, values: Any, refs: list[TensorRef]) -> tuple[TensorRef, ...]:
+        """A training step's outputs in the job's order: the loss, then each trained parameter's gradient."""
+        assert self.trained is not None
+        loss: TensorRef | None = None
+        gradients: dict[str, TensorRef] = {}
+        for value, ref, spec in zip(values, refs, self.program.graph_signature.output_specs, strict=True):
+            if spec.kind == OutputKind.LOSS_OUTPUT:
+                val = value.meta.get("val")
+                if not (isinstance(val, torch.Tensor) and val.dim() == 0 and val.is_floating_point()):
+                    raise JobError(Reason.NOT_EXPORTABLE, "the loss must be a 0-dimensional floating tensor")
+                loss = ref
+            elif spec.target is not None:
+                gradients[spec.target] = ref
+        if loss is None:  # pragma: no cover - _export_forward_backward marks output 0 as the loss
+            raise JobError(Reason.NOT_EXPORTABLE, "the program has no loss output")
+        missing = [name.removeprefix("model.") for name in self.trained if name not in gradients]
+        if missing:
+            raise JobError(Reason.NOT_EXPORTABLE, f"parameters without a gradient (unused?): {missing[:8]}")
+        return (loss, *(gradients[name] for name in self.trained))
 
 
 def _schema_param(schema: Any, name: str) -> Any:

@@ -23,7 +23,7 @@ import math
 import random
 import secrets
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Hashable, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
@@ -469,8 +469,28 @@ class Client:
         return eligible(adverts, job.requirements, max_price, now, exclude=(self.peer_id, *exclude))
 
     def with_room(self, candidates: Sequence[Candidate]) -> list[Candidate]:
-        """The candidates that may take another task of this client now (``core.cluster.Capacity``)."""
-        return self.capacity.with_room(candidates, self.clock())
+        """The candidates that should take another task of this client now: room left (never more of its tasks
+        on a worker than its advert offers) and, while other tasks wait, no faster worker about to be free
+        (``core.cluster.Capacity.placeable``: earliest finish, at measured speed)."""
+        measured = [self._measured(c) for c in candidates]
+        return self.capacity.placeable(measured, self.clock(), backlog=self.capacity.waiting + 1)
+
+    @contextlib.contextmanager
+    def _waiting_for_room(self) -> Iterator[None]:
+        self.capacity.waiting += 1
+        try:
+            yield
+        finally:
+            self.capacity.waiting -= 1
+
+    def _measured(self, candidate: Candidate) -> Candidate:
+        """The candidate with its expected run time at the speed it delivered, when it claims more
+        (``core.throughput``)."""
+        claimed = candidate.device.tflops
+        delivered = self.throughput.effective_tflops(candidate.peer, claimed)
+        if 0 < delivered < claimed:
+            return replace(candidate, expected_ms=int(candidate.expected_ms * claimed / delivered))
+        return candidate
 
     async def wait_until(self, predicate: Callable[[], bool], timeout_s: float) -> bool:
         """Wait (at most ``timeout_s``) until ``predicate()`` holds, re-checking when an advert arrives, a task of
@@ -596,10 +616,7 @@ class Client:
 
         Faster as measured: a worker that claims more TFLOPS than it delivered is weighed at what it delivered
         (``core.throughput``), so over-claiming wins it no work."""
-        claimed = candidate.device.tflops
-        delivered = self.throughput.effective_tflops(candidate.peer, claimed)
-        if 0 < delivered < claimed:
-            candidate = replace(candidate, expected_ms=int(candidate.expected_ms * claimed / delivered))
+        candidate = self._measured(candidate)
         # A better score is likelier, but at most 2x: work must stay spread, or newcomers (honest ones, and those a
         # check would catch) never get work, and the few favourites are busy (measured: 6x concentrated the work of
         # a 5-worker testnet on 3 workers within 20 jobs, and earlier raised the replication overhead).
@@ -700,7 +717,8 @@ class _Run:
             await client.wait_until(lambda: bool(self._eligible()), MARKET_WAIT_S)
         if self._eligible() and not self._candidates():  # workers, all busy with this client's other jobs
             self.report(ProgressEvent("waiting", 0, 1))
-            await client.wait_until(lambda: bool(self._candidates()), (deadline_ms - client.clock()) / 1000)
+            with client._waiting_for_room():
+                await client.wait_until(lambda: bool(self._candidates()), (deadline_ms - client.clock()) / 1000)
         compare = self.spec.compare
         self.scheduler = JobScheduler(
             facts=job.facts,
@@ -736,6 +754,11 @@ class _Run:
     def _do(self, actions: Sequence[Action]) -> None:
         for action in actions:
             if isinstance(action, Launch):
+                if self.client.capacity.free(action.candidate, self.client.clock()) < 1:
+                    # chosen from candidates that had room when the scheduler got them, full now (this client's
+                    # other jobs): handed back like a busy answer, without asking the worker
+                    self._do(self.scheduler.on_busy(action.candidate.peer))
+                    continue
                 self._launch(action.candidate)
             elif isinstance(action, Check):
                 self._command(action.peer, ("check", action.nodes))
@@ -828,7 +851,7 @@ class _Run:
         send, receive = trio.open_memory_channel[tuple[str, Any]](math.inf)
         session = _Session(candidate, send)
         self.sessions[candidate.peer] = session
-        self.client.capacity.take(candidate.peer)
+        self.client.capacity.take(candidate.peer, self.client.clock(), self.client._measured(candidate).expected_ms)
         self.nursery.start_soon(self._work, session, receive)
 
     def _command(self, peer: PeerId, command: tuple[str, Any]) -> None:
@@ -857,7 +880,8 @@ class _Run:
         def busy() -> bool:
             return any(c.peer not in asked for c in self._eligible())
 
-        await client.wait_until(lambda: bool(fresh()) or not busy(), (self.deadline_ms - client.clock()) / 1000)
+        with client._waiting_for_room():
+            await client.wait_until(lambda: bool(fresh()) or not busy(), (self.deadline_ms - client.clock()) / 1000)
         if not fresh():
             await client.wait_until(lambda: bool(fresh()), ESCALATION_WAIT_S)
         self.send.send_nowait(("candidates", fresh()))

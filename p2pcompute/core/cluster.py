@@ -9,6 +9,14 @@ specs/verification.md §13. Each task is verified by its own :class:`~p2pcompute
     of this client in flight there. A worker that declines ``busy`` (its slots are taken by other clients) is held
     back for a while that doubles with each busy answer in a row and resets when it accepts. A task is launched
     only on a worker with room; the rest wait in the client, so a batch never fails for "busy".
+:meth:`Capacity.placeable`
+    Which workers with room should take a task *now*, given how many tasks wait (``backlog``): each waiting task,
+    in turn, would go where it finishes first (the worker's expected run time after its next free slot: earliest
+    finish time, list scheduling); with that schedule's finishing time ``T`` for the last waiting task, a worker
+    with room takes a task now only if it would finish one by ``T``, or within ``(1 + slack)`` times the best
+    finish of any (so that with one task waiting, work still spreads over comparable workers). With many tasks
+    waiting every useful slot is used; at the tail of a batch a worker ten times slower than a busy fast one is
+    left idle rather than given the last task.
 :func:`shard_sizes`
     Splits a batch of ``total`` rows over workers in proportion to their measured speed, in whole ``granule`` s, so
     that all shards finish at about the same time; :func:`makespan` is the finishing time of such a split.
@@ -18,6 +26,7 @@ Time is an argument (milliseconds); nothing here does I/O.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -27,6 +36,8 @@ from p2pcompute.errors import ConfigError
 
 __all__ = ["Capacity", "CapacityPolicy", "makespan", "shard_sizes"]
 
+MAX_BACKLOG = 1024  # placeable schedules at most this many waiting tasks (beyond, every useful slot is used anyway)
+
 
 @dataclass(frozen=True, slots=True)
 class CapacityPolicy:
@@ -35,12 +46,15 @@ class CapacityPolicy:
     max_per_worker: int = 8  # tasks of this client in flight on one worker, whatever its advert claims
     busy_hold_ms: int = 1_000  # a worker that answered busy is not asked again for this long ...
     max_busy_hold_ms: int = 16_000  # ... doubling with each busy answer in a row, up to this
+    slack: float = 1.0  # placeable: a worker with room may finish up to (1 + slack) x later than the best finish
 
     def __post_init__(self) -> None:
         if self.max_per_worker < 1:
             raise ConfigError("max_per_worker must be at least 1")
         if not 0 <= self.busy_hold_ms <= self.max_busy_hold_ms:
             raise ConfigError("need 0 <= busy_hold_ms <= max_busy_hold_ms")
+        if self.slack < 0:
+            raise ConfigError("slack must not be negative")
 
 
 @dataclass
@@ -51,6 +65,8 @@ class Capacity:
     _in_flight: dict[PeerId, int] = field(default_factory=dict)
     _held_until: dict[PeerId, int] = field(default_factory=dict)
     _busy_in_a_row: dict[PeerId, int] = field(default_factory=dict)
+    _ends: dict[PeerId, list[int]] = field(default_factory=dict)  # expected end (ms) of each task in flight
+    waiting: int = 0  # tasks of this client waiting for room (the runner counts them)
 
     def limit(self, candidate: Candidate) -> int:
         """The most tasks of this client ``candidate`` may hold at once."""
@@ -79,17 +95,22 @@ class Capacity:
             return sum(self._in_flight.values())
         return self._in_flight.get(peer, 0)
 
-    def take(self, peer: PeerId) -> None:
-        """A task was launched on ``peer`` (call even when it had no room: a caller's ``only`` may insist)."""
+    def take(self, peer: PeerId, now_ms: int = 0, expected_ms: int = 0) -> None:
+        """A task was launched on ``peer``, expected to take ``expected_ms`` from ``now_ms``."""
         self._in_flight[peer] = self._in_flight.get(peer, 0) + 1
+        heapq.heappush(self._ends.setdefault(peer, []), now_ms + expected_ms)
 
     def release(self, peer: PeerId, *, accepted: bool) -> None:
         """A task on ``peer`` ended (answered, failed or cancelled); ``accepted``: the worker had taken the job."""
         left = self._in_flight.get(peer, 0) - 1
+        ends = self._ends.get(peer)
+        if ends:
+            heapq.heappop(ends)  # the earliest expected end: which task ended is not known, nor needed
         if left > 0:
             self._in_flight[peer] = left
         else:
             self._in_flight.pop(peer, None)
+            self._ends.pop(peer, None)
         if accepted:
             self._busy_in_a_row.pop(peer, None)
             self._held_until.pop(peer, None)
@@ -102,6 +123,39 @@ class Capacity:
         until = now_ms + hold
         self._held_until[peer] = until
         return until
+
+    def placeable(self, candidates: Sequence[Candidate], now_ms: int, backlog: int = 1) -> list[Candidate]:
+        """The candidates with room that should take a task now while ``backlog`` tasks wait (see the module
+        docstring); never empty while any candidate has room and nobody busy would finish sooner."""
+        workers = {c.peer: c for c in candidates}
+        roomy = [c for c in workers.values() if self.free(c, now_ms) > 0]
+        if not roomy:
+            return []
+        # each slot's next free time: now for a free slot, the expected end of a task in flight otherwise (a task
+        # overdue by more than its expected time says nothing: that slot is left out)
+        slots: list[tuple[int, int, int]] = []  # (next free ms, busy now, worker number)
+        order = list(workers)
+        for number, (peer, c) in enumerate(workers.items()):
+            if self._held_until.get(peer, 0) > now_ms:
+                continue
+            run = max(1, c.expected_ms)
+            free = self.free(c, now_ms)
+            slots.extend((now_ms + run, 0, number) for _ in range(min(free, backlog)))
+            for end in sorted(self._ends.get(peer, ()))[: max(0, backlog)]:
+                if end + run >= now_ms:
+                    slots.append((max(now_ms, end) + run, 1, number))
+        if not slots:
+            return roomy
+        heapq.heapify(slots)
+        first = slots[0][0]  # the earliest any waiting task could finish
+        finish = first
+        for _ in range(min(max(1, backlog), MAX_BACKLOG)):  # earliest-finish list scheduling of the backlog
+            finish, busy, number = heapq.heappop(slots)
+            heapq.heappush(slots, (finish + max(1, workers[order[number]].expected_ms), busy, number))
+        # a free worker takes a task now when the schedule would use it (it finishes one by the last waiting
+        # task's finish), or when it is within (1 + slack) of the best finish (work stays spread when few wait)
+        bound = max(finish, now_ms + (1.0 + self.policy.slack) * (first - now_ms))
+        return [c for c in roomy if now_ms + c.expected_ms <= bound]
 
     def next_change_ms(self, now_ms: int) -> int | None:
         """When the next hold ends (None: no worker is held back)."""

@@ -415,13 +415,20 @@ class ClientSession:
         return TraceAnswer(leaves=tuple(machine.trace_leaves), blobs=blobs, unavailable=unavailable)
 
     async def pay(self) -> Opened[JobReceipt]:
-        """Sign and send the receipt for the result (call only once it passed verification)."""
+        """Sign and send the receipt for the result (call only once it passed verification).
+
+        The signed receipt is returned even when it could not be delivered (the worker died or the stream broke
+        after its result was accepted): the client used the result, so it records what it owes all the same."""
         conv = self.conversation
         now = conv.clock()
         receipt = self.machine.make_receipt(issued_at=now, **conv.message_fields())
-        opened: Opened[JobReceipt] = await conv.send_signed(receipt, lambda o: Receipt(opened=o))  # type: ignore[arg-type,assignment]
+        opened: Opened[JobReceipt] = seal_opened(conv.keypair, receipt)  # type: ignore[assignment]
         self.receipt = opened
-        await conv.close()
+        try:
+            await conv.send(Receipt(opened=opened))  # type: ignore[arg-type]
+            await conv.close()
+        except NegotiationFailed as exc:
+            log.info("receipt for %s not delivered: %s", conv.remote, exc)
         return opened
 
     async def reject(self, reason: str, detail: str = "") -> None:

@@ -92,3 +92,37 @@ async def test_map_of_200_tasks_on_three_one_slot_workers_in_order(tmp_path: Pat
     assert seen == list(range(200))
     assert most_in_flight <= 1
     assert events and events[-1].done == 200 and events[-1].workers >= 2
+
+
+async def test_worker_killed_mid_map_loses_nothing(tmp_path: Path) -> None:
+    """One of three workers is stopped (host, executor and all) while it holds a task: that task is placed on
+    another worker, every task ends verified and paid, and the client's store and ledger hold each receipt."""
+    from p2pcompute.store import JobRole, JobState
+
+    model, job = small_job()
+    count = 60
+    killed: list[object] = []
+    seen: list[int] = []
+    with trio.fail_after(TEST_TIMEOUT_S * 2):
+        async with cluster(tmp_path, 3, configure=one_slot) as workers, client_of(
+            workers, tmp_path / "client", wait_for=3
+        ) as client:
+            victim = workers[2]
+
+            def kill_when_busy(progress: object) -> None:
+                if not killed and progress.done >= 10 and client.capacity.in_flight(victim.peer) > 0:
+                    killed.append(victim.peer)
+                    victim.stop_now()  # mid-task: the worker holds one of this map's tasks
+
+            inputs = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(count)]
+            async with client.map(job, inputs, max_price=MAX_PRICE, progress=kill_when_busy) as results:
+                async for result in results:
+                    seen.append(result.index)
+                    with torch.no_grad():
+                        assert torch.equal(result.outputs[0], model(inputs[result.index])), result.index
+                    assert victim.peer not in result.agreeing or result.index < count
+            paid = client.store.count_jobs(JobRole.CLIENT, JobState.PAID)
+            receipts = len(client.ledger.entries) if hasattr(client.ledger, "entries") else paid
+    assert killed == [victim.peer]
+    assert seen == list(range(count))
+    assert paid >= count and receipts == paid  # every accepted task paid once and recorded

@@ -94,7 +94,19 @@ _MEMORY_FORMATS: Mapping[str, torch.memory_format] = {
 }
 _MATMUL_OPS = frozenset({"aten.mm.default", "aten.addmm.default", "aten.bmm.default"})
 _SORT_OPS = frozenset({"aten.sort.default", "aten.topk.default"})
-_POOL_OPS = frozenset({"aten.avg_pool2d.default", "aten.max_pool2d_with_indices.default"})
+_POOL_OPS = frozenset(
+    {
+        "aten.avg_pool2d.default",
+        "aten.max_pool2d_with_indices.default",
+        "aten.avg_pool2d_backward.default",
+        "aten.max_pool2d_with_indices_backward.default",
+    }
+)
+_CONV_BACKWARD = "aten.convolution_backward.default"
+_MASKED_OUTPUTS: Mapping[str, str] = {_CONV_BACKWARD: "grad_output"}
+"""Ops with an ``output_mask``: an output it turns off is an empty tensor (shape ``[0]``, the named argument's
+dtype), whatever the kernel returned there (``None``, or on some CPU paths the gradient anyway, of another shape),
+so every output position holds a tensor and the dry run, execution and every device agree."""
 _VIEW_OPS = frozenset({name for name, schema in OP_SCHEMAS.items() if schema.aliases} | {"aten._unsafe_view.default"})
 
 TENSOR_OVERHEAD_BYTES = 1024
@@ -292,7 +304,15 @@ class _Run:
 
     def call(self, index: int) -> Any:
         op, args, kwargs = self.prepare(index)
-        return op(*args, **kwargs)
+        result = op(*args, **kwargs)
+        like = _MASKED_OUTPUTS.get(self.spec.nodes[index].op)
+        if like is not None and isinstance(result, tuple):
+            dtype, mask = self.bound[like].dtype, [bool(m) for m in self.bound["output_mask"]]
+            result = tuple(
+                r if on and r is not None else torch.empty((0,), dtype=dtype, device=self.device)
+                for r, on in zip(result, mask, strict=True)
+            )
+        return result
 
     def prepare(self, index: int) -> tuple[torch._ops.OpOverload, list[Any], dict[str, Any]]:
         """Type, convert and validate node ``index``'s arguments (``self.bound`` gets them by name)."""
@@ -445,9 +465,11 @@ def _flops(op: str, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tens
     """An upper-ish estimate of one op's work, at least 1.
 
     Matrix products 2·M·N·K (+ M·N for ``addmm``); convolutions 2 * the larger of (output, input) elements *
-    the weight's elements per output channel; ``sort``/``topk`` n·⌈log₂ m + 1⌉ for n elements sorted along m;
-    pooling windows the output elements * the window; views 1; every other op the larger of its input elements
-    and its output elements (a reduction reads every input element, a creation writes every output element).
+    the weight's elements per output channel; ``convolution_backward`` such a count (``grad_output`` as the
+    output) for each of the input's and the weight's gradients it computes, + ``grad_output``'s elements;
+    ``sort``/``topk`` n·⌈log₂ m + 1⌉ for n elements sorted along m; 2-D pooling and its backward ops the output
+    elements * the window; views 1; every other op the larger of its input elements and its output elements (a
+    reduction reads every input element, a creation writes every output element).
     """
     n_in = sum(t.numel() for t in inputs)
     n_out = sum(t.numel() for t in outputs)
@@ -459,6 +481,11 @@ def _flops(op: str, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tens
     if op == "aten.convolution.default":
         per_channel = math.prod(int(s) for s in bound["weight"].shape[1:])
         return max(1, 2 * max(n_out, int(bound["input"].numel())) * per_channel + n_out)
+    if op == _CONV_BACKWARD:  # a convolution per gradient asked for (input, weight), a sum for the bias
+        per_channel = math.prod(int(s) for s in bound["weight"].shape[1:])
+        one = 2 * max(int(bound["grad_output"].numel()), int(bound["input"].numel())) * per_channel
+        mask = [bool(m) for m in bound["output_mask"]]
+        return max(1, one * (int(mask[0]) + int(mask[1])) + int(bound["grad_output"].numel()))
     if op in _SORT_OPS:
         x = bound["self"]
         along = int(x.shape[int(bound["dim"]) % x.dim()]) if x.dim() else 1

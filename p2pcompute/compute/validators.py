@@ -233,6 +233,11 @@ def _group_norm(call: Call) -> None:
 
 
 def _convolution(call: Call) -> None:
+    _conv_output_shape(call)
+
+
+def _conv_output_shape(call: Call) -> list[int]:
+    """Check a convolution's ``input``, ``weight``, windows and groups; return the output's shape."""
     x = _floating(call, "input")
     weight = call.tensor("weight")
     _dims(call, "input", x, (3, 4, 5))
@@ -272,10 +277,36 @@ def _convolution(call: Call) -> None:
         call.refuse(f"weight {list(weight.shape)} and {groups} groups do not fit {in_channels} input channels")
     if min(spatial) < 1:
         call.refuse(f"the output would have spatial size {spatial}")
-    _numel(call, [x.shape[0], out_channels, *spatial], "the output")
+    shape = [x.shape[0], out_channels, *spatial]
+    _numel(call, shape, "the output")
     bias = call.maybe_tensor("bias")
     if bias is not None and (bias.dim() != 1 or bias.numel() != out_channels or bias.dtype != x.dtype):
         call.refuse(f"bias {bias.dtype}{list(bias.shape)} does not fit {out_channels} output channels of {x.dtype}")
+    return shape
+
+
+def _convolution_backward(call: Call) -> None:
+    """The gradients of a convolution: ``grad_output`` must be exactly the output the forward arguments give (the
+    kernels index it by the shape they compute from ``input`` and ``weight``)."""
+    shape = _conv_output_shape(call)
+    _matches(call, "grad_output", shape, call.tensor("input").dtype)
+    mask = [bool(m) for m in call.values["output_mask"]]
+    if len(mask) != 3:
+        call.refuse(f"output_mask has {len(mask)} values, expected 3")
+    bias_sizes = call.values["bias_sizes"]
+    sizes = [int(v) for v in bias_sizes] if bias_sizes is not None else None
+    if mask[2] and sizes != [shape[1]]:  # the bias gradient is made of this shape, then summed into
+        call.refuse(f"bias_sizes {sizes} do not fit {shape[1]} output channels (output_mask[2] asks for it)")
+    if sizes is not None and (len(sizes) > 1 or not all(0 <= v <= MAX_DIM for v in sizes)):
+        call.refuse(f"bias_sizes {sizes[:4]} is not one size")  # unused without the bias gradient ([0]: no bias)
+
+
+def _matches(call: Call, name: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """A gradient argument: exactly ``shape`` and ``dtype`` (the shape of the forward op's output)."""
+    grad = call.tensor(name)
+    if list(grad.shape) != list(shape) or grad.dtype != dtype:
+        call.refuse(f"{name} is {grad.dtype}{list(grad.shape)}, the forward output is {dtype}{list(shape)}")
+    return grad
 
 
 def _pool_input(call: Call, *, floating: bool) -> torch.Tensor:
@@ -321,6 +352,115 @@ def _adaptive_avg_pool2d(call: Call) -> None:
         call.refuse(f"output_size has {len(size)} values, expected 2")
     _in_range(call, "output_size", size, 1)
     _numel(call, [*x.shape[:-2], *size], "the output")
+
+
+def _forward_shape(call: Call, forward: torch._ops.OpOverload, names: Sequence[str]) -> list[int]:
+    """The output shape of the forward op ``forward`` (its arguments already validated) from its meta kernel: the
+    shape the backward kernel assumes for ``grad_output``."""
+    meta = [v.to("meta") if isinstance(v, torch.Tensor) else v for v in (call.values[n] for n in names)]
+    try:
+        out = forward(*meta)
+    except Exception as exc:  # the forward refuses these arguments: so does its backward
+        call.refuse(f"the forward {forward} refuses these arguments: {str(exc)[:200]}")
+    return list((out[0] if isinstance(out, tuple) else out).shape)
+
+
+_MAX_POOL_ARGS = ("self", "kernel_size", "stride", "padding", "dilation", "ceil_mode")
+_AVG_POOL_ARGS = ("self", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+
+
+def _max_pool2d_backward(call: Call) -> None:
+    """Scatters ``grad_output`` into the input's shape at ``indices``: ``grad_output`` and ``indices`` the forward's
+    output shape; execution: every index inside its input plane (the kernel writes there unchecked)."""
+    x = _pool_input(call, floating=True)
+    _pool_windows(call, x, dilation=_window(call, "dilation", 2, low=1))
+    shape = _forward_shape(call, torch.ops.aten.max_pool2d_with_indices.default, _MAX_POOL_ARGS)
+    _matches(call, "grad_output", shape, x.dtype)
+    indices = _matches(call, "indices", shape, torch.int64)
+    _index_range(call, "indices", indices, x.shape[-1] * x.shape[-2], negative=False)
+
+
+def _avg_pool2d_backward(call: Call) -> None:
+    x = _pool_input(call, floating=True)
+    _pool_windows(call, x, dilation=[1, 1])
+    divisor = call.values["divisor_override"]
+    if divisor is not None:
+        _in_range(call, "divisor_override", [int(divisor)], 1)
+    _matches(call, "grad_output", _forward_shape(call, torch.ops.aten.avg_pool2d.default, _AVG_POOL_ARGS), x.dtype)
+
+
+def _adaptive_avg_pool2d_backward(call: Call) -> None:
+    """Any output size of at least 1 is a forward's: ``grad_output`` has ``self``'s leading shape and dtype."""
+    x = _pool_input(call, floating=True)
+    grad = call.tensor("grad_output")
+    if grad.dim() != x.dim() or grad.shape[:-2] != x.shape[:-2] or min(grad.shape[-2:]) < 1 or grad.dtype != x.dtype:
+        call.refuse(f"grad_output {grad.dtype}{list(grad.shape)} is no adaptive pooling of {x.dtype}{list(x.shape)}")
+
+
+def _upsample(call: Call, *, floating: bool) -> None:
+    """``input`` 4-D with channels and spatial sizes >= 1; exactly one of ``output_size`` (2 sizes in [1, MAX_DIM])
+    and ``scale_factors`` (2 finite factors > 0 giving sizes in [1, MAX_DIM]); the output within the limits."""
+    x = _floating(call, "input") if floating else call.tensor("input")
+    _dims(call, "input", x, (4,))
+    if min(x.shape[1:]) < 1:
+        call.refuse(f"input has an empty dimension {list(x.shape)}")
+    size, scales = call.values["output_size"], call.values["scale_factors"]
+    if (size is None) == (scales is None):
+        call.refuse("exactly one of output_size and scale_factors must be given")
+    if size is not None:
+        out = [int(v) for v in size]
+        if len(out) != 2:
+            call.refuse(f"output_size has {len(out)} values, expected 2")
+    else:
+        factors = [float(v) for v in scales]
+        if len(factors) != 2 or not all(math.isfinite(f) and f > 0 for f in factors):
+            call.refuse(f"scale_factors {factors} must be 2 finite factors > 0")
+        if any(f * i > MAX_DIM for f, i in zip(factors, x.shape[2:], strict=True)):
+            call.refuse(f"scale_factors {factors} make sizes over {MAX_DIM}")
+        out = [math.floor(f * i) for f, i in zip(factors, x.shape[2:], strict=True)]
+    _in_range(call, "output size", out, 1)
+    numel = _numel(call, [*x.shape[:2], *out], "the output")
+    _creates(call, numel, x.element_size(), "the output")
+
+
+def _scatter(call: Call) -> None:
+    """Writes into a copy of ``self`` at ``index`` along ``dim``: ``index`` int64 with ``self``'s dimensions, no
+    larger than ``self`` outside ``dim`` (and than ``src`` anywhere); execution: values in [0, size(dim))."""
+    x = call.tensor("self")
+    index = call.tensor("index")
+    _index_dtype(call, "index", index, frozenset({torch.int64}))
+    src = call.maybe_tensor("src")
+    if src is not None and (src.dim() != x.dim() or src.dtype != x.dtype):
+        call.refuse(f"src {src.dtype}{list(src.shape)} does not match self {x.dtype}{list(x.shape)}")
+    dim = _wrap_dim(call, int(call.values["dim"]), x.dim())
+    if index.numel() > 0:
+        if index.dim() != x.dim():
+            call.refuse(f"index has {index.dim()} dimensions, self {x.dim()}")
+        for d in range(index.dim()):
+            if (d != dim and index.shape[d] > x.shape[d]) or (src is not None and index.shape[d] > src.shape[d]):
+                call.refuse(f"index {list(index.shape)} is larger than self {list(x.shape)} or src at dimension {d}")
+    _index_range(call, "index", index, x.shape[dim] if x.dim() else 1, negative=False)
+
+
+def _index_put(call: Call) -> None:
+    """As ``index.Tensor`` for the indices (the kernel writes where they point); ``values`` of ``self``'s dtype."""
+    _index(call)
+    values = call.tensor("values")
+    if values.dtype != call.tensor("self").dtype:
+        call.refuse(f"values are {values.dtype}, self {call.tensor('self').dtype}")
+
+
+def _slice_scatter(call: Call) -> None:
+    """``src`` has exactly the shape of the slice it replaces; ``step`` >= 1."""
+    x = call.tensor("self")
+    if x.dim() == 0:
+        call.refuse("slice_scatter of a 0-dimensional tensor")
+    step = int(call.values["step"])
+    _in_range(call, "step", [step], 1)
+    shape = _forward_shape(call, torch.ops.aten.slice.Tensor, ("self", "dim", "start", "end", "step"))
+    src = call.tensor("src")
+    if list(src.shape) != shape:
+        call.refuse(f"src has shape {list(src.shape)}, the slice {shape}")
 
 
 def _creation_dtype(call: Call, default: torch.dtype) -> torch.dtype:
@@ -525,14 +665,27 @@ VALIDATORS: Mapping[str, tuple[Validator, ...]] = {
     "aten.native_group_norm.default": (_group_norm,),
     # convolution and pooling: windows, strides, paddings, groups
     "aten.convolution.default": (_convolution,),
+    "aten.convolution_backward.default": (_convolution_backward,),
     "aten.avg_pool2d.default": (_avg_pool2d,),
     "aten.max_pool2d_with_indices.default": (_max_pool2d,),
     "aten._adaptive_avg_pool2d.default": (_adaptive_avg_pool2d,),
+    "aten.max_pool2d_with_indices_backward.default": (_max_pool2d_backward,),
+    "aten.avg_pool2d_backward.default": (_avg_pool2d_backward,),
+    "aten._adaptive_avg_pool2d_backward.default": (_adaptive_avg_pool2d_backward,),
+    # upsampling: output sizes from int or float arguments, bounded before the kernel allocates
+    "aten.upsample_nearest2d.vec": (lambda call: _upsample(call, floating=False),),
+    "aten.upsample_bilinear2d.vec": (lambda call: _upsample(call, floating=True),),
     # indexing: index dtypes statically, index ranges on the data
     "aten.index.Tensor": (_index,),
     "aten.index_select.default": (_index_select,),
     "aten.gather.default": (_gather,),
     "aten.embedding.default": (_embedding,),
+    # writes at indices: index dtypes and shapes statically, index ranges on the data
+    "aten.scatter.value": (_scatter,),
+    "aten.scatter.src": (_scatter,),
+    "aten.scatter_add.default": (_scatter,),
+    "aten.index_put.default": (_index_put,),
+    "aten.slice_scatter.default": (_slice_scatter,),
     # integer division
     "aten.remainder.Scalar": (_integer_division,),
     "aten.remainder.Tensor": (_integer_division,),

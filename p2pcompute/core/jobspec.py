@@ -93,6 +93,7 @@ _S = TypeVar("_S", bound=Struct)
 
 _SCHEMA_TEXT = """
 _adaptive_avg_pool2d(Tensor self, SymInt[2] output_size) -> Tensor
+_adaptive_avg_pool2d_backward(Tensor grad_output, Tensor self) -> Tensor
 _log_softmax(Tensor self, int dim, bool half_to_float) -> Tensor
 _native_batch_norm_legit_no_training(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean,
     Tensor running_var, float momentum, float eps) -> (Tensor, Tensor, Tensor)
@@ -120,6 +121,11 @@ argmax(Tensor self, int? dim=None, bool keepdim=False) -> Tensor
 argmin(Tensor self, int? dim=None, bool keepdim=False) -> Tensor
 avg_pool2d(Tensor self, int[2] kernel_size, int[2] stride=[], int[2] padding=0, bool ceil_mode=False,
     bool count_include_pad=True, int? divisor_override=None) -> Tensor
+avg_pool2d_backward(Tensor grad_output, Tensor self, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode,
+    bool count_include_pad, int? divisor_override) -> Tensor
+bitwise_and.Tensor(Tensor self, Tensor other) -> Tensor
+bitwise_not(Tensor self) -> Tensor
+bitwise_or.Tensor(Tensor self, Tensor other) -> Tensor
 bmm(Tensor self, Tensor mat2) -> Tensor
 cat(Tensor[] tensors, int dim=0) -> Tensor
 ceil(Tensor self) -> Tensor
@@ -129,7 +135,11 @@ clone(Tensor self, *, MemoryFormat? memory_format=None) -> Tensor
 constant_pad_nd(Tensor self, SymInt[] pad, Scalar value=0) -> Tensor
 convolution(Tensor input, Tensor weight, Tensor? bias, SymInt[] stride, SymInt[] padding, SymInt[] dilation,
     bool transposed, SymInt[] output_padding, SymInt groups) -> Tensor
+convolution_backward(Tensor grad_output, Tensor input, Tensor weight, SymInt[]? bias_sizes, SymInt[] stride,
+    SymInt[] padding, SymInt[] dilation, bool transposed, SymInt[] output_padding, SymInt groups,
+    bool[3] output_mask) -> (Tensor, Tensor, Tensor)
 cos(Tensor self) -> Tensor
+cumprod(Tensor self, int dim, *, ScalarType? dtype=None) -> Tensor
 cumsum(Tensor self, int dim, *, ScalarType? dtype=None) -> Tensor
 div.Scalar(Tensor self, Scalar other) -> Tensor
 div.Tensor(Tensor self, Tensor other) -> Tensor
@@ -162,6 +172,7 @@ gt.Scalar(Tensor self, Scalar other) -> Tensor
 gt.Tensor(Tensor self, Tensor other) -> Tensor
 hardtanh(Tensor self, Scalar min_val=-1, Scalar max_val=1) -> Tensor
 index.Tensor(Tensor self, Tensor?[] indices) -> Tensor
+index_put(Tensor self, Tensor?[] indices, Tensor values, bool accumulate=False) -> Tensor
 index_select(Tensor self, int dim, Tensor index) -> Tensor
 isnan(Tensor self) -> Tensor
 le.Scalar(Tensor self, Scalar other) -> Tensor
@@ -181,6 +192,8 @@ lt.Tensor(Tensor self, Tensor other) -> Tensor
 max.dim(Tensor self, int dim, bool keepdim=False) -> (Tensor values, Tensor indices)
 max_pool2d_with_indices(Tensor self, int[2] kernel_size, int[2] stride=[], int[2] padding=0, int[2] dilation=1,
     bool ceil_mode=False) -> (Tensor, Tensor)
+max_pool2d_with_indices_backward(Tensor grad_output, Tensor self, int[2] kernel_size, int[2] stride,
+    int[2] padding, int[2] dilation, bool ceil_mode, Tensor indices) -> Tensor
 maximum(Tensor self, Tensor other) -> Tensor
 mean(Tensor self, *, ScalarType? dtype=None) -> Tensor
 mean.dim(Tensor self, int[1]? dim, bool keepdim=False, *, ScalarType? dtype=None) -> Tensor
@@ -213,11 +226,15 @@ round(Tensor self) -> Tensor
 rsqrt(Tensor self) -> Tensor
 scalar_tensor(Scalar s, *, ScalarType? dtype=None, Layout? layout=None, Device? device=None,
     bool? pin_memory=None) -> Tensor
+scatter.src(Tensor self, int dim, Tensor index, Tensor src) -> Tensor
+scatter.value(Tensor self, int dim, Tensor index, Scalar value) -> Tensor
+scatter_add(Tensor self, int dim, Tensor index, Tensor src) -> Tensor
 select.int(Tensor(a) self, int dim, SymInt index) -> Tensor(a)
 sigmoid(Tensor self) -> Tensor
 sign(Tensor self) -> Tensor
 sin(Tensor self) -> Tensor
 slice.Tensor(Tensor(a) self, int dim=0, SymInt? start=None, SymInt? end=None, SymInt step=1) -> Tensor(a)
+slice_scatter(Tensor self, Tensor src, int dim=0, SymInt? start=None, SymInt? end=None, SymInt step=1) -> Tensor
 sort(Tensor self, int dim=-1, bool descending=False) -> (Tensor values, Tensor indices)
 split.Tensor(Tensor(a -> *) self, SymInt split_size, int dim=0) -> Tensor(a)[]
 split_with_sizes(Tensor(a -> *) self, SymInt[] split_sizes, int dim=0) -> Tensor(a)[]
@@ -236,6 +253,8 @@ triu(Tensor self, SymInt diagonal=0) -> Tensor
 trunc(Tensor self) -> Tensor
 unbind.int(Tensor(a -> *) self, int dim=0) -> Tensor(a)[]
 unsqueeze(Tensor(a) self, int dim) -> Tensor(a)
+upsample_bilinear2d.vec(Tensor input, SymInt[]? output_size, bool align_corners, float[]? scale_factors) -> Tensor
+upsample_nearest2d.vec(Tensor input, SymInt[]? output_size, float[]? scale_factors) -> Tensor
 var.correction(Tensor self, int[1]? dim=None, *, Scalar? correction=None, bool keepdim=False) -> Tensor
 var_mean.correction(Tensor self, int[1]? dim=None, *, Scalar? correction=None, bool keepdim=False) -> (Tensor,
     Tensor)

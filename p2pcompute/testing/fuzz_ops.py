@@ -566,6 +566,119 @@ def _topk(g: _Gen) -> dict[str, Value]:
     return {"self": g.tensor(shape), "k": g.rng.randint(0, shape[dim]), "dim": dim}
 
 
+def _forward_shape(op: Callable[..., Any], *args: Any) -> tuple[int, ...] | None:
+    """The output shape of a forward op on meta tensors (None when it refuses): a backward op's ``grad_output``."""
+    meta = [torch.empty(a.shape, dtype=DTYPE_BY_NAME[a.dtype], device="meta") if isinstance(a, TensorArg) else a
+            for a in args]  # fmt: skip
+    try:
+        out = op(*meta)
+    except Exception:
+        return None
+    return tuple((out[0] if isinstance(out, tuple) else out).shape)
+
+
+def _grad_for(g: _Gen, shape: tuple[int, ...] | None, dtype: str) -> TensorArg:
+    """A gradient of the forward's output shape, or (the forward refused) of some shape."""
+    return g.tensor(shape if shape is not None else g.shape, dtype)
+
+
+def _convolution_backward(g: _Gen) -> dict[str, Value]:
+    out = _convolution(g)
+    x, w = out["input"], out["weight"]
+    assert isinstance(x, TensorArg) and isinstance(w, TensorArg)
+    names = ("stride", "padding", "dilation", "transposed", "output_padding", "groups")
+    shape = _forward_shape(torch.ops.aten.convolution.default, x, w, None, *(out[n] for n in names))
+    cout = shape[1] if shape else 1
+    mask = tuple(g.rng.random() < 0.7 for _ in range(3))
+    return {
+        "grad_output": _grad_for(g, shape, x.dtype),
+        "input": x,
+        "weight": w,
+        "bias_sizes": (cout,) if mask[2] or g.rng.random() < 0.5 else None,
+        **{n: out[n] for n in names},
+        "output_mask": mask,
+    }
+
+
+def _max_pool_backward(g: _Gen) -> dict[str, Value]:
+    out = _pool(g, dilation=True, avg=False)
+    x = out["self"]
+    assert isinstance(x, TensorArg)
+    x = TensorArg(g.rng.choice(_FLOATING), x.shape, x.layout, x.data)
+    out["self"] = x
+    out["stride"] = out["stride"] or out["kernel_size"]
+    names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
+    shape = _forward_shape(torch.ops.aten.max_pool2d_with_indices.default, x, *(out[n] for n in names))
+    plane = x.shape[-1] * x.shape[-2]
+    out["grad_output"] = _grad_for(g, shape, x.dtype)
+    out["indices"] = g.index_tensor(shape if shape is not None else g.shape, plane)
+    return out
+
+
+def _avg_pool_backward(g: _Gen) -> dict[str, Value]:
+    out = _pool(g, dilation=False, avg=True)
+    x = out["self"]
+    assert isinstance(x, TensorArg)
+    x = TensorArg(g.rng.choice(_FLOATING), x.shape, x.layout, x.data)
+    out["self"] = x
+    names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+    shape = _forward_shape(torch.ops.aten.avg_pool2d.default, x, *(out[n] for n in names))
+    out["grad_output"] = _grad_for(g, shape, x.dtype)
+    return out
+
+
+def _adaptive_pool_backward(g: _Gen) -> dict[str, Value]:
+    out = _adaptive_pool(g)
+    x, size = out["self"], out["output_size"]
+    assert isinstance(x, TensorArg) and isinstance(size, tuple)
+    return {"grad_output": g.tensor((*x.shape[:-2], *size), x.dtype), "self": x}
+
+
+def _scatter(g: _Gen, *, src: bool) -> dict[str, Value]:
+    out = _gather(g)
+    x, index = out["self"], out["index"]
+    assert isinstance(x, TensorArg) and isinstance(index, TensorArg)
+    if src:
+        out["src"] = g.tensor(index.shape if g.rng.random() < 0.5 else x.shape, x.dtype)
+    else:
+        out["value"] = g.rng.choice(_SCALARS)
+    return out
+
+
+def _index_put(g: _Gen) -> dict[str, Value]:
+    out = _index(g)
+    x, indices = out["self"], out["indices"]
+    assert isinstance(x, TensorArg) and isinstance(indices, tuple)
+    lead = next((i.shape for i in indices if isinstance(i, TensorArg)), ())
+    rest = x.shape[len(indices) :]
+    values = (*lead, *rest) if g.rng.random() < 0.7 else ()
+    out["values"] = g.tensor(values, x.dtype)
+    out["accumulate"] = g.rng.random() < 0.5
+    return out
+
+
+def _slice_scatter(g: _Gen) -> dict[str, Value]:
+    shape = g.shape or (4,)
+    dim = g.rng.randrange(len(shape))
+    start, end, step = g.rng.choice((None, 0, 1, -2)), g.rng.choice((None, 3, -1, I64_MAX)), g.rng.choice((1, 1, 2))
+    x = g.tensor(shape)
+    src = _forward_shape(torch.ops.aten.slice.Tensor, x, dim, start, end, step)
+    return {"self": x, "src": _grad_for(g, src, x.dtype), "dim": dim, "start": start, "end": end, "step": step}
+
+
+def _upsample(g: _Gen, *, bilinear: bool) -> dict[str, Value]:
+    shape = (g.rng.choice((1, 2)), g.rng.choice((1, 3)), g.rng.choice((1, 3, 4)), g.rng.choice((2, 5)))
+    dtype = g.rng.choice(_FLOATING) if bilinear or g.rng.random() < 0.7 else g.pick_dtype()
+    out: dict[str, Value] = {"input": g.tensor(shape, dtype), "output_size": None, "scale_factors": None}
+    if g.rng.random() < 0.5:
+        out["output_size"] = (g.rng.randint(1, 9), g.rng.randint(1, 9))
+    else:
+        out["scale_factors"] = (g.rng.choice((0.5, 1.0, 2.0, 2.5, 3.0)), g.rng.choice((1.0, 2.0, 1.5)))
+    if bilinear:
+        out["align_corners"] = g.rng.random() < 0.5
+    return out
+
+
 _RECIPES: Mapping[str, Callable[[_Gen], dict[str, Value]]] = {
     "aten._native_batch_norm_legit_no_training.default": _batch_norm,
     "aten.native_layer_norm.default": _layer_norm,
@@ -594,6 +707,17 @@ _RECIPES: Mapping[str, Callable[[_Gen], dict[str, Value]]] = {
     "aten.empty.memory_format": _sized,
     "aten.arange.start_step": _arange,
     "aten.topk.default": _topk,
+    "aten.convolution_backward.default": _convolution_backward,
+    "aten.max_pool2d_with_indices_backward.default": _max_pool_backward,
+    "aten.avg_pool2d_backward.default": _avg_pool_backward,
+    "aten._adaptive_avg_pool2d_backward.default": _adaptive_pool_backward,
+    "aten.scatter.value": lambda g: _scatter(g, src=False),
+    "aten.scatter.src": lambda g: _scatter(g, src=True),
+    "aten.scatter_add.default": lambda g: _scatter(g, src=True),
+    "aten.index_put.default": _index_put,
+    "aten.slice_scatter.default": _slice_scatter,
+    "aten.upsample_nearest2d.vec": lambda g: _upsample(g, bilinear=False),
+    "aten.upsample_bilinear2d.vec": lambda g: _upsample(g, bilinear=True),
 }
 
 

@@ -159,7 +159,7 @@ def export_train_step(
 
     The joint graph comes from ``torch.export.export`` and ``torch.export.experimental._export_forward_backward``
     (forward and backward traced by AOTAutograd into one graph, decomposed to core ATen ops; specs/job-format.md
-    §15 says why this API). The module runs in its own mode: a model whose forward updates buffers (batch norm in
+    §4.1 says why this API). The module runs in its own mode: a model whose forward updates buffers (batch norm in
     ``train()``) or draws random numbers (dropout in ``train()``) is not exportable.
     """
     if not isinstance(model, nn.Module):
@@ -414,7 +414,7 @@ class _Builder:
         if loss is None:  # pragma: no cover - _export_forward_backward marks output 0 as the loss
             raise JobError(Reason.NOT_EXPORTABLE, "the program has no loss output")
         missing = [name.removeprefix("model.") for name in self.trained if name not in gradients]
-        if missing:
+        if missing:  # pragma: no cover - AOTAutograd refuses a parameter that receives no gradient first
             raise JobError(Reason.NOT_EXPORTABLE, f"parameters without a gradient (unused?): {missing[:8]}")
         return (loss, *(gradients[name] for name in self.trained))
 

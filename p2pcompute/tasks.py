@@ -118,6 +118,7 @@ class MapRun:
         self.stats = _Stats()
         self._began = time.monotonic()
         self._ready: dict[int, RunResult] = {}
+        self._running: set[int] = set()
         self._next = 0  # ordered: the index yielded next
         self._yielded = 0
         self._exhausted = False  # every input was read
@@ -146,7 +147,10 @@ class MapRun:
     ) -> bool | None:
         assert self._stack is not None
         self._nursery.cancel_scope.cancel()  # whatever is still running is not needed: never paid
-        return await self._stack.__aexit__(kind, value, tb)
+        # the body's own exception (TaskFailed, a break's GeneratorExit, the caller's error) goes on as it is, not
+        # wrapped in the nursery's exception group: the nursery is closed as if the body had ended normally
+        await self._stack.__aexit__(None, None, None)
+        return None
 
     def __aiter__(self) -> AsyncIterator[RunResult]:
         return self
@@ -157,9 +161,15 @@ class MapRun:
                 return self._take(self._next)
             if not self.ordered and self._ready:
                 return self._take(min(self._ready))
-            if self._failure is not None:
-                self._failure.results.update(self._ready)
-                raise self._failure
+            failure = self._failure
+            # every task before the failed one was yielded first (ordered), or is ready: nothing accepted is lost
+            if (
+                failure is not None
+                and not any(i < failure.index for i in self._running)
+                and (self.ordered or not any(i < failure.index for i in self._ready))
+            ):
+                failure.results.update(self._ready)
+                raise failure
             if self._exhausted and self._yielded == self.stats.started:
                 raise StopAsyncIteration
             if trio.current_time() >= self._stop_at:
@@ -247,6 +257,14 @@ class MapRun:
         return await trio.to_thread.run_sync(self.job.with_inputs, tensors)
 
     async def _run(self, index: int, task: Job) -> None:
+        self._running.add(index)
+        try:
+            await self._place(index, task)
+        finally:
+            self._running.discard(index)
+            self._signal()
+
+    async def _place(self, index: int, task: Job) -> None:
         client = self.client
         tries = 0
         while True:

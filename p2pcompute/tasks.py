@@ -35,7 +35,7 @@ import trio
 
 from p2pcompute.core.cluster import shard_sizes
 from p2pcompute.core.identity import KeyPair, PeerId
-from p2pcompute.errors import JobError, P2PComputeError, Reason, TaskFailed
+from p2pcompute.errors import ConfigError, JobError, NegotiationFailed, P2PComputeError, Reason, TaskFailed
 
 if TYPE_CHECKING:
     import torch
@@ -100,9 +100,9 @@ class MapRun:
         retries: int = DEFAULT_RETRIES,
     ) -> None:
         if window is not None and window < 1:
-            raise JobError(Reason.OUT_OF_RANGE, f"window must be at least 1, got {window}")
+            raise ConfigError(f"window must be at least 1, got {window}")
         if retries < 0 or task_deadline <= 0 or (deadline is not None and deadline <= 0):
-            raise JobError(Reason.OUT_OF_RANGE, "retries must not be negative and deadlines must be positive")
+            raise ConfigError("retries must not be negative and deadlines must be positive")
         self.client = client
         self.job = job
         self.inputs = inputs
@@ -175,7 +175,7 @@ class MapRun:
             if trio.current_time() >= self._stop_at:
                 raise TaskFailed(
                     self._next,
-                    P2PComputeError(Reason.TIMEOUT, f"the map's deadline of {self.deadline_s} s passed"),
+                    NegotiationFailed(Reason.TIMEOUT, f"the map's deadline of {self.deadline_s} s passed"),
                     self._ready,
                 )
             changed = self._changed

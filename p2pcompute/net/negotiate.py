@@ -422,10 +422,10 @@ class ClientSession:
         conv = self.conversation
         now = conv.clock()
         receipt = self.machine.make_receipt(issued_at=now, **conv.message_fields())
-        opened: Opened[JobReceipt] = seal_opened(conv.keypair, receipt)  # type: ignore[assignment]
+        opened: Opened[JobReceipt] = seal_opened(conv.keypair, receipt)
         self.receipt = opened
         try:
-            await conv.send(Receipt(opened=opened))  # type: ignore[arg-type]
+            await conv.send(Receipt(opened=opened))
             await conv.close()
         except NegotiationFailed as exc:
             log.info("receipt for %s not delivered: %s", conv.remote, exc)

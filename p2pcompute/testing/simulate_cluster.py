@@ -244,7 +244,8 @@ def simulate_cluster(config: ClusterSimConfig) -> ClusterSimReport:
                 if action.peer in task.answers:  # answered: its slot is free once settled
                     capacity.release(action.peer, accepted=True)
             elif isinstance(action, Record):
-                group = workers[action.peer].candidate.group if workers[action.peer].candidate else ""
+                known = workers[action.peer].candidate
+                group = known.group if known is not None else ""
                 reputation.record(action.peer, action.outcome, NOW + int(now * 1000), flops=action.flops, group=group)
             elif isinstance(action, NeedCandidates):
                 room = [c for c in with_room() if c.peer not in scheduler.asked]

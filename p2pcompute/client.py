@@ -98,7 +98,6 @@ from p2pcompute.store import STORE_FILE, JobRecord, JobRole, JobState, Store, op
 from p2pcompute.tasks import (
     DEFAULT_RETRIES,
     DEFAULT_TASK_DEADLINE_S,
-    BatchResult,
     Item,
     MapProgressFn,
     MapRun,
@@ -585,31 +584,9 @@ class Client:
             retries=retries,
         )
 
-    async def map_batch(
-        self,
-        job: Job,
-        batch: torch.Tensor | Sequence[torch.Tensor],
-        *,
-        max_price: int | float | str | Decimal,
-        deadline: float = DEFAULT_TASK_DEADLINE_S,
-        redundancy: int | None = None,
-        workers: int | None = None,
-        granule: int = 1,
-        progress: MapProgressFn | None = None,
-    ) -> BatchResult:
-        """Split one big batch into shards sized to each worker's speed, run them as verified jobs, and concatenate
-        the outputs in order (:func:`p2pcompute.tasks.map_batch`)."""
-        return await map_batch(
-            self,
-            job,
-            batch,
-            max_price=max_price,
-            deadline=deadline,
-            redundancy=redundancy,
-            workers=workers,
-            granule=granule,
-            progress=progress,
-        )
+    # ``await client.map_batch(job, batch, max_price=...)``: one big batch in shards sized to each worker's speed,
+    # run as verified jobs, outputs concatenated in order (:func:`p2pcompute.tasks.map_batch`)
+    map_batch = map_batch
 
     def _weight(self, candidate: Candidate) -> float:
         """Matching weight: cheaper and faster, and more for a better reputation (never zero).

@@ -399,6 +399,13 @@ def peers_cmd(url: str | None, data_dir: Path | None) -> None:
     default=None,
     help="After convergence, run a small MLP job through the network and check it against local execution.",
 )
+@click.option(
+    "--map",
+    "map_tasks",
+    type=click.IntRange(min=0),
+    help="Then run this many tasks of the demo MLP through client.map over every peer; print the summary and the "
+    "workers' slot utilisation [default: 0].",
+)
 @click.option("--jobs", type=click.IntRange(min=0), help="Then run this many verified jobs (a trial) [default: 0].")
 @click.option("--cheaters", type=click.IntRange(min=0), help="Workers that cheat in the trial [default: 0].")
 @click.option(
@@ -436,6 +443,7 @@ def testnet_cmd(
     base_dir: Path | None,
     advertise_interval: float | None,
     demo: bool | None,
+    map_tasks: int | None,
     jobs: int | None,
     cheaters: int | None,
     cheat_mode: str | None,
@@ -466,6 +474,7 @@ def testnet_cmd(
             "advertise_interval": advertise_interval,
             "dir": base_dir,
             "demo": demo,
+            "map": map_tasks,
             "jobs": jobs,
             "cheaters": cheaters,
             "cheat_mode": cheat_mode,
@@ -485,7 +494,20 @@ def testnet_cmd(
     def demo_phase(phase: str) -> None:
         click.echo(f"demo job: {phase}")
 
-    result = trio.run(lambda: run_testnet(config, on_started=started, on_demo=demo_phase))
+    bar: _MapProgressBar | None = None
+
+    def map_progress(event: Any) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = _MapProgressBar("map", config.map_tasks)
+        bar.update(event)
+
+    on_map = map_progress if config.map_tasks and sys.stderr.isatty() else None
+    try:
+        result = trio.run(lambda: run_testnet(config, on_started=started, on_demo=demo_phase, on_map=on_map))
+    finally:
+        if bar is not None:
+            bar.stop()
     print_table(advert_table({"market": result.market}))
     counts = sorted(result.adverts_per_peer.values())
     click.echo(f"startup: {result.startup_s:.2f} s; adverts held per peer: min {counts[0]}, max {counts[-1]}")
@@ -496,6 +518,10 @@ def testnet_cmd(
         )
     if result.demo is not None:
         _print_demo(result.demo)
+    if result.map is not None:
+        click.echo(f"map: {config.map_tasks} tasks of the demo MLP through client.map over {config.peers} workers:")
+        for line in result.map.lines():
+            click.echo(f"  {line}")
     if result.trial is not None:
         click.echo(f"trial: {config.jobs} jobs, {config.cheaters} cheating worker(s) ({config.cheat_mode}):")
         for line in result.trial.lines():
@@ -507,6 +533,9 @@ def testnet_cmd(
         raise click.ClickException(f"not converged within {config.timeout_s:.0f} s: adverts per peer {counts}")
     if result.demo is not None and not result.demo.ok:
         raise click.ClickException(f"demo job failed: {result.demo.error}")
+    if result.map is not None and not result.map.ok:
+        why = result.map.error or f"{result.map.mismatches} result(s) differ from local execution"
+        raise click.ClickException(f"map failed: {why}")
     if result.trial is not None and (result.trial.wrong_accepted or result.trial.honest_flagged):
         raise click.ClickException(
             f"trial: {result.trial.wrong_accepted} wrong result(s) accepted, "
@@ -755,8 +784,17 @@ def _compare_text(compare: Any) -> str:
     envvar="P2PCOMPUTE_BOOTSTRAP",
     help="Peer to join through, /ip4/…/tcp/…/p2p/<id> (repeatable; env P2PCOMPUTE_BOOTSTRAP, space-separated).",
 )
-@click.option("--max-price", default="0.01", show_default=True, help="Most credits to pay for the job.")
-@click.option("--deadline", type=click.FloatRange(min=1.0), default=60.0, show_default=True, help="Seconds.")
+@click.option(
+    "--inputs",
+    "inputs_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Run the job once per task in this file (.safetensors, or .pt/.pth read with weights_only=True), "
+    "on as many workers as have room; the README's `submit --inputs` says how to lay it out.",
+)
+@click.option("--max-price", default="0.01", show_default=True, help="Most credits to pay for the job (each task).")
+@click.option(
+    "--deadline", type=click.FloatRange(min=1.0), default=60.0, show_default=True, help="Seconds (each task)."
+)
 @click.option(
     "--redundancy",
     type=click.IntRange(1, 16),
@@ -766,7 +804,8 @@ def _compare_text(compare: Any) -> str:
 @click.option(
     "--save-outputs",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Write each output as output-<i>.pt (torch.save) and summary.json into this directory.",
+    help="Write each output as output-<i>.pt (torch.save) and summary.json into this directory; with --inputs, "
+    "each task's outputs as task-<index>.safetensors.",
 )
 @click.option(
     "--data-dir",
@@ -778,6 +817,7 @@ def submit_cmd(
     ctx: click.Context,
     bundle: Path,
     bootstrap: tuple[str, ...],
+    inputs_file: Path | None,
     max_price: str,
     deadline: float,
     redundancy: int | None,
@@ -788,6 +828,8 @@ def submit_cmd(
     """Run a job bundle (from `p2pcompute job export`) on a worker found through the network.
 
     Prints the worker, the price paid, timings, the hardware class and the outputs.
+    With --inputs FILE, runs it once per task of FILE (client.map: verified, paid, placed again when a worker
+    fails) with a progress bar, then prints tasks done, workers used, credits, wall time and throughput.
     """
     import trio
 
@@ -813,6 +855,9 @@ def submit_cmd(
     except OSError as exc:
         raise click.ClickException(f"cannot read {bundle}: {exc.strerror or exc}") from exc
     job = Job.from_bundle(data)
+    if inputs_file is not None:
+        _submit_map(job, inputs_file, list(bootstrap), max_price, deadline, redundancy, as_json, save_outputs, data_dir)
+        return
 
     async def run(progress: Any) -> Any:
         async with open_client(list(bootstrap), data_dir=data_dir) as client:
@@ -844,6 +889,125 @@ def submit_cmd(
     print_result(summary, result.outputs)
     if save_outputs is not None:
         click.echo(f"outputs saved in {save_outputs}")
+
+
+def _submit_map(
+    job: Any,
+    inputs_file: Path,
+    bootstrap: list[str],
+    max_price: str,
+    deadline: float,
+    redundancy: int | None,
+    as_json: bool,
+    save_outputs: Path | None,
+    data_dir: Path | None,
+) -> None:
+    """`submit --inputs`: every task of the file through client.map, then the summary (stdout) and, when the map
+    stopped at a task it could not do, that task's error as the one error line."""
+    import trio
+
+    from p2pcompute.client import open_client
+    from p2pcompute.config import parse_price
+    from p2pcompute.taskfile import read_task_inputs, result_line, run_map, save_task_outputs, write_summary
+
+    inputs = read_task_inputs(inputs_file, job)  # a file that does not fit the job fails here, before any work
+    if save_outputs is not None:
+        try:
+            save_outputs.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise click.ClickException(f"cannot save outputs in {save_outputs}: {exc.strerror or exc}") from exc
+    lines: list[dict[str, Any]] = []
+
+    def keep(result: Any) -> None:
+        if save_outputs is not None:
+            try:
+                save_task_outputs(save_outputs, result)
+            except OSError as exc:
+                raise click.ClickException(f"cannot save outputs in {save_outputs}: {exc.strerror or exc}") from exc
+            lines.append(result_line(result))
+
+    async def run(progress: Any) -> Any:
+        async with open_client(bootstrap, data_dir=data_dir) as client:
+            if not client.node.host.get_connected_peers():
+                raise DialError(
+                    f"cannot reach any bootstrap peer ({' '.join(bootstrap)}): is it running, and is the network up? "
+                    "(--bootstrap)"
+                )
+            await client.wait_for_workers(job, parse_price(max_price))
+            return await run_map(
+                client,
+                job,
+                inputs,
+                max_price=max_price,
+                task_deadline=deadline,
+                redundancy=redundancy,
+                progress=progress,
+                on_result=keep,
+            )
+
+    bar = _MapProgressBar(job.digest.hex()[:16], len(inputs)) if not as_json and sys.stderr.isatty() else None
+    try:
+        summary = trio.run(run, bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.stop()
+    if save_outputs is not None:
+        write_summary(save_outputs, summary, lines)
+    if as_json:
+        click.echo(json.dumps(summary.to_json(), indent=2))
+    else:
+        click.echo(f"job:        {job.digest.hex()} ({len(inputs)} tasks from {inputs_file}: {inputs.layout})")
+        for line in summary.lines():
+            click.echo(line)
+        if save_outputs is not None:
+            click.echo(f"outputs saved in {save_outputs} (task-<index>.safetensors, summary.json)")
+    if summary.failed:
+        hint = ""
+        if "all_attempts_failed" in summary.error and redundancy is None:
+            hint = " (results from a worker not trusted yet need a second worker to agree; with one: --redundancy 1)"
+        raise click.ClickException(
+            f"task {summary.failed_index} could not be done, the map stopped: {summary.error}{hint}"
+        )
+
+
+class _MapProgressBar:
+    """A rich progress bar on stderr for a map: tasks done of the total, elapsed, ETA, in flight, workers, credits."""
+
+    def __init__(self, name: str, total: int) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn(f"job {name}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self.task = self.progress.add_task("tasks", total=total, info="finding workers")
+        self.progress.start()
+
+    def update(self, event: Any) -> None:
+        from decimal import Decimal
+
+        info = f"{event.in_flight} running, {event.workers} workers, {Decimal(event.credits) / 1_000_000} credits"
+        if event.retried:
+            info += f", {event.retried} placed again"
+        self.progress.update(self.task, completed=event.done, info=info)
+
+    def stop(self) -> None:
+        self.progress.stop()
 
 
 class _ProgressBar:

@@ -15,7 +15,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, cast
@@ -28,6 +28,7 @@ from libp2p.abc import IHost, INetStream
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
 from libp2p.utils.address_validation import expand_wildcard_address
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from p2pcompute import __version__
 from p2pcompute.compute.gpu import HardwareReport, load_or_probe
@@ -132,6 +133,22 @@ class _Metrics:
         prometheus_client.Gauge("p2pcompute_free_slots", "Free job slots", registry=r).set_function(
             lambda: node.free_slots
         )
+        r.register(_WorkCollector(node))
+
+
+class _WorkCollector:
+    """A worker's slot occupancy and executor time, as counters (read from the worker when scraped)."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def collect(self) -> Iterator[Metric]:
+        worker = self.node.worker
+        if worker is None:
+            return
+        busy = "Slot-seconds held by admitted jobs (utilisation)"
+        yield CounterMetricFamily("p2pcompute_slot_busy_seconds", busy, value=worker.slot_busy_s())
+        yield CounterMetricFamily("p2pcompute_exec_seconds", "Seconds of job runs", value=worker.exec_s())
 
 
 class Node:

@@ -8,6 +8,11 @@ the network does not converge in time.
 With ``--demo`` it then runs a job end to end from the testnet process: a small MLP with fixed weights is
 exported, a client bootstrapped at the first peer runs it on a worker it finds through the network, and the
 result is checked against local execution of the same module (:func:`run_demo`).
+
+With ``--map M`` it runs M tasks of that MLP (seeded random inputs) through ``client.map`` over every peer, checks
+each result against local execution, and reports the map's summary and the workers' utilisation: the slot-seconds
+their status counters say they held the client's jobs during the map, over the sum of their slots times the map's
+wall time (:func:`run_map_tasks`).
 """
 
 from __future__ import annotations
@@ -22,10 +27,10 @@ import sys
 import tempfile
 import tomllib
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import trio
@@ -33,9 +38,23 @@ import trio
 from p2pcompute.compute.gpu import CACHE_FILE, load_or_probe
 from p2pcompute.config import CHEAT_MODES, STATUS_REQUEST_TIMEOUT_S, parse_price
 from p2pcompute.errors import P2PComputeError, Reason
+from p2pcompute.taskfile import MapSummary
 from p2pcompute.trial import GROUP_MODES, TrialConfig, TrialReport, assign_modes, run_trial
 
-__all__ = ["DemoReport", "PeerProcess", "TestnetConfig", "TestnetError", "TestnetReport", "run_demo", "run_testnet"]
+if TYPE_CHECKING:
+    from p2pcompute.tasks import MapProgress
+
+__all__ = [
+    "DemoReport",
+    "MapReport",
+    "PeerProcess",
+    "TestnetConfig",
+    "TestnetError",
+    "TestnetReport",
+    "run_demo",
+    "run_map_tasks",
+    "run_testnet",
+]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +68,9 @@ DEMO_DEADLINE_S = 60.0  # the job's own deadline, given to the worker
 DEMO_MAX_PRICE = "0.01"  # credits
 DEMO_SEED = 0
 TRIAL_TIMEOUT_PER_JOB_S = 10.0
+MAP_TIMEOUT_S = 120.0  # the map phase: client start and market wait, then ...
+MAP_TIMEOUT_PER_TASK_S = 2.0  # ... this much per task at most
+MAP_SEED = 1  # the map's inputs (torch.Generator seed)
 MAX_PEER_IP = 253  # 127.0.0.254 is the trial's client
 
 
@@ -77,6 +99,7 @@ class TestnetConfig:
     ring_unreplicated_rate: float = 0.0  # a ring member cheats on this fraction of the jobs it seems to run alone
     ring_oracle: bool = False  # the trial tells the ring each job's replicas (else the ring's window rule)
     sybil_new_address: bool = False  # a flagged sybil comes back on a new loopback address (else its own)
+    map_tasks: int = 0  # after convergence, run this many tasks of the demo job through client.map (run_map_tasks)
 
     def cheat_modes(self) -> list[str]:
         """The cheat mode of each peer ("" = honest): cheaters spread over peers 1 .. N-1, never the bootstrap."""
@@ -87,8 +110,8 @@ class TestnetConfig:
             raise TestnetError(f"--cheaters must leave honest workers a majority: at most {(self.peers - 1) // 2}")
         if self.cheat_mode not in (*CHEAT_MODES, "mixed"):
             raise TestnetError(f"--cheat-mode must be one of {', '.join((*CHEAT_MODES, 'mixed'))}")
-        if not 0.0 <= self.kill_rate <= 1.0 or self.jobs < 0:
-            raise TestnetError("--kill-rate must be 0..1 and --jobs >= 0")
+        if not 0.0 <= self.kill_rate <= 1.0 or self.jobs < 0 or self.map_tasks < 0:
+            raise TestnetError("--kill-rate must be 0..1, --jobs and --map >= 0")
         if self.honest_jobs < 0 or not 0.0 <= self.ring_unreplicated_rate <= 1.0:
             raise TestnetError("--honest-jobs must be >= 0 and --ring-unreplicated-rate 0..1")
         if not 2 <= self.peers <= 200:  # 200 < 254: one loopback address each (peer_ip)
@@ -121,10 +144,11 @@ class TestnetReport:
     market: list[dict[str, Any]] = field(default_factory=list)
     demo: DemoReport | None = None
     trial: TrialReport | None = None
+    map: MapReport | None = None
 
     @property
     def ok(self) -> bool:
-        return self.converged and (self.demo is None or self.demo.ok)
+        return self.converged and (self.demo is None or self.demo.ok) and (self.map is None or self.map.ok)
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -139,6 +163,8 @@ class TestnetReport:
             data["demo"] = self.demo.to_json()
         if self.trial is not None:
             data["trial"] = self.trial.to_json()
+        if self.map is not None:
+            data["map"] = self.map.to_json()
         return data
 
 
@@ -177,6 +203,65 @@ class DemoReport:
         }
 
 
+@dataclass
+class MapReport:
+    """How ``--map`` went: the map's summary, the results that differ from local execution, and what the workers'
+    own counters say about their slots during the map (``slots``: the sum of their slots; ``slot_busy_s``: the
+    slot-seconds they held admitted jobs, from admission to receipt; ``exec_s``: seconds in their executors)."""
+
+    summary: MapSummary | None
+    slots: int = 0
+    slot_busy_s: float = 0.0
+    exec_s: float = 0.0
+    mismatches: int = 0
+    error: str | None = None
+
+    @property
+    def utilisation(self) -> float:
+        """Slot occupancy over the map: slot-seconds held over (sum of slots x wall time)."""
+        if self.summary is None or self.slots <= 0 or self.summary.wall_s <= 0:
+            return 0.0
+        return self.slot_busy_s / (self.slots * self.summary.wall_s)
+
+    @property
+    def exec_share(self) -> float:
+        """Time in the executors over (sum of slots x wall time)."""
+        if self.summary is None or self.slots <= 0 or self.summary.wall_s <= 0:
+            return 0.0
+        return self.exec_s / (self.slots * self.summary.wall_s)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.summary is not None and self.summary.ok and self.mismatches == 0
+
+    def lines(self) -> list[str]:
+        lines = list(self.summary.lines()) if self.summary is not None else []
+        if self.summary is not None and self.slots:
+            lines.append(
+                f"utilisation: {self.utilisation:.0%} of {self.slots} slots' time ({self.slot_busy_s:.1f} "
+                f"slot-seconds held of {self.slots * self.summary.wall_s:.1f}; executors busy {self.exec_share:.0%})"
+            )
+        if self.summary is not None:
+            same = self.summary.done - self.mismatches
+            lines.append(f"check:      {same} of {self.summary.done} equal to local execution")
+        if self.error:
+            lines.append(f"error:      {self.error}")
+        return lines
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **(self.summary.to_json() if self.summary is not None else {}),
+            "slots": self.slots,
+            "slot_busy_seconds": round(self.slot_busy_s, 3),
+            "exec_seconds": round(self.exec_s, 3),
+            "utilisation": round(self.utilisation, 4),
+            "exec_share": round(self.exec_share, 4),
+            "mismatches": self.mismatches,
+            "ok": self.ok,
+            "map_error": self.error,
+        }
+
+
 def load_scenario(path: Path | None, overrides: dict[str, Any]) -> TestnetConfig:
     """A scenario TOML file (keys: peers, timeout, advertise_interval, dir, demo), then overrides (None = unset)."""
     values: dict[str, Any] = {}
@@ -201,6 +286,7 @@ def load_scenario(path: Path | None, overrides: dict[str, Any]) -> TestnetConfig
         "ring_unreplicated_rate",
         "ring_oracle",
         "sybil_new_address",
+        "map",
     }
     unknown = set(values) - keys
     if unknown:
@@ -221,6 +307,7 @@ def load_scenario(path: Path | None, overrides: dict[str, Any]) -> TestnetConfig
             ring_unreplicated_rate=float(values.get("ring_unreplicated_rate", 0.0)),
             ring_oracle=bool(values.get("ring_oracle", False)),
             sybil_new_address=bool(values.get("sybil_new_address", False)),
+            map_tasks=int(values.get("map", 0)),
         ).validate()
     except (TypeError, ValueError) as exc:
         raise TestnetError(f"scenario: {exc}") from exc
@@ -454,11 +541,19 @@ async def _market_counts(client: httpx.AsyncClient, peers: Sequence[PeerProcess]
 
 
 async def run_testnet(
-    config: TestnetConfig, *, on_started: Any = None, on_demo: Callable[[str], None] | None = None
+    config: TestnetConfig,
+    *,
+    on_started: Any = None,
+    on_demo: Callable[[str], None] | None = None,
+    on_map: Callable[[MapProgress], None] | None = None,
+    then: Callable[[Path, Sequence[PeerProcess]], Awaitable[None]] | None = None,
 ) -> TestnetReport:
-    """Start the peers, wait for advert convergence, run the demo job if asked, stop them; return the report.
+    """Start the peers, wait for advert convergence, run the demo job, the map and the trial if asked, stop them;
+    return the report.
 
-    ``on_demo`` is called with each phase of the demo job (for a progress line).
+    ``on_demo`` is called with each phase of the demo job (for a progress line), ``on_map`` with the map's progress.
+    ``then(base_dir, peers)``, when given, runs after the map and before the trial, on the converged testnet
+    (benchmarks bring their own work; it raises, the peers are stopped all the same).
     """
     config.validate()
     owned_dir = config.base_dir is None
@@ -507,6 +602,10 @@ async def run_testnet(
                     report.demo = await run_demo(
                         base / "client", peers[0].addrs[:1], workers=len(peers), on_phase=on_demo
                     )
+                if config.map_tasks and report.converged:
+                    report.map = await run_map_tasks(base / "client", peers, config.map_tasks, progress=on_map)
+                if then is not None and report.converged:
+                    await then(base, list(peers))
                 if config.jobs and report.converged:
                     launcher = _Launcher(nursery, base, first.addrs[:1], config, hardware, peers)
                     report.trial = await _run_trial(config, base / "client", list(peers), launcher)
@@ -641,6 +740,89 @@ async def run_demo(
         summary=result.summary(),
         preview=[round(float(v), 6) for v in output.reshape(-1)[:6].tolist()],
     )
+
+
+async def _work_counters(peers: Sequence[PeerProcess]) -> tuple[int, float, float]:
+    """The workers' slots, slot-seconds held and executor seconds so far, summed (from their status endpoints)."""
+    totals = [0, 0.0, 0.0]
+    async with httpx.AsyncClient(timeout=STATUS_REQUEST_TIMEOUT_S) as http:
+
+        async def one(peer: PeerProcess) -> None:
+            jobs = (await http.get(peer.status_url)).json()["jobs"] or {}
+            totals[0] += int(jobs.get("slots", 0))
+            totals[1] += float(jobs.get("slot_busy_s", 0.0))
+            totals[2] += float(jobs.get("exec_s", 0.0))
+
+        async with trio.open_nursery() as nursery:
+            for peer in peers:
+                nursery.start_soon(one, peer)
+    return int(totals[0]), totals[1], totals[2]
+
+
+async def run_map_tasks(
+    data_dir: Path,
+    peers: Sequence[PeerProcess],
+    tasks: int,
+    *,
+    progress: Callable[[MapProgress], None] | None = None,
+    redundancy: int | None = None,
+) -> MapReport:
+    """Run ``tasks`` tasks of the demo MLP (seeded random inputs of its shape) through ``client.map`` with a client
+    bootstrapped at the first peer, once it knows every peer; check each result against local execution; read the
+    workers' slot counters just before and just after the map. Never raises for a failed map: see ``error``."""
+    from p2pcompute.taskfile import run_map
+
+    with warnings.catch_warnings():  # torch's noise on a CPU-only install without numpy, and from torch.export
+        warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+        warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
+        import torch
+
+        from p2pcompute.client import Job, open_client
+
+        model, (example,) = demo_module()
+        job = await trio.to_thread.run_sync(lambda: Job.from_module(model, (example,)))
+    compare = _job_compare(job.spec_bytes)
+    generator = torch.Generator().manual_seed(MAP_SEED)
+    inputs = [(torch.randn(example.shape, generator=generator),) for _ in range(tasks)]
+    report = MapReport(summary=None)
+
+    def check(result: Any) -> None:
+        with torch.no_grad():
+            expected = model(*inputs[result.index])
+        output = result.outputs[0].cpu()
+        if output.shape != expected.shape or not torch.allclose(output, expected, rtol=compare.rtol, atol=compare.atol):
+            report.mismatches += 1
+
+    try:
+        with trio.fail_after(MAP_TIMEOUT_S + MAP_TIMEOUT_PER_TASK_S * tasks):
+            async with open_client(peers[0].addrs[:1], data_dir=data_dir, listen=("/ip4/127.0.0.254/tcp/0",)) as client:
+                await client.wait_for_workers(job, parse_price(DEMO_MAX_PRICE), count=len(peers))
+                slots, busy, spent = await _work_counters(peers)
+                report.summary = await run_map(
+                    client,
+                    job,
+                    inputs,
+                    max_price=DEMO_MAX_PRICE,
+                    task_deadline=DEMO_DEADLINE_S,
+                    redundancy=redundancy,
+                    progress=progress,
+                    on_result=check,
+                )
+                _, busy_after, spent_after = await _work_counters(peers)
+    except Exception as exc:  # the map's failure is its result, reported rather than raised
+        leaf = _single_leaf(exc)
+        report.error = (
+            f"the map did not finish within {MAP_TIMEOUT_S + MAP_TIMEOUT_PER_TASK_S * tasks:.0f} s"
+            if isinstance(leaf, trio.TooSlowError)
+            else f"{type(leaf).__name__}: {leaf}"
+        )
+        return report
+    report.slots = slots
+    report.slot_busy_s = busy_after - busy
+    report.exec_s = spent_after - spent
+    if report.summary is not None and report.summary.failed:
+        report.error = f"task {report.summary.failed_index}: {report.summary.error}"
+    return report
 
 
 def _job_compare(spec_bytes: bytes) -> Any:

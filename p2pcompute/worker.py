@@ -161,6 +161,11 @@ class Worker:
         self.on_receipt = on_receipt
         self.tamper = tamper
         self.free_slots = settings.slots
+        # Slot occupancy (utilisation): milliseconds of slot-time held by admitted jobs, integrated at each change
+        # of the slots taken (min(taken, slots): a job queued beyond the slots occupies none), and ms in the executor.
+        self._slot_busy_ms = 0
+        self._slots_changed_at = clock()
+        self._exec_ms = 0
         # Only messages that live no longer than this worker's own TTL: nobody can park far-future keys here.
         self.seen = SeenCache(max_ttl_ms=MESSAGE_TTL_MS + MAX_CLOCK_SKEW_MS)
         self.stats: collections.Counter[str] = collections.Counter()
@@ -181,11 +186,31 @@ class Worker:
         """Clients that took a result and neither paid nor rejected it within the grace period."""
         return self.store.unpaid_clients(self.clock(), self.settings.receipt_grace_ms)
 
+    def _occupied(self) -> int:
+        return min(self.settings.slots, max(0, self.settings.slots - self.free_slots))
+
+    def _account_slots(self) -> None:
+        now = self.clock()
+        self._slot_busy_ms += self._occupied() * max(0, now - self._slots_changed_at)
+        self._slots_changed_at = now
+
+    def slot_busy_s(self) -> float:
+        """Seconds of slot occupancy since start: the integral over time of the slots held by admitted jobs (from
+        admission to the receipt or the end of the exchange). Over ``slots`` x elapsed time: the utilisation."""
+        now = self.clock()
+        return (self._slot_busy_ms + self._occupied() * max(0, now - self._slots_changed_at)) / 1000
+
+    def exec_s(self) -> float:
+        """Seconds spent waiting on the executor for job runs (summed over slots)."""
+        return self._exec_ms / 1000
+
     def _take_slot(self) -> None:
+        self._account_slots()
         self.free_slots -= 1  # below zero while jobs wait in the queue
         self.on_capacity(max(0, self.free_slots))
 
     def _give_slot(self) -> None:
+        self._account_slots()
         self.free_slots += 1
         self.on_capacity(max(0, self.free_slots))
 
@@ -360,8 +385,12 @@ class Worker:
                 _drop(self._pending_per_group, group)
             await conv.send(Progress(frame=ProgressFrame(phase="running", done=0, total=1)))
             self.store.update_job(*key, state=JobState.RUNNING, now=self.clock())
+            began = self.clock()
             try:
-                result = await self.executor.run(spec_bytes, blobs)
+                try:
+                    result = await self.executor.run(spec_bytes, blobs)
+                finally:
+                    self._exec_ms += max(0, self.clock() - began)
                 if self.tamper is not None:
                     result = self.tamper(request.message.job_digest, result)
             except (ExecutionError, JobFormatError) as exc:
@@ -509,12 +538,15 @@ class Worker:
             await conv.send(Ticket(frame=_ticket_frame(ticket)))
 
     def status(self) -> dict[str, object]:
-        """Counters for the status endpoint: slots, jobs by outcome, stored jobs by state."""
+        """Counters for the status endpoint: slots, jobs by outcome, slot occupancy and executor time (seconds since
+        start), stored jobs by state."""
         return {
             "free_slots": self.free_slots,
             "slots": self.settings.slots,
             "hardware_class": self.executor.hardware_class_base,
             "counters": dict(sorted(self.stats.items())),
+            "slot_busy_s": round(self.slot_busy_s(), 3),
+            "exec_s": round(self.exec_s(), 3),
             "earned": self.ledger.total(),
             "receipts": len(self.ledger),
             "stored": {state.value: self.store.count_jobs(JobRole.WORKER, state) for state in JobState},

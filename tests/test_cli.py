@@ -204,6 +204,88 @@ def test_submit_needs_a_bootstrap_and_a_valid_bundle(tmp_path: Path, monkeypatch
     assert "price 'cheap' is not a number" in bad_price.output
 
 
+def _export_mlp(tmp_path: Path) -> Path:
+    bundle = tmp_path / "mlp.job"
+    assert invoke("job", "export", f"{EXAMPLE}:model", "--out", str(bundle)).exit_code == 0
+    return bundle
+
+
+def test_submit_inputs_that_do_not_fit_the_job_fail_in_one_line_before_any_work(tmp_path: Path) -> None:
+    bundle = _export_mlp(tmp_path)  # one input, float32[32, 64]
+    addr = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWBehrqEkFDQq79AD891NhBaGWBrwqb2FMJywLvSKXLvzb"  # nobody listens
+    torch.save(torch.ones(3, 32, 65), tmp_path / "wide.pt")
+    torch.save({"0": torch.ones(3, 32, 64, dtype=torch.float64)}, tmp_path / "double.pt")
+    cases = (
+        ("wide.pt", "the job takes float32[32, 64]: expected [N, 32, 64] or [N*32, 64] for N tasks [shape_mismatch]"),
+        ("double.pt", "input 0 ('0') is float64, the job takes float32 [shape_mismatch]"),
+        ("none.safetensors", "none.safetensors: no such file [bad_argument]"),
+    )
+    for name, message in cases:
+        out = tmp_path / f"out-{name}"
+        result = CliRunner().invoke(
+            main,
+            ["submit", str(bundle), "--inputs", str(tmp_path / name), "--bootstrap", addr, "--save-outputs", str(out)],
+            env={"P2PCOMPUTE_HOME": str(tmp_path / "home")},
+        )
+        assert result.exit_code == 1, result.output
+        assert result.output.startswith("Error: ") and result.output.count("\n") == 1, result.output
+        assert message in result.output, result.output
+        assert not out.exists()  # refused before any work
+
+
+async def test_submit_inputs_runs_every_task_on_workers_and_saves_outputs(tmp_path: Path) -> None:
+    """`submit --inputs` (a real CLI process) against two in-process workers: 6 tasks in a safetensors file, each
+    verified and paid, outputs saved per task and equal to local execution; the summary names tasks, workers, credits,
+    wall time and throughput."""
+    import httpx
+    import trio
+    from safetensors.torch import load_file, save_file
+
+    from p2pcompute.testing.jobs import cluster
+
+    bundle = _export_mlp(tmp_path)
+    model = _load_example().model
+    batch = torch.randn(6 * 32, 64, generator=torch.Generator().manual_seed(5))
+    save_file({"0": batch}, str(tmp_path / "tasks.safetensors"))  # rows: 6 tasks of the job's batch of 32
+    out = tmp_path / "outputs"
+    with trio.fail_after(240):
+        async with cluster(tmp_path / "workers", 2) as workers:
+            done = await trio.run_process(
+                [
+                    sys.executable, "-m", "p2pcompute.cli", "submit", str(bundle),
+                    "--inputs", str(tmp_path / "tasks.safetensors"), "--bootstrap", workers[0].addr,
+                    "--max-price", "1", "--save-outputs", str(out), "--data-dir", str(tmp_path / "client"),
+                ],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )  # fmt: skip
+            counters = []  # the workers' own counters of the slot-time they held and the time they ran jobs
+            async with httpx.AsyncClient(timeout=10) as http:
+                for worker in workers:
+                    jobs = (await http.get(worker.info.status_url)).json()["jobs"]
+                    metrics = (await http.get(worker.info.status_url.replace("/status", "/metrics"))).text
+                    counters.append((jobs["slot_busy_s"], jobs["exec_s"], jobs["counters"].get("results", 0)))
+                    assert "p2pcompute_slot_busy_seconds_total" in metrics
+                    assert "p2pcompute_exec_seconds_total" in metrics
+    stdout, stderr = done.stdout.decode(), done.stderr.decode()
+    assert done.returncode == 0, stdout + stderr
+    assert "tasks:      6 done of 6, 0 failed" in stdout, stdout
+    assert "(6 tasks from" in stdout and "named tensors (rows)" in stdout
+    for part in ("workers:    ", "credits:    ", "wall time:  ", "throughput: ", "tasks/s"):
+        assert part in stdout, stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["done"] == 6 and [r["index"] for r in summary["results"]] == list(range(6))
+    assert summary["credits_micro"] > 0 and summary["workers"] >= 1
+    assert sum(results for _, _, results in counters) >= 6
+    for busy, spent, results in counters:  # a slot is held from admission to receipt: the run is a part of it
+        assert (busy > 0 or results == 0) and 0 <= spent <= busy
+    with torch.no_grad():
+        for i in range(6):
+            saved = load_file(str(out / f"task-{i:06d}.safetensors"))
+            torch.testing.assert_close(saved["0"], model(batch[i * 32 : (i + 1) * 32]))
+
+
 # --- failures at the edge: one line on stderr, exit status 1, the option to change -----------------------------------
 
 DEAD_PEER = "12D3KooWBehrqEkFDQq79AD891NhBaGWBrwqb2FMJywLvSKXLvzb"  # nobody runs this peer

@@ -38,6 +38,29 @@ def test_testnet_of_five_converges(tmp_path: Path) -> None:
         assert peer_id[-12:] in result.stdout
 
 
+def test_testnet_map_runs_every_task_and_reports_utilisation(tmp_path: Path) -> None:
+    """`testnet --peers 2 --map 12`: every task verified, paid and equal to local execution; the summary and the
+    workers' slot counters (slot-time held during the map, time in their executors) in the output and the report."""
+    report = tmp_path / "report.json"
+    result = subprocess.run(
+        _cli("testnet", "--peers", "2", "--map", "12", "--report", str(report), "--timeout", "90"),
+        capture_output=True,
+        text=True,
+        timeout=TESTNET_TIMEOUT_S,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for part in ("map: 12 tasks", "tasks:      12 done of 12, 0 failed", "workers:", "credits:", "wall time:",
+                 "tasks/s", "utilisation: ", "check:      12 of 12 equal to local execution"):  # fmt: skip
+        assert part in result.stdout, result.stdout
+    data = json.loads(report.read_text())["map"]
+    assert data["done"] == 12 and data["mismatches"] == 0 and data["ok"] is True
+    assert data["slots"] == 2  # one slot each
+    # a slot is held from admission to receipt, the executor's run inside it: what the utilisation is made of
+    assert 0 < data["exec_seconds"] <= data["slot_busy_seconds"]
+    assert data["utilisation"] > 0 and data["credits_micro"] > 0
+
+
 def test_node_run_status_and_peers(tmp_path: Path) -> None:
     """`p2pcompute node run` prints its id and addresses; `status` and `peers` read its endpoint."""
     env = {**os.environ, "P2PCOMPUTE_HOME": str(tmp_path)}

@@ -53,6 +53,7 @@ class ClusterSimConfig:
     tasks: int = 2000
     seed: int = 0
     speeds: tuple[float, float] = (1.0, 10.0)  # each worker's speed, uniform in this range (work units per time)
+    speed_list: tuple[float, ...] = ()  # when given, worker i's speed is speed_list[i % len] (instead of a draw)
     slots: tuple[int, int] = (1, 4)  # each worker's advertised slots, uniform in this range
     flops: float = 10.0  # work units per task
     overhead: float = 0.5  # time per placement besides the run (negotiation, transfers, checks)
@@ -146,7 +147,9 @@ def simulate_cluster(config: ClusterSimConfig) -> ClusterSimReport:
         pair = KeyPair.from_seed(hashlib.sha256(f"cluster {config.seed}/{i}".encode()).digest())
         group = f"10.{i // 250}.{i % 250}.1"
         slots = rng.randint(*config.slots)
-        speed = rng.uniform(*config.speeds)
+        speed = rng.uniform(*config.speeds)  # drawn even when a speed_list overrides it: the same rng sequence
+        if config.speed_list:
+            speed = config.speed_list[i % len(config.speed_list)]
         w = _SimWorker(_Worker(pair, group, Behaviour.HONEST), speed, slots, cheat=i < config.cheaters)
         advert = replace(_advert(pair, group), slots_total=slots, slots_free=slots)
         w.candidate = Candidate(

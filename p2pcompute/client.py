@@ -797,9 +797,9 @@ class _Run:
                 self.attempts.append(Attempt(peer, what, outcome.detail, now - self.started))
             return scheduler.on_check(peer, outcome)
         if kind == "busy":
-            candidate = payload
+            candidate, queued = payload
             self.attempts.append(Attempt(candidate.peer, "busy", "no free slot: asked again later", now - self.started))
-            self.client.capacity.busy(candidate.peer, now)
+            self.client.capacity.busy(candidate.peer, now, queued=queued)
             del self.sessions[candidate.peer]  # it never took the job: it may be asked again once it has room
             return scheduler.on_busy(candidate.peer)
         if kind == "candidates":
@@ -807,8 +807,9 @@ class _Run:
         raise AssertionError(kind)
 
     def _eligible(self) -> list[Candidate]:
-        """Workers that could run the job (price, hardware, ``only``), whether or not they have room now."""
-        found = self.client.candidates(self.job, self.max_price)
+        """Workers that could run the job (price, hardware, ``only``, not flagged), whether or not they have room."""
+        reputation = self.client.node.reputation
+        found = [c for c in self.client.candidates(self.job, self.max_price) if reputation.eligible(c.peer)]
         return found if self.only is None else [c for c in found if c.peer in self.only]
 
     def _candidates(self) -> list[Candidate]:
@@ -904,7 +905,8 @@ class _Run:
                         session.answered = True
                         accepted = worker_session.machine.accept is not None
                         if not accepted and _is_busy(exc):
-                            self.send.send_nowait(("busy", candidate))
+                            queued = client.capacity.in_flight(candidate.peer) > candidate.advert.slots_total
+                            self.send.send_nowait(("busy", (candidate, queued)))
                         else:
                             self.send.send_nowait(("failure", (candidate, exc, accepted)))
                         return

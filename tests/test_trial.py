@@ -60,8 +60,11 @@ async def test_sleeper_is_honest_for_its_first_jobs_then_cheats_and_is_caught(tm
 
 
 async def test_ring_cheats_when_every_replica_is_a_member(tmp_path: Path) -> None:
-    """Two ring members and two honest workers, every job on two of them: the ring cheats on the jobs it has alone."""
-    report = await _trial(tmp_path, 4, Adversary("ring", 2), TrialConfig(jobs=40, redundancy=2))
+    """Two ring members and two honest workers, every job on two of them: the ring cheats on the jobs it has alone.
+
+    One job at a time, so each job's pair is drawn from all four workers (two jobs side by side on one-slot workers
+    split them into two pairs that the next jobs keep: the room left decides)."""
+    report = await _trial(tmp_path, 4, Adversary("ring", 2), TrialConfig(jobs=40, redundancy=2, concurrency=1))
     ring = _structure(report, 40)
     assert ring["members"] == 2
     assert ring["cheats"] >= 1, (

@@ -4,11 +4,14 @@ specs/verification.md §13. Each task is verified by its own :class:`~p2pcompute
 (the same policy as one ``client.run``); what this module adds is *where there is room*:
 
 :class:`Capacity`
-    How many of this client's tasks each worker may hold at once: the slots its advert offers (a hint, capped by
-    ``max_per_worker``: a worker that claims 1,000 slots gets no more than a few tasks at a time), minus the tasks
-    of this client in flight there. A worker that declines ``busy`` (its slots are taken by other clients) is held
-    back for a while that doubles with each busy answer in a row and resets when it accepts. A task is launched
-    only on a worker with room; the rest wait in the client, so a batch never fails for "busy".
+    How many of this client's tasks each worker may hold at once: the slots its advert offers plus ``queue_places``
+    (a worker admits one queued job beyond its slots: negotiation.md §7 rule 5; it waits for an executor, so the
+    worker never idles between one job's receipt and the next one's admission), capped by ``max_per_worker`` (a
+    worker that claims 1,000 slots gets no more than a few tasks at a time), minus the tasks of this client in
+    flight there. A worker that declines ``busy`` (its slots are taken by other clients) is held back for a while
+    that doubles with each busy answer in a row and resets when it accepts; one that declines a queued task (this
+    client held its slots' worth there) gets no queued task again. A task is launched only on a worker with room;
+    the rest wait in the client, so a batch never fails for "busy".
 :meth:`Capacity.placeable`
     Which workers with room should take a task *now*, given how many tasks wait (``backlog``): each waiting task,
     in turn, would go where it finishes first (the worker's expected run time after its next free slot: earliest
@@ -44,13 +47,14 @@ class CapacityPolicy:
     """Parameters (defaults in specs/verification.md §13)."""
 
     max_per_worker: int = 8  # tasks of this client in flight on one worker, whatever its advert claims
+    queue_places: int = 1  # tasks beyond the advertised slots (the worker queues them; the spec's reference depth)
     busy_hold_ms: int = 1_000  # a worker that answered busy is not asked again for this long ...
     max_busy_hold_ms: int = 16_000  # ... doubling with each busy answer in a row, up to this
     slack: float = 1.0  # placeable: a worker with room may finish up to (1 + slack) x later than the best finish
 
     def __post_init__(self) -> None:
-        if self.max_per_worker < 1:
-            raise ConfigError("max_per_worker must be at least 1")
+        if self.max_per_worker < 1 or self.queue_places < 0:
+            raise ConfigError("max_per_worker must be at least 1 and queue_places not negative")
         if not 0 <= self.busy_hold_ms <= self.max_busy_hold_ms:
             raise ConfigError("need 0 <= busy_hold_ms <= max_busy_hold_ms")
         if self.slack < 0:
@@ -66,11 +70,13 @@ class Capacity:
     _held_until: dict[PeerId, int] = field(default_factory=dict)
     _busy_in_a_row: dict[PeerId, int] = field(default_factory=dict)
     _ends: dict[PeerId, list[int]] = field(default_factory=dict)  # expected end (ms) of each task in flight
+    _no_queue: set[PeerId] = field(default_factory=set)  # answered busy with only its slots taken by this client
     waiting: int = 0  # tasks of this client waiting for room (the runner counts them)
 
     def limit(self, candidate: Candidate) -> int:
         """The most tasks of this client ``candidate`` may hold at once."""
-        return max(1, min(candidate.advert.slots_total, self.policy.max_per_worker))
+        queue = 0 if candidate.peer in self._no_queue else self.policy.queue_places
+        return max(1, min(candidate.advert.slots_total + queue, self.policy.max_per_worker))
 
     def free(self, candidate: Candidate, now_ms: int) -> int:
         """Tasks ``candidate`` may take now (0 while it is held back after a busy answer)."""
@@ -115,8 +121,12 @@ class Capacity:
             self._busy_in_a_row.pop(peer, None)
             self._held_until.pop(peer, None)
 
-    def busy(self, peer: PeerId, now_ms: int) -> int:
-        """``peer`` declined busy: hold it back; returns until when (ms)."""
+    def busy(self, peer: PeerId, now_ms: int, *, queued: bool = False) -> int:
+        """``peer`` declined busy: hold it back; returns until when (ms). ``queued``: the task asked for one of its
+        queue places (this client already held its slots' worth there): it has none for this client, and is not
+        asked for one again."""
+        if queued:
+            self._no_queue.add(peer)
         row = self._busy_in_a_row.get(peer, 0) + 1
         self._busy_in_a_row[peer] = row
         hold = min(self.policy.max_busy_hold_ms, self.policy.busy_hold_ms << min(row - 1, 20))

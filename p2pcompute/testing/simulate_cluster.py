@@ -63,7 +63,7 @@ class ClusterSimConfig:
     cheaters: int = 0  # workers that fake a node of every result
     retries: int = 2  # a task abandoned by its scheduler is placed again this many times
     placement: bool = True  # Capacity.placeable (earliest finish); False: any worker with room
-    capacity: CapacityPolicy = field(default_factory=CapacityPolicy)
+    capacity: CapacityPolicy = field(default_factory=lambda: CapacityPolicy(queue_places=0))  # no queues simulated
     policy: SchedulerPolicy = field(default_factory=SchedulerPolicy)
 
 

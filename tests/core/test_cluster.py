@@ -27,15 +27,26 @@ def candidate(slots: int, index: int = 0) -> Candidate:
     )
 
 
-def test_room_is_the_advertised_slots_less_this_clients_tasks() -> None:
+def test_room_is_the_advertised_slots_and_a_queue_place_less_this_clients_tasks() -> None:
     capacity = Capacity()
     two = candidate(2)
-    assert capacity.free(two, 0) == 2
-    capacity.take(two.peer)
-    capacity.take(two.peer)
+    assert capacity.limit(two) == 3  # two slots and the one queue place a worker keeps beyond them
+    assert capacity.free(two, 0) == 3
+    for _ in range(3):
+        capacity.take(two.peer)
     assert capacity.free(two, 0) == 0 and capacity.with_room([two], 0) == []
     capacity.release(two.peer, accepted=True)
-    assert capacity.free(two, 0) == 1 and capacity.in_flight() == 1
+    assert capacity.free(two, 0) == 1 and capacity.in_flight() == 2
+
+
+def test_a_worker_without_a_queue_place_for_us_is_not_asked_to_queue_again() -> None:
+    capacity = Capacity(CapacityPolicy(busy_hold_ms=0))
+    one = candidate(1)
+    assert capacity.limit(one) == 2
+    capacity.busy(one.peer, 0, queued=False)  # busy with other clients' work: no conclusion about its queue
+    assert capacity.limit(one) == 2
+    capacity.busy(one.peer, 0, queued=True)  # it declined the task that asked for its queue place
+    assert capacity.limit(one) == 1
 
 
 def test_an_advert_claiming_many_slots_gets_no_more_than_the_cap() -> None:
@@ -48,7 +59,7 @@ def test_an_advert_claiming_many_slots_gets_no_more_than_the_cap() -> None:
 
 
 def test_busy_holds_a_worker_back_doubling_until_it_accepts() -> None:
-    capacity = Capacity(CapacityPolicy(busy_hold_ms=100, max_busy_hold_ms=350))
+    capacity = Capacity(CapacityPolicy(busy_hold_ms=100, max_busy_hold_ms=350, queue_places=0))
     one = candidate(1)
     assert capacity.busy(one.peer, 1_000) == 1_100
     assert capacity.free(one, 1_050) == 0 and capacity.next_change_ms(1_050) == 1_100
@@ -147,7 +158,7 @@ def test_the_cluster_simulation_is_deterministic() -> None:
 
 
 def test_placeable_leaves_a_slow_worker_idle_at_the_tail_but_spreads_work_when_many_wait() -> None:
-    capacity = Capacity()
+    capacity = Capacity(CapacityPolicy(queue_places=0))
     fast, slow = replace(candidate(1, 1), expected_ms=100), replace(candidate(1, 2), expected_ms=1_000)
     capacity.take(fast.peer, 0, 100)  # the fast one is busy until 100 ms
     assert capacity.placeable([fast, slow], 50, backlog=1) == []  # the last task waits for the fast worker

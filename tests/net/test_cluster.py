@@ -1,8 +1,9 @@
 """Many jobs on few workers: concurrent ``client.run`` calls and ``client.map`` over real workers on loopback.
 
 Three workers with one slot each (distinct address groups 127.0.0.1-3), each a real py-libp2p host with a real
-sandboxed executor; the client holds no more of its own jobs on a worker than its advert offers, so extra jobs
-wait in the client instead of failing on ``busy`` (specs/verification.md §13).
+sandboxed executor; the client holds no more of its own jobs on a worker than it offers (its slot and the one
+queue place a worker keeps beyond its slots), so extra jobs wait in the client instead of failing on ``busy``
+(specs/verification.md §13).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ async def test_eight_concurrent_runs_on_three_one_slot_workers(tmp_path: Path) -
             assert torch.equal(results[i].outputs[0], model(x)), i
             assert results[i].verdict is not None and results[i].agreeing
             assert all(a.outcome != "busy" or a.detail for a in results[i].attempts)
-    assert max(most_in_flight.values()) <= 1  # never more of its jobs on a worker than the worker's one slot
+    assert max(most_in_flight.values()) <= 2  # never more of its jobs on a worker than its slot and queue place
     assert len({r.worker for r in results.values()}) >= 2  # the work spread
 
 
@@ -92,7 +93,7 @@ async def test_map_of_200_tasks_on_three_one_slot_workers_in_order(tmp_path: Pat
                 assert result.verdict is not None and result.price > 0
                 most_in_flight = max(most_in_flight, max(client.capacity.in_flight(w.peer) for w in workers))
     assert seen == list(range(200))
-    assert most_in_flight <= 1
+    assert most_in_flight <= 2  # one slot and one queue place
     assert events and events[-1].done == 200 and events[-1].workers >= 2
 
 

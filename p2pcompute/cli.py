@@ -193,6 +193,12 @@ def node() -> None:
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Key, caches and state.")
 @click.option("--listen", multiple=True, help="Multiaddr to listen on (repeatable) [default: /ip4/0.0.0.0/tcp/4001].")
 @click.option("--bootstrap", multiple=True, help="Peer to join through, /ip4/…/tcp/…/p2p/<id> (repeatable).")
+@click.option(
+    "--announce",
+    multiple=True,
+    help="Public address to advertise instead of the listen addresses, /ip4/…/tcp/… (repeatable; behind NAT: the "
+    "router's forwarded address).",
+)
 @click.option("--price", help="Credits per job-second, e.g. 0.002.")
 @click.option("--slots", type=int, help="Jobs run at once.")
 @click.option("--advertise-interval", type=float, help="Seconds between adverts.")
@@ -223,6 +229,7 @@ def node_run(
     data_dir: Path | None,
     listen: tuple[str, ...],
     bootstrap: tuple[str, ...],
+    announce: tuple[str, ...],
     price: str | None,
     slots: int | None,
     advertise_interval: float | None,
@@ -247,6 +254,7 @@ def node_run(
         "data_dir": data_dir,
         "listen": listen or None,
         "bootstrap": bootstrap or None,
+        "announce": announce or None,
         "price": price,
         "slots": slots,
         "advertise_interval": advertise_interval,

@@ -4,6 +4,7 @@ Example ``node.toml`` (every key optional)::
 
     data_dir = "~/.local/share/p2pcompute"
     listen = ["/ip4/0.0.0.0/tcp/4001"]
+    announce = ["/ip4/203.0.113.7/tcp/4001"]  # the public addresses adverts carry (default: the listen addresses)
     bootstrap = ["/ip4/203.0.113.7/tcp/4001/p2p/12D3KooW..."]
     price = 0.002            # credits per job-second
     slots = 2                # jobs run at once
@@ -26,6 +27,7 @@ Example ``node.toml`` (every key optional)::
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from dataclasses import dataclass, fields, replace
 from decimal import Decimal, InvalidOperation
@@ -62,11 +64,29 @@ def parse_price(value: str | float | int) -> int:
     return int(micro)
 
 
+def check_announce_address(addr: str) -> None:
+    """An address a node may announce: ``/ip4|ip6/<concrete address>/tcp/<port>`` or
+    ``/dns|dns4|dns6/<name>/tcp/<port>``, without ``/p2p/`` (the node adds its own id)."""
+    parts = addr.split("/")
+    if len(parts) != 5 or parts[0] or parts[1] not in ("ip4", "ip6", "dns", "dns4", "dns6") or parts[3] != "tcp":
+        raise ConfigError(f"announce: {addr!r} is not /ip4|ip6|dns|dns4|dns6/<host>/tcp/<port>")
+    if not parts[4].isdigit() or not 1 <= int(parts[4]) <= 65535:
+        raise ConfigError(f"announce: {addr!r} needs a port 1..65535")
+    if parts[1] in ("ip4", "ip6"):
+        try:
+            ip = ipaddress.ip_address(parts[2])
+        except ValueError:
+            raise ConfigError(f"announce: {addr!r}: {parts[2]!r} is not an {parts[1]} address") from None
+        if ip.version != int(parts[1][2]) or ip.is_unspecified:
+            raise ConfigError(f"announce: {addr!r}: announce a concrete {parts[1]} address others can dial")
+
+
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
     data_dir: Path
     listen: tuple[str, ...] = DEFAULT_LISTEN
     bootstrap: tuple[str, ...] = ()
+    announce: tuple[str, ...] = ()  # public addresses for adverts and bootstrapping (empty: the listen addresses)
     price_per_second: int = 1000  # micro-credits (0.001 credit) per job-second
     slots: int = 1
     advertise_interval: float = 30.0
@@ -100,6 +120,8 @@ class NodeConfig:
         for addr in (*self.listen, *self.bootstrap):
             if not addr.startswith("/"):
                 raise ConfigError(f"{addr!r} is not a multiaddr (e.g. /ip4/127.0.0.1/tcp/4001)")
+        for addr in self.announce:
+            check_announce_address(addr)
         for addr in self.bootstrap:
             if "/p2p/" not in addr or "/" in addr.rsplit("/p2p/", 1)[1]:
                 raise ConfigError(f"bootstrap address {addr!r} must end in /p2p/<peer id>")
@@ -157,7 +179,7 @@ def _from_mapping(base: NodeConfig, values: dict[str, Any], where: str) -> NodeC
                 changes["price_per_second"] = parse_price(value)
             elif key in ("data_dir", "cheat_ring_dir"):
                 changes[key] = Path(str(value)).expanduser()
-            elif key in ("listen", "bootstrap"):
+            elif key in ("listen", "bootstrap", "announce"):
                 if isinstance(value, str):
                     value = [value]
                 changes[key] = tuple(str(v) for v in value)

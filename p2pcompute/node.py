@@ -15,7 +15,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, cast
@@ -219,7 +219,7 @@ class Node:
             peer_id=self.peer_id,
             seq=self._seq,
             issued_at=now,
-            addrs=advert_addrs(self.host, self.peer_id),
+            addrs=advert_addrs(self.host, self.peer_id, self.config.announce),
             devices=self.hardware.devices,
             price_per_second=self.config.price_per_second,
             slots_total=self.config.slots,
@@ -559,7 +559,7 @@ class Node:
                 nursery.start_soon(self._provide)
             info = NodeInfo(
                 peer_id=str(self.peer_id),
-                addrs=tuple(host_addrs(self.host)),
+                addrs=advert_addrs(self.host, self.peer_id, self.config.announce) or tuple(host_addrs(self.host)),
                 status_url=f"http://127.0.0.1:{self.status_port}/status" if serve_status else "",
                 sandbox=tuple(self.worker.executor.sandbox.items()) if self.worker is not None else (),
             )
@@ -678,12 +678,16 @@ async def serve(config: NodeConfig, *, task_status: TaskStatus[NodeInfo] = trio.
 MAX_ADVERT_ADDRS = 16  # GpuAdvert.addrs holds 1 … 16
 
 
-def advert_addrs(host: IHost, peer: PeerId) -> tuple[str, ...]:
-    """The addresses our adverts carry (specs/adverts.md §4 check 8): the host's, each ending in our own
-    ``/p2p/<id>``, with an unspecified listen address (``0.0.0.0``, ``::``) expanded to this machine's interface
-    addresses (loopback when it has none), and nothing a receiver would refuse."""
+def advert_addrs(host: IHost, peer: PeerId, announce: Sequence[str] = ()) -> tuple[str, ...]:
+    """The addresses our adverts carry (specs/adverts.md §4 check 8), each ending in our own ``/p2p/<id>``: the
+    operator's ``announce`` addresses when set (the only ones then: behind NAT the listen addresses are private),
+    else the host's, with an unspecified listen address (``0.0.0.0``, ``::``) expanded to this machine's interface
+    addresses; loopback addresses only when there is nothing else (a loopback testnet: to anyone else,
+    127.0.0.1 is their own machine); nothing a receiver would refuse."""
     suffix = f"/p2p/{peer}"
     out: list[str] = []
+    if announce:
+        return tuple(dict.fromkeys(a.removesuffix(suffix) + suffix for a in announce))[:MAX_ADVERT_ADDRS]
     for addr in host_addrs(host):
         base = addr.removesuffix(suffix)
         candidates = [base]
@@ -701,7 +705,18 @@ def advert_addrs(host: IHost, peer: PeerId) -> tuple[str, ...]:
                 continue
             if full not in out:
                 out.append(full)
-    return tuple(out[:MAX_ADVERT_ADDRS])
+    routable = [a for a in out if not _is_loopback(a)]
+    return tuple((routable or out)[:MAX_ADVERT_ADDRS])
+
+
+def _is_loopback(addr: str) -> bool:
+    parts = addr.split("/")
+    if len(parts) < 3 or parts[1] not in ("ip4", "ip6"):
+        return False
+    try:
+        return ipaddress.ip_address(parts[2]).is_loopback
+    except ValueError:
+        return False
 
 
 def _is_unspecified(ip: str) -> bool:

@@ -51,6 +51,14 @@ def test_file_then_overrides(tmp_path: Path) -> None:
         ('log_level = "loud"', "log_level"),
         ("mdns = 1", "true or false"),
         ("slots = [", "node.toml"),
+        ('announce = ["/ip4/0.0.0.0/tcp/4001"]', "concrete"),
+        (
+            'announce = ["/ip4/203.0.113.7/tcp/4001/p2p/12D3KooWA4Xop1JaT3MHxwYMkCepYsv4iPVopMXwCz5iHYdBfeSB"]',
+            "announce",
+        ),
+        ('announce = ["/ip4/203.0.113.7/udp/4001"]', "announce"),
+        ('announce = ["/ip4/203.0.113.7/tcp/70000"]', "port"),
+        ('announce = ["/ip6/203.0.113.7/tcp/4001"]', "ip6"),
     ],
 )
 def test_bad_values_are_clear_errors(tmp_path: Path, text: str, message: str) -> None:
@@ -70,3 +78,11 @@ def test_parse_price() -> None:
     assert parse_price("0.002") == 2000
     assert parse_price(1) == 1_000_000
     assert parse_price("0") == 0
+
+
+def test_announce_addresses_from_file_and_flag(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text('announce = ["/ip4/203.0.113.7/tcp/4001", "/dns4/gpu.example.org/tcp/4001"]\n')
+    config = load_config(path)
+    assert config.announce == ("/ip4/203.0.113.7/tcp/4001", "/dns4/gpu.example.org/tcp/4001")
+    assert load_config(path, {"announce": ("/ip6/2001:db8::7/tcp/4001",)}).announce == ("/ip6/2001:db8::7/tcp/4001",)

@@ -312,3 +312,28 @@ async def test_libp2p_records_are_kept_at_debug(tmp_path: Path, caplog: pytest.L
     relayed = [r for r in caplog.records if r.name.startswith(RELAY_LOGGER) and "Failed to open TCP" in r.message]
     assert relayed and all(r.levelno == logging.DEBUG for r in relayed)
     assert relayed[0].message.startswith("error: ")  # the original level, kept in the text
+
+
+async def test_adverts_carry_the_announced_addresses_and_no_loopback_beside_routable_ones() -> None:
+    """With ``announce`` set, adverts carry exactly those addresses (each ending in the node's id): behind NAT the
+    listen addresses are private. Without it, a node listening on 0.0.0.0 advertises its interface addresses but
+    not 127.0.0.1 (to anyone else that is their own machine); a loopback-only node keeps its loopback address."""
+    from p2pcompute.core.adverts import check_advert_address
+    from p2pcompute.node import advert_addrs
+
+    pair = KeyPair.from_seed(hashlib.sha256(b"announce").digest())
+    async with open_host(pair.seed, ["/ip4/0.0.0.0/tcp/0"]) as host:
+        announced = advert_addrs(host, pair.peer_id, ("/ip4/203.0.113.7/tcp/4001", "/dns4/gpu.example.org/tcp/4001"))
+        assert announced == (
+            f"/ip4/203.0.113.7/tcp/4001/p2p/{pair.peer_id}",
+            f"/dns4/gpu.example.org/tcp/4001/p2p/{pair.peer_id}",
+        )
+        expanded = advert_addrs(host, pair.peer_id)
+        assert expanded and not any("/0.0.0.0/" in a for a in expanded)
+        for addr in expanded:
+            check_advert_address(addr, pair.peer_id)
+        if any("/127.0.0.1/" not in a for a in expanded):  # the machine has a routable interface
+            assert not any("/127.0.0.1/" in a for a in expanded)
+    async with open_host(pair.seed, LOOPBACK) as host:
+        (only,) = advert_addrs(host, pair.peer_id)
+        assert only.startswith("/ip4/127.0.0.1/tcp/")

@@ -180,7 +180,7 @@ class Node:
         self.discovery = Discovery(host, DiscoveryConfig(bootstrap=config.bootstrap))
         self.metrics = _Metrics(self)
         self.free_slots = config.slots
-        self.started_at = time.time()
+        self.started_at_ms = self.clock()  # the injected clock, as everywhere in the node
         self.status_port: int | None = None
         self.worker: Worker | None = None
         self._last_capacity_advert = 0.0
@@ -480,7 +480,7 @@ class Node:
             "version": __version__,
             "peer_id": str(self.peer_id),
             "addrs": host_addrs(self.host),
-            "uptime_s": round(time.time() - self.started_at, 3),
+            "uptime_s": round((self.clock() - self.started_at_ms) / 1000, 3),
             "connected_peers": sorted(str(p) for p in self.host.get_connected_peers()),
             "routing_table_peers": len(self.discovery.routing_table_peers()),
             "capabilities": self.capabilities(),

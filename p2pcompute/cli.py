@@ -14,8 +14,9 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -23,6 +24,10 @@ from p2pcompute import __version__
 from p2pcompute.config import CHEAT_MODES
 from p2pcompute.errors import ConfigError, DialError, HostStartError, P2PComputeError, Reason
 from p2pcompute.keys import default_key_path, generate_keypair, read_key_file, write_key_file
+
+if TYPE_CHECKING:
+    from p2pcompute.config import NodeConfig
+    from p2pcompute.node import ExecutorWrapper
 
 _LOG_LEVELS = ["debug", "info", "warning", "error"]
 
@@ -37,16 +42,23 @@ class _OneLineErrors(click.Group):
     """The command group: whatever a command raises becomes one line on stderr and exit status 1."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        try:
+        with one_line_errors(ctx.invoked_subcommand or "p2pcompute"):
             return super().invoke(ctx)
-        except _PASS_THROUGH:
-            raise
-        except BaseException as exc:
-            leaf = _leaf(exc)
-            if isinstance(leaf, (*_PASS_THROUGH, SystemExit)):
-                raise leaf from None
-            log.debug("%s failed", ctx.invoked_subcommand or "p2pcompute", exc_info=exc)
-            raise click.ClickException(one_line(leaf)) from exc
+
+
+@contextmanager
+def one_line_errors(what: str) -> Iterator[None]:
+    """Whatever the body raises becomes one line (a ``ClickException``); the traceback is logged at DEBUG."""
+    try:
+        yield
+    except _PASS_THROUGH:
+        raise
+    except BaseException as exc:
+        leaf = _leaf(exc)
+        if isinstance(leaf, (*_PASS_THROUGH, SystemExit)):
+            raise leaf from None
+        log.debug("%s failed", what, exc_info=exc)
+        raise click.ClickException(one_line(leaf)) from exc
 
 
 def one_line(exc: BaseException) -> str:
@@ -218,13 +230,15 @@ def node() -> None:
     default=None,
     help="Executor sandbox: every layer the kernel offers (auto), all or refuse to start (required), none (off).",
 )
-@click.option("--cheat-mode", hidden=True, default=None, help="Testnets only: make this worker cheat.")
-@click.option("--cheat-honest-jobs", hidden=True, type=int, default=None, help="Testnets only: honest jobs first.")
-@click.option("--cheat-ring-dir", hidden=True, default=None, help="Testnets only: the cheaters' side channel.")
-@click.option("--cheat-unreplicated-rate", hidden=True, type=float, default=None, help="Testnets only: ring.")
 @click.pass_context
-def node_run(
-    ctx: click.Context,
+def node_run(ctx: click.Context, /, **options: Any) -> None:
+    """Run a peer until SIGINT/SIGTERM; print its peer id and the addresses others can dial."""
+    run_node(ctx.obj["log_level"], **options)
+
+
+def run_node(
+    log_level: str | None,
+    *,
     config_file: Path | None,
     data_dir: Path | None,
     listen: tuple[str, ...],
@@ -240,12 +254,13 @@ def node_run(
     no_benchmark: bool | None,
     json_events: bool,
     sandbox: str | None,
-    cheat_mode: str | None,
-    cheat_honest_jobs: int | None,
-    cheat_ring_dir: str | None,
-    cheat_unreplicated_rate: float | None,
+    wrap_executor: ExecutorWrapper | None = None,
 ) -> None:
-    """Run a peer until SIGINT/SIGTERM; print its peer id and the addresses others can dial."""
+    """Run a peer as ``node run`` does, from its parsed options (``node_run.params``).
+
+    ``wrap_executor`` goes to ``serve`` as it is: ``node run`` passes none; a testnet's cheating peer
+    (``python -m p2pcompute.testing.peer``) passes its adversary.
+    """
     import trio
 
     from p2pcompute.config import load_config
@@ -263,13 +278,9 @@ def node_run(
         "mdns": mdns,
         "connections_low": connections[0] if connections else None,
         "connections_high": connections[1] if connections else None,
-        "cheat_mode": cheat_mode,
-        "cheat_honest_jobs": cheat_honest_jobs,
-        "cheat_ring_dir": cheat_ring_dir,
-        "cheat_unreplicated_rate": cheat_unreplicated_rate,
         "sandbox": sandbox,
         "probe_benchmark": False if no_benchmark else None,
-        "log_level": ctx.obj["log_level"],
+        "log_level": log_level,
     }
     config = load_config(config_file, overrides)
     _setup_logging(config.log_level)
@@ -281,7 +292,7 @@ def node_run(
     _check_addrs("bootstrap address", config.bootstrap, where("bootstrap", "bootstrap"), peer=True)
     _check_data_dir(config.data_dir, where("data-dir", "data_dir"))
     try:
-        trio.run(_run_node, config, json_events)
+        trio.run(_run_node, config, json_events, wrap_executor)
     except BaseException as exc:
         leaf = _leaf(exc)
         if isinstance(leaf, HostStartError) and "listen on" in leaf.detail:
@@ -292,7 +303,8 @@ def node_run(
         raise
 
 
-async def _run_node(config: Any, json_events: bool) -> None:
+async def _run_node(config: NodeConfig, json_events: bool, wrap_executor: ExecutorWrapper | None) -> None:
+    import functools
     import signal
 
     import trio
@@ -304,7 +316,7 @@ async def _run_node(config: Any, json_events: bool) -> None:
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            info = await nursery.start(serve, config)
+            info = await nursery.start(functools.partial(serve, wrap_executor=wrap_executor), config)
             click.echo(f"peer id: {info.peer_id}")
             for addr in info.addrs:
                 click.echo(f"listening: {addr}")
@@ -806,7 +818,8 @@ def _compare_text(compare: Any) -> str:
 @click.option(
     "--redundancy",
     type=click.IntRange(1, 16),
-    help="Workers that must agree on the result [default: adaptive, 2 for a worker not yet trusted].",
+    help="Workers that must agree on the result [default: the client decides: one worker whose committed trace it "
+    "checks, or replicas by proven work for jobs too big to check].",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result summary as JSON (no progress bar).")
 @click.option(

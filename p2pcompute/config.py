@@ -40,7 +40,8 @@ from p2pcompute.keys import default_data_dir
 __all__ = ["MICRO_CREDITS", "NodeConfig", "load_config", "parse_price"]
 
 MICRO_CREDITS = 1_000_000  # price units per credit
-# p2pcompute.testing.adversary
+# The adversary modes the `testnet` and `trial` commands accept; the cheating itself lives only in
+# p2pcompute.testing.adversary (started through p2pcompute.testing.peer), never in a node's config.
 CHEAT_MODES = ("random", "zeros", "stale", "lazy", "collude", "sleeper", "ring", "sybil")
 DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/4001",)
 DEFAULT_STATUS_PORT = 8470
@@ -109,10 +110,6 @@ class NodeConfig:
     receipt_timeout: float = 30.0
     # Data-channel tickets without a key (tensors unsealed on the wire): an explicit opt-in for loopback testnets.
     data_channel_clear: bool = False
-    cheat_mode: str = ""  # testnets only: make this worker cheat (p2pcompute.testing.adversary)
-    cheat_honest_jobs: int = 0  # ... after this many honest jobs (sleeper, sybil: K)
-    cheat_ring_dir: Path | None = None  # ... coordinating with the other group cheaters here (ring: required)
-    cheat_unreplicated_rate: float = 0.0  # ring: chance of cheating on a job it seems to run alone
 
     def validate(self) -> NodeConfig:
         if not self.listen:
@@ -137,12 +134,6 @@ class NodeConfig:
             )
         if not 0 <= self.connections_low <= self.connections_high <= 1024:
             raise ConfigError("need 0 <= connections_low <= connections_high <= 1024")
-        if self.cheat_mode and self.cheat_mode not in CHEAT_MODES:
-            raise ConfigError(f"cheat_mode must be one of {', '.join(CHEAT_MODES)}")
-        if self.cheat_mode == "ring" and self.cheat_ring_dir is None:
-            raise ConfigError("cheat_mode ring needs cheat_ring_dir (the ring's side channel)")
-        if self.cheat_honest_jobs < 0 or not 0.0 <= self.cheat_unreplicated_rate <= 1.0:
-            raise ConfigError("cheat_honest_jobs must be >= 0 and cheat_unreplicated_rate 0..1")
         if self.sandbox not in SANDBOX_MODES:
             raise ConfigError(f"sandbox must be one of {', '.join(SANDBOX_MODES)}, got {self.sandbox!r}")
         if not 1 <= self.sandbox_uid_base <= 2_000_000_000:
@@ -177,7 +168,7 @@ def _from_mapping(base: NodeConfig, values: dict[str, Any], where: str) -> NodeC
                 continue
             if key == "price":
                 changes["price_per_second"] = parse_price(value)
-            elif key in ("data_dir", "cheat_ring_dir"):
+            elif key == "data_dir":
                 changes[key] = Path(str(value)).expanduser()
             elif key in ("listen", "bootstrap", "announce"):
                 if isinstance(value, str):
@@ -191,7 +182,6 @@ def _from_mapping(base: NodeConfig, values: dict[str, Any], where: str) -> NodeC
                 "connections_high",
                 "job_memory_bytes",
                 "sandbox_uid_base",
-                "cheat_honest_jobs",
             ):
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise ConfigError(f"{where}: {key} must be an integer")
@@ -203,7 +193,6 @@ def _from_mapping(base: NodeConfig, values: dict[str, Any], where: str) -> NodeC
                 "accept_timeout",
                 "inputs_timeout",
                 "receipt_timeout",
-                "cheat_unreplicated_rate",
             ):
                 changes[key] = float(value)
             elif key in ("mdns", "probe_benchmark", "serve_jobs", "data_channel_clear"):

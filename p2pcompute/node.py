@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, cast
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import h11
 import multiaddr
@@ -61,13 +61,18 @@ if TYPE_CHECKING:
     # trio-typing (a py-libp2p dependency) ships trio stubs that do not export TaskStatus.
     from trio_typing import TaskStatus
 
+    from p2pcompute.compute.executor import Executor
     from p2pcompute.store import Store
     from p2pcompute.worker import Worker
 
 
-__all__ = ["Node", "NodeInfo", "advert_table", "serve"]
+__all__ = ["ExecutorWrapper", "Node", "NodeInfo", "advert_table", "serve"]
 
 log = logging.getLogger(__name__)
+
+ExecutorWrapper = Callable[["Executor", PeerId], "Executor"]
+"""``(executor, this peer's id) -> the executor the worker uses``: a hook of :func:`serve` for harnesses (a testnet's
+cheating peers wrap it, ``p2pcompute.testing.peer``); the production path passes none."""
 
 NODE_INFO_FILE = "node.json"
 # Named timeouts and bounds of the node's own protocols (seconds unless noted).
@@ -595,18 +600,24 @@ def _write_node_info(data_dir: Path, info: NodeInfo) -> None:
     tmp.replace(path)
 
 
-async def serve(config: NodeConfig, *, task_status: TaskStatus[NodeInfo] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve(
+    config: NodeConfig,
+    *,
+    task_status: TaskStatus[NodeInfo] = trio.TASK_STATUS_IGNORED,
+    wrap_executor: ExecutorWrapper | None = None,
+) -> None:
     """Run a peer with ``config`` until cancelled (the CLI cancels on SIGINT/SIGTERM).
 
     With ``config.serve_jobs`` the peer is a worker: a warm executor pool (one child per slot), a data-channel
     listener and the job protocol handler; accepted jobs are persisted in ``<data_dir>/store.sqlite3``.
+    ``wrap_executor`` (harnesses only) replaces the executor the job handler runs jobs on with what it returns;
+    dry runs for evidence re-checks stay on the pool itself.
     """
     # Imported here: a worker's modules (executor pool, data channel, store) cost start-up time only where used.
-    from p2pcompute.compute.executor import Executor, open_executor
+    from p2pcompute.compute.executor import open_executor
     from p2pcompute.core.negotiation import NegotiationPolicy
     from p2pcompute.net.transfer import DataChannelConfig, DataServer
     from p2pcompute.store import STORE_FILE, open_store
-    from p2pcompute.testing.adversary import CheatingExecutor, cheater_from_config
     from p2pcompute.worker import Worker, WorkerSettings
 
     config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -641,10 +652,7 @@ async def serve(config: NodeConfig, *, task_status: TaskStatus[NodeInfo] = trio.
             node = Node(config, keypair, hardware, host, store=store)
             if executor is not None:
                 devices = hardware.devices
-                worker_executor = executor
-                if config.cheat_mode:  # testnets only: results pass through the adversary before being attested
-                    cheater = cheater_from_config(config, str(keypair.peer_id))
-                    worker_executor = cast(Executor, CheatingExecutor(executor, cheater))
+                worker_executor = executor if wrap_executor is None else wrap_executor(executor, keypair.peer_id)
                 node.worker = Worker(
                     keypair=keypair,
                     executor=worker_executor,

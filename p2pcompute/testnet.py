@@ -402,9 +402,23 @@ def peer_ip(index: int) -> str:
 def _node_command(
     index: int, data_dir: Path, bootstrap: Sequence[str], config: TestnetConfig, ip: str | None = None
 ) -> list[str]:
-    command = [
-        sys.executable, "-m", "p2pcompute.cli", "--log-level", config.log_level,
-        "node", "run", "--json-events",
+    # An honest peer is the production command; a cheater is the testnet-only entry point, whose options (how it
+    # cheats) come before "--" and node run's after it.
+    mode = config.cheat_modes()[index]
+    if mode:
+        command = [
+            sys.executable, "-m", "p2pcompute.testing.peer", "--log-level", config.log_level,
+            "--cheat-mode", mode, "--cheat-honest-jobs", str(config.honest_jobs),
+        ]  # fmt: skip
+        if mode in GROUP_MODES:
+            command += ["--cheat-ring-dir", str(_ring_dir(data_dir.parent))]
+        if mode == "ring":
+            command += ["--cheat-unreplicated-rate", str(config.ring_unreplicated_rate)]
+        command += ["--"]
+    else:
+        command = [sys.executable, "-m", "p2pcompute.cli", "--log-level", config.log_level, "node", "run"]
+    command += [
+        "--json-events",
         "--data-dir", str(data_dir),
         "--listen", f"/ip4/{ip or peer_ip(index)}/tcp/0",
         "--status-port", "0",
@@ -418,13 +432,6 @@ def _node_command(
         command += ["--connections", "4", "24"]
     for addr in bootstrap:
         command += ["--bootstrap", addr]
-    mode = config.cheat_modes()[index]
-    if mode:
-        command += ["--cheat-mode", mode, "--cheat-honest-jobs", str(config.honest_jobs)]
-    if mode in GROUP_MODES:
-        command += ["--cheat-ring-dir", str(_ring_dir(data_dir.parent))]
-    if mode == "ring":
-        command += ["--cheat-unreplicated-rate", str(config.ring_unreplicated_rate)]
     return command + list(config.extra_args)
 
 

@@ -570,31 +570,29 @@ class _ClusterPeer:
             bootstrap=(self.bootstrap,),
         ).validate()
         await trio.to_thread.run_sync(write_hardware_cache, [config.data_dir])
-        self.worker = await start_worker(self.nursery, self.worker.index, config)
+        self.worker = await start_worker(self.nursery, self.worker.index, config, cheat=self.worker.cheat)
         self.alive = True
 
 
 @contextlib.asynccontextmanager
 async def _cluster_peers(base: Path, workers: int, adversary: Adversary) -> AsyncIterator[list[_ClusterPeer]]:
-    from p2pcompute.config import NodeConfig
+    from p2pcompute.testing.adversary import CheatSettings
     from p2pcompute.testing.jobs import cluster
 
     modes = assign_modes(workers, adversary.count, adversary.mode) if adversary.count else [""] * workers
     ring_dir = base / "ring"
-
-    def configure(index: int, config: NodeConfig) -> NodeConfig:
-        mode = modes[index]
-        if not mode:
-            return config
-        return replace(
-            config,
-            cheat_mode=mode,
-            cheat_honest_jobs=adversary.honest_jobs,
-            cheat_ring_dir=ring_dir if mode in GROUP_MODES else None,
-            cheat_unreplicated_rate=adversary.unreplicated_rate if mode == "ring" else 0.0,
+    cheats = {
+        index: CheatSettings(
+            mode=mode,
+            honest_jobs=adversary.honest_jobs,
+            ring_dir=ring_dir if mode in GROUP_MODES else None,
+            unreplicated_rate=adversary.unreplicated_rate if mode == "ring" else 0.0,
         )
+        for index, mode in enumerate(modes)
+        if mode
+    }
 
-    async with trio.open_nursery() as nursery, cluster(base, workers, configure=configure) as started:
+    async with trio.open_nursery() as nursery, cluster(base, workers, cheats=cheats) as started:
         counter = [0]
         peers = [
             _ClusterPeer(w, modes[w.index], nursery, base, started[0].addr, adversary.new_address, counter)

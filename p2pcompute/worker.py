@@ -79,7 +79,7 @@ from p2pcompute.net.transfer import DataServer, Direction
 from p2pcompute.net.transfer import Ticket as DataTicket
 from p2pcompute.store import JobRecord, JobRole, JobState, Store
 
-__all__ = ["OutputTamper", "Worker", "WorkerSettings"]
+__all__ = ["Worker", "WorkerSettings"]
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +89,6 @@ TRANSFER_TIMEOUT_S = 600.0  # an upload when the phase has no deadline (never, o
 BLOB_CACHE_BYTES = 256 * 1024 * 1024  # content-addressed tensors kept between jobs (weights sent once)
 CLAIM_SLACK = 0.25  # a client's memory or flops claim may differ from the worker's own dry run by this fraction ...
 CLAIM_SLACK_BYTES = 1 << 20  # ... plus this many bytes (memory) or flops
-
-OutputTamper = Callable[[bytes, ExecResult], ExecResult]
-"""``(job digest, result) -> result``: changes a result before it is attested. Only testnet adversaries use it
-(``p2pcompute.testing.adversary``)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,7 +145,6 @@ class Worker:
         clock: Callable[[], int],
         on_capacity: Callable[[int], None] = lambda free: None,
         on_receipt: Callable[[Opened[JobReceipt]], None] = lambda receipt: None,
-        tamper: OutputTamper | None = None,
     ) -> None:
         self.keypair = keypair
         self.executor = executor
@@ -159,7 +154,6 @@ class Worker:
         self.clock = clock
         self.on_capacity = on_capacity
         self.on_receipt = on_receipt
-        self.tamper = tamper
         self.free_slots = settings.slots
         # Slot occupancy (utilisation): milliseconds of slot-time held by admitted jobs, integrated at each change
         # of the slots taken (min(taken, slots): a job queued beyond the slots occupies none), and ms in the executor.
@@ -391,8 +385,6 @@ class Worker:
                     result = await self.executor.run(spec_bytes, blobs)
                 finally:
                     self._exec_ms += max(0, self.clock() - began)
-                if self.tamper is not None:
-                    result = self.tamper(request.message.job_digest, result)
             except (ExecutionError, JobFormatError) as exc:
                 failed = machine.make_failed(exc.reason.value, detail=exc.detail[:512], **conv.message_fields())
                 sent = await conv.send_signed(failed, lambda o: Failed(opened=o))  # type: ignore[arg-type]

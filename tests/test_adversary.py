@@ -17,7 +17,8 @@ import pytest
 import trio
 
 from p2pcompute.compute.executor import ExecResult
-from p2pcompute.config import CHEAT_MODES, NodeConfig, load_config
+from p2pcompute.config import CHEAT_MODES
+from p2pcompute.core.identity import KeyPair
 from p2pcompute.core.messages import Timings
 from p2pcompute.core.tensors import TensorMeta, outputs_digest, tensor_digest
 from p2pcompute.core.trace import TraceLeaf, first_divergence, trace_root
@@ -25,10 +26,11 @@ from p2pcompute.errors import ConfigError
 from p2pcompute.testing.adversary import (
     GROUP_MODES,
     Cheater,
+    CheatingExecutor,
+    CheatSettings,
     Decision,
     DirectoryRing,
     MemoryRing,
-    cheater_from_config,
     make_tamper,
     ring_decision,
 )
@@ -279,25 +281,27 @@ def test_directory_ring_is_shared_between_instances(tmp_path: Path) -> None:
 # --- configuration ---
 
 
-def test_node_config_carries_the_adversary(tmp_path: Path) -> None:
-    config = load_config(
-        None,
-        {
-            "data_dir": tmp_path,
-            "cheat_mode": "ring",
-            "cheat_honest_jobs": 15,
-            "cheat_ring_dir": str(tmp_path / "ring"),
-            "cheat_unreplicated_rate": 0.1,
-        },
-    )
-    cheater = cheater_from_config(config, "me")
+def test_cheat_settings_make_the_cheater_and_wrap_the_executor(tmp_path: Path) -> None:
+    settings = CheatSettings("ring", honest_jobs=15, ring_dir=tmp_path / "ring", unreplicated_rate=0.1).validate()
+    cheater = settings.cheater("me")
     assert (cheater.mode, cheater.honest_jobs, cheater.unreplicated_rate) == ("ring", 15, 0.1)
     assert isinstance(cheater.ring, DirectoryRing)
     assert cheater.ring.members() == {"me"}
+    inner = object()
+    peer = KeyPair.from_seed(bytes(32)).peer_id
+    wrapped = settings.wrap_executor(inner, peer)  # type: ignore[arg-type]
+    assert isinstance(wrapped, CheatingExecutor) and wrapped.inner is inner
+    assert wrapped.cheater.member == str(peer) and wrapped.cheater is not settings.cheater(str(peer))
     with pytest.raises(ConfigError, match="cheat_ring_dir"):
-        NodeConfig(data_dir=tmp_path, cheat_mode="ring").validate()
-    with pytest.raises(ConfigError):
-        NodeConfig(data_dir=tmp_path, cheat_mode="sleeper", cheat_honest_jobs=-1).validate()
+        CheatSettings("ring").validate()
+    with pytest.raises(ConfigError, match="cheat_mode must be one of"):
+        CheatSettings("").validate()
+    with pytest.raises(ConfigError, match="cheat_honest_jobs"):
+        CheatSettings("sleeper", honest_jobs=-1).validate()
+    with pytest.raises(ConfigError, match="cheat_unreplicated_rate"):
+        CheatSettings("ring", ring_dir=tmp_path, unreplicated_rate=1.5).validate()
+    with pytest.raises(ConfigError, match="cheat_ring_dir"):
+        CheatSettings("ring").wrap_executor(inner, peer)  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
         Cheater("ring")  # a ring member without a side channel could never coordinate
 

@@ -1,6 +1,7 @@
 """Cheating workers for testnets and benchmarks: they run the job, then change the outputs they attest.
 
-Modes (``p2pcompute testnet --cheaters C --cheat-mode MODE``; ``NodeConfig.cheat_mode``):
+Modes (``p2pcompute testnet --cheaters C --cheat-mode MODE``; one peer: :class:`CheatSettings`, from the command
+line ``python -m p2pcompute.testing.peer --cheat-mode MODE -- <node run options>``):
 
 ``random``   outputs replaced by random values of the same dtypes and shapes
 ``zeros``    outputs replaced by zeros
@@ -57,9 +58,10 @@ import struct
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import trio
 
@@ -72,13 +74,14 @@ from p2pcompute.errors import ConfigError
 
 if TYPE_CHECKING:
     from p2pcompute.compute.executor import Executor
-    from p2pcompute.config import NodeConfig
+    from p2pcompute.core.identity import PeerId
 
 __all__ = [
     "CHEAT_MODES",
     "DEFAULT_GROUP_SECRET",
     "GROUP_MODES",
     "RING_WINDOW_S",
+    "CheatSettings",
     "Cheater",
     "CheatingExecutor",
     "Decision",
@@ -86,7 +89,6 @@ __all__ = [
     "MemoryRing",
     "RingChannel",
     "Tamper",
-    "cheater_from_config",
     "fake_outputs",
     "group_outputs",
     "make_tamper",
@@ -476,13 +478,39 @@ class CheatingExecutor:
         return getattr(self.inner, name)
 
 
-def cheater_from_config(config: NodeConfig, member: str) -> Cheater:
-    """The cheater a node's config asks for (``cheat_mode``, ``cheat_honest_jobs``, ``cheat_ring_dir``, ...)."""
-    ring = DirectoryRing(config.cheat_ring_dir) if config.cheat_ring_dir is not None else None
-    return Cheater(
-        config.cheat_mode,
-        member=member,
-        honest_jobs=config.cheat_honest_jobs,
-        ring=ring,
-        unreplicated_rate=config.cheat_unreplicated_rate,
-    )
+@dataclass(frozen=True)
+class CheatSettings:
+    """What makes one worker peer a cheater: the hook :func:`p2pcompute.node.serve` takes is :meth:`wrap_executor`.
+
+    Harnesses only (``p2pcompute.testing.peer``, ``p2pcompute.trial``, tests): a node's own config has no cheat
+    settings. ``ring_dir`` is the group cheaters' side channel (:class:`DirectoryRing`; ring: required).
+    """
+
+    mode: str
+    honest_jobs: int = 0  # honest for this many jobs first (sleeper, sybil: K)
+    ring_dir: Path | None = None  # coordinating with the other group cheaters here
+    unreplicated_rate: float = 0.0  # ring: chance of cheating on a job it seems to run alone
+
+    def validate(self) -> CheatSettings:
+        if self.mode not in CHEAT_MODES:
+            raise ConfigError(f"cheat_mode must be one of {', '.join(CHEAT_MODES)}")
+        if self.mode == "ring" and self.ring_dir is None:
+            raise ConfigError("cheat_mode ring needs cheat_ring_dir (the ring's side channel)")
+        if self.honest_jobs < 0 or not 0.0 <= self.unreplicated_rate <= 1.0:
+            raise ConfigError("cheat_honest_jobs must be >= 0 and cheat_unreplicated_rate 0..1")
+        return self
+
+    def cheater(self, member: str) -> Cheater:
+        """A fresh cheater (its own counters) for the worker named ``member``, joined to the ring if any."""
+        ring = DirectoryRing(self.ring_dir) if self.ring_dir is not None else None
+        return Cheater(
+            self.mode,
+            member=member,
+            honest_jobs=self.honest_jobs,
+            ring=ring,
+            unreplicated_rate=self.unreplicated_rate,
+        )
+
+    def wrap_executor(self, executor: Executor, peer: PeerId) -> Executor:
+        """``serve(config, wrap_executor=settings.wrap_executor)``: every result passes through a new cheater."""
+        return cast("Executor", CheatingExecutor(executor, self.validate().cheater(str(peer))))

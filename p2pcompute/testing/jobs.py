@@ -9,8 +9,9 @@ Every wait here is bounded by a named timeout.
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
     from p2pcompute.client import Job
+    from p2pcompute.testing.adversary import CheatSettings
 
 __all__ = [
     "WORKER_START_TIMEOUT_S",
@@ -84,13 +86,14 @@ def worker_config(base: Path, index: int, bootstrap: Sequence[str] = (), **chang
 
 @dataclass(frozen=True)
 class WorkerPeer:
-    """A running worker: its config, what ``serve`` reported, and the scope that stops it."""
+    """A running worker: its config, what ``serve`` reported, the scope that stops it, how it cheats (if it does)."""
 
     index: int
     config: NodeConfig
     info: NodeInfo
     scope: trio.CancelScope
     stopped: trio.Event
+    cheat: CheatSettings | None = None
 
     @property
     def peer(self) -> PeerId:
@@ -111,21 +114,30 @@ class WorkerPeer:
             await self.stopped.wait()
 
 
-async def _run_worker(index: int, config: NodeConfig, *, task_status: TaskStatus[WorkerPeer]) -> None:
+async def _run_worker(
+    index: int, config: NodeConfig, cheat: CheatSettings | None, *, task_status: TaskStatus[WorkerPeer]
+) -> None:
     stopped = trio.Event()
+    wrap = cheat.validate().wrap_executor if cheat is not None else None
     try:
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:
-                info = await nursery.start(serve, config)
-                task_status.started(WorkerPeer(index, config, info, scope, stopped))
+                info = await nursery.start(functools.partial(serve, wrap_executor=wrap), config)
+                task_status.started(WorkerPeer(index, config, info, scope, stopped, cheat))
     finally:
         stopped.set()
 
 
-async def start_worker(nursery: trio.Nursery, index: int, config: NodeConfig) -> WorkerPeer:
-    """Start one worker in ``nursery``; returns once it listens and has published its first advert."""
+async def start_worker(
+    nursery: trio.Nursery, index: int, config: NodeConfig, *, cheat: CheatSettings | None = None
+) -> WorkerPeer:
+    """Start one worker in ``nursery``; returns once it listens and has published its first advert.
+
+    With ``cheat`` the worker is an adversary (``serve(..., wrap_executor=cheat.wrap_executor)``): a fresh cheater
+    per start, as a restarted process would have.
+    """
     with trio.fail_after(WORKER_START_TIMEOUT_S):
-        peer: WorkerPeer = await nursery.start(_run_worker, index, config)
+        peer: WorkerPeer = await nursery.start(_run_worker, index, config, cheat)
     return peer
 
 
@@ -135,20 +147,23 @@ async def cluster(
     count: int,
     *,
     configure: Callable[[int, NodeConfig], NodeConfig] = lambda index, config: config,
+    cheats: Mapping[int, CheatSettings] | None = None,
 ) -> AsyncIterator[list[WorkerPeer]]:
     """``count`` workers under ``base``: worker 0 first, then the others (bootstrapping from it) at once.
 
-    ``configure(index, config)`` may change a worker's config (price, slots, ...). All are stopped on exit.
+    ``configure(index, config)`` may change a worker's config (price, slots, ...); ``cheats`` makes the workers it
+    names cheat (:func:`start_worker`). All are stopped on exit.
     """
+    cheats = cheats or {}
     configs = [worker_config(base, i) for i in range(count)]
     await trio.to_thread.run_sync(write_hardware_cache, [c.data_dir for c in configs])
     async with trio.open_nursery() as nursery:
-        first = await start_worker(nursery, 0, configure(0, configs[0]))
+        first = await start_worker(nursery, 0, configure(0, configs[0]), cheat=cheats.get(0))
         peers: list[WorkerPeer | None] = [first] + [None] * (count - 1)
 
         async def start(i: int) -> None:
             config = configure(i, replace(configs[i], bootstrap=(first.addr,)))
-            peers[i] = await start_worker(nursery, i, config)
+            peers[i] = await start_worker(nursery, i, config, cheat=cheats.get(i))
 
         async with trio.open_nursery() as starting:
             for i in range(1, count):

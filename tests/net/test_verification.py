@@ -37,6 +37,7 @@ from p2pcompute.net.host import connect
 from p2pcompute.net.protocols import EVIDENCE_TOPIC
 from p2pcompute.store import STORE_FILE, JobRecord, JobRole, JobState, open_store
 from p2pcompute.testing import net
+from p2pcompute.testing.adversary import CheatSettings
 from p2pcompute.testing.jobs import (
     WorkerPeer,
     client_of,
@@ -66,27 +67,31 @@ def _model_job(seed: int) -> Job:
 EXPENSIVE = 10**9  # micro-credits per second: worker 0's price in the check test, so no job fits it
 
 
-def _cheats(modes: dict[int, str], expensive: Iterable[int] = ()) -> Callable[[int, NodeConfig], NodeConfig]:
+def _priced_out(expensive: Iterable[int]) -> Callable[[int, NodeConfig], NodeConfig]:
     priced_out = set(expensive)
 
     def configure(index: int, config: NodeConfig) -> NodeConfig:
-        if index in priced_out:
-            config = replace(config, price_per_second=EXPENSIVE)
-        return replace(config, cheat_mode=modes[index]) if index in modes else config
+        return replace(config, price_per_second=EXPENSIVE) if index in priced_out else config
 
     return configure
+
+
+def _cheats(modes: dict[int, str]) -> dict[int, CheatSettings]:
+    """index -> cheat mode ("" = honest) as the cheaters' settings (``serve``'s ``wrap_executor``)."""
+    return {index: CheatSettings(mode) for index, mode in modes.items() if mode}
 
 
 async def _start_isolated(
     nursery: trio.Nursery, base: Path, indices: Sequence[int], modes: dict[int, str] | None = None
 ) -> dict[int, WorkerPeer]:
     """Workers with no bootstrap: running, but unknown to every other peer until someone dials them."""
-    configs = {i: worker_config(base, i, cheat_mode=(modes or {}).get(i, "")) for i in indices}
+    configs = {i: worker_config(base, i) for i in indices}
+    cheats = _cheats(modes or {})
     await trio.to_thread.run_sync(write_hardware_cache, [c.data_dir for c in configs.values()])
     peers: dict[int, WorkerPeer] = {}
 
     async def start(i: int) -> None:
-        peers[i] = await start_worker(nursery, i, configs[i])
+        peers[i] = await start_worker(nursery, i, configs[i], cheat=cheats.get(i))
 
     async with trio.open_nursery() as starting:
         for i in indices:
@@ -224,7 +229,7 @@ async def _network(
     async with trio.open_nursery() as nursery:
         extra = await _start_isolated(nursery, base, sorted(isolated or {}), isolated or {})
         async with (
-            cluster(base, count, configure=_cheats(cheaters, expensive)) as workers,
+            cluster(base, count, configure=_priced_out(expensive), cheats=_cheats(cheaters)) as workers,
             client_of(workers, base / "client", wait_for=count) as client,
         ):
             yield _Net(workers, extra, client, nursery)

@@ -337,3 +337,29 @@ async def test_adverts_carry_the_announced_addresses_and_no_loopback_beside_rout
     async with open_host(pair.seed, LOOPBACK) as host:
         (only,) = advert_addrs(host, pair.peer_id)
         assert only.startswith("/ip4/127.0.0.1/tcp/")
+
+
+async def test_at_most_max_concurrent_syncs_are_served_whatever_gossip_arrives(tmp_path: Path) -> None:
+    """Sync requests that hold their stream take the node's sync slots; with every slot taken the next one is reset
+    at once, also after adverts arrived meanwhile (the limiter used to be re-created on every gossiped message, so
+    the bound never held)."""
+    from libp2p.host.exceptions import StreamFailure
+    from libp2p.network.stream.exceptions import StreamReset
+
+    from p2pcompute.net.protocols import ADVERTS_SYNC_PROTOCOL
+    from p2pcompute.node import MAX_CONCURRENT_SYNCS
+
+    async with open_peers("syncbound", 2, tmp_path) as (a, b):
+        held = [await b.host.new_stream(a.host.get_id(), [ADVERTS_SYNC_PROTOCOL]) for _ in range(MAX_CONCURRENT_SYNCS)]
+        await wait_until(lambda: a._sync_limiter.statistics().borrowed_tokens == MAX_CONCURRENT_SYNCS)
+        a.notify_waiters()  # what every advert received does
+        await b.publish_advert()  # and a real one arrives
+        # the next one is reset at once, never served (during protocol selection, or on its first read)
+        with trio.fail_after(5), pytest.raises((StreamReset, StreamFailure)):
+            extra = await b.host.new_stream(a.host.get_id(), [ADVERTS_SYNC_PROTOCOL])
+            await extra.read(1)
+        assert a._sync_limiter.statistics().borrowed_tokens == MAX_CONCURRENT_SYNCS
+        for stream in held:
+            await stream.reset()
+        await wait_until(lambda: a._sync_limiter.statistics().borrowed_tokens == 0)
+        assert await b.sync_from(a.host.get_id()) >= 0  # slots free again: served

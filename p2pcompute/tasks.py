@@ -240,6 +240,7 @@ class MapRun:
                 self._fail(index, exc)
                 return
             self.stats.started += 1
+            self._running.add(index)  # now, not when the task first runs: a failure found meanwhile waits for it
             self._nursery.start_soon(self._run, index, task)
             self._report()
             index += 1
@@ -257,7 +258,6 @@ class MapRun:
         return await trio.to_thread.run_sync(self.job.with_inputs, tensors)
 
     async def _run(self, index: int, task: Job) -> None:
-        self._running.add(index)
         try:
             await self._place(index, task)
         finally:

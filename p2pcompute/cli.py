@@ -230,6 +230,25 @@ def node() -> None:
     default=None,
     help="Executor sandbox: every layer the kernel offers (auto), all or refuse to start (required), none (off).",
 )
+@click.option(
+    "--nat",
+    type=click.Choice(["auto", "public", "private"]),
+    default=None,
+    help="Reachability: ask peers (auto, default), or say this node is public or behind NAT (private).",
+)
+@click.option(
+    "--relay",
+    "relays",
+    multiple=True,
+    help="Relay to hold a slot on when unreachable, /ip4/…/tcp/…/p2p/<id> (repeatable; default: any peer that "
+    "offers relaying).",
+)
+@click.option(
+    "--relay-service/--no-relay-service",
+    default=None,
+    help="Serve as a relay for peers behind NAT (opt-in; limits: relay_* in the config file).",
+)
+@click.option("--hole-punch/--no-hole-punch", default=None, help="Upgrade relayed connections (DCUtR) [default: on].")
 @click.pass_context
 def node_run(ctx: click.Context, /, **options: Any) -> None:
     """Run a peer until SIGINT/SIGTERM; print its peer id and the addresses others can dial."""
@@ -254,6 +273,10 @@ def run_node(
     no_benchmark: bool | None,
     json_events: bool,
     sandbox: str | None,
+    nat: str | None = None,
+    relays: tuple[str, ...] = (),
+    relay_service: bool | None = None,
+    hole_punch: bool | None = None,
     wrap_executor: ExecutorWrapper | None = None,
 ) -> None:
     """Run a peer as ``node run`` does, from its parsed options (``node_run.params``).
@@ -279,6 +302,10 @@ def run_node(
         "connections_low": connections[0] if connections else None,
         "connections_high": connections[1] if connections else None,
         "sandbox": sandbox,
+        "nat": nat,
+        "relays": relays or None,
+        "relay_service": relay_service,
+        "hole_punch": hole_punch,
         "probe_benchmark": False if no_benchmark else None,
         "log_level": log_level,
     }
@@ -290,6 +317,7 @@ def run_node(
 
     _check_addrs("listen address", config.listen, where("listen", "listen"))
     _check_addrs("bootstrap address", config.bootstrap, where("bootstrap", "bootstrap"), peer=True)
+    _check_addrs("relay address", config.relays, where("relay", "relays"), peer=True)
     _check_data_dir(config.data_dir, where("data-dir", "data_dir"))
     try:
         trio.run(_run_node, config, json_events, wrap_executor)

@@ -23,6 +23,15 @@ Example ``node.toml`` (every key optional)::
     accept_timeout = 10      # seconds from an offer to the client's accept
     inputs_timeout = 60      # seconds from an accept until every input arrived (the slot is freed then)
     receipt_timeout = 30     # seconds from a result to the client's receipt or rejection
+    nat = "auto"             # reachability: "auto" (ask peers with AutoNAT), "public" or "private" (behind NAT)
+    relays = ["/ip4/203.0.113.9/tcp/4001/p2p/12D3KooW..."]  # relays to hold a slot on when unreachable
+    hole_punch = true        # upgrade relayed connections to direct ones (DCUtR) where the NATs allow
+    relay_service = false    # serve as a relay for peers behind NAT (a reachable node only; opt-in)
+    relay_max_reservations = 32  # peers holding a slot on this relay at once
+    relay_max_circuits = 16      # relayed connections at once
+    relay_circuit_mib = 128      # MiB one relayed connection may carry
+    relay_circuit_seconds = 600  # seconds one relayed connection may stay open
+    autonat_confirmations = 2    # agreeing dial-back verdicts (distinct address groups) that set reachability
 """
 
 from __future__ import annotations
@@ -32,10 +41,13 @@ import tomllib
 from dataclasses import dataclass, fields, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from p2pcompute.errors import ConfigError
 from p2pcompute.keys import default_data_dir
+
+if TYPE_CHECKING:
+    from p2pcompute.net.reach import ReachSettings
 
 __all__ = ["MICRO_CREDITS", "NodeConfig", "load_config", "parse_price"]
 
@@ -47,6 +59,7 @@ DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/4001",)
 DEFAULT_STATUS_PORT = 8470
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SANDBOX_MODES = ("auto", "required", "off")  # p2pcompute.compute.sandbox.SandboxMode
+NAT_MODES = ("auto", "public", "private")  # p2pcompute.core.reach.NatMode
 
 # Named timeouts (seconds) used at the adapter edge.
 PROBE_TIMEOUT_S = 120.0
@@ -110,6 +123,16 @@ class NodeConfig:
     receipt_timeout: float = 30.0
     # Data-channel tickets without a key (tensors unsealed on the wire): an explicit opt-in for loopback testnets.
     data_channel_clear: bool = False
+    # Reachability (specs/reachability.md): AutoNAT, circuit relay v2 and DCUtR.
+    nat: str = "auto"
+    relays: tuple[str, ...] = ()
+    hole_punch: bool = True
+    relay_service: bool = False
+    relay_max_reservations: int = 32
+    relay_max_circuits: int = 16
+    relay_circuit_mib: int = 128
+    relay_circuit_seconds: int = 600
+    autonat_confirmations: int = 2
 
     def validate(self) -> NodeConfig:
         if not self.listen:
@@ -119,6 +142,23 @@ class NodeConfig:
                 raise ConfigError(f"{addr!r} is not a multiaddr (e.g. /ip4/127.0.0.1/tcp/4001)")
         for addr in self.announce:
             check_announce_address(addr)
+        for addr in (*self.bootstrap, *self.relays):
+            if "/p2p-circuit" in addr:
+                raise ConfigError(f"{addr!r} is a relayed address: give the relay's own address")
+        for addr in self.relays:
+            if not addr.startswith("/") or "/p2p/" not in addr or "/" in addr.rsplit("/p2p/", 1)[1]:
+                raise ConfigError(f"relay address {addr!r} must be /ip4|ip6/<host>/tcp/<port>/p2p/<peer id>")
+        if self.nat not in NAT_MODES:
+            raise ConfigError(f"nat must be one of {', '.join(NAT_MODES)}, got {self.nat!r}")
+        for name, low, high in (
+            ("relay_max_reservations", 1, 4096),
+            ("relay_max_circuits", 1, 4096),
+            ("relay_circuit_mib", 1, 65536),
+            ("relay_circuit_seconds", 10, 86400),
+            ("autonat_confirmations", 1, 16),
+        ):
+            if not low <= getattr(self, name) <= high:
+                raise ConfigError(f"{name} must be {low}..{high}, got {getattr(self, name)}")
         for addr in self.bootstrap:
             if "/p2p/" not in addr or "/" in addr.rsplit("/p2p/", 1)[1]:
                 raise ConfigError(f"bootstrap address {addr!r} must end in /p2p/<peer id>")
@@ -153,6 +193,27 @@ class NodeConfig:
     def key_path(self) -> Path:
         return self.data_dir / "identity.key"
 
+    def reach_settings(self) -> ReachSettings:
+        """What the reachability service (p2pcompute.net.reach) runs with."""
+        from p2pcompute.core.reach import NatMode, ReachPolicy
+        from p2pcompute.net.reach import ReachSettings, RelayServiceLimits
+
+        return ReachSettings(
+            mode=NatMode(self.nat),
+            relay_service=self.relay_service,
+            relays=self.relays,
+            reserve=self.serve_jobs,
+            hole_punch=self.hole_punch,
+            announce=self.announce,
+            policy=ReachPolicy(confirmations=self.autonat_confirmations),
+            limits=RelayServiceLimits(
+                reservations=self.relay_max_reservations,
+                circuits=self.relay_max_circuits,
+                circuit_bytes=self.relay_circuit_mib * 1024**2,
+                circuit_seconds=self.relay_circuit_seconds,
+            ),
+        )
+
 
 _KEYS = {f.name for f in fields(NodeConfig)} | {"price"}
 
@@ -170,7 +231,7 @@ def _from_mapping(base: NodeConfig, values: dict[str, Any], where: str) -> NodeC
                 changes["price_per_second"] = parse_price(value)
             elif key == "data_dir":
                 changes[key] = Path(str(value)).expanduser()
-            elif key in ("listen", "bootstrap", "announce"):
+            elif key in ("listen", "bootstrap", "announce", "relays"):
                 if isinstance(value, str):
                     value = [value]
                 changes[key] = tuple(str(v) for v in value)
@@ -182,6 +243,11 @@ def _from_mapping(base: NodeConfig, values: dict[str, Any], where: str) -> NodeC
                 "connections_high",
                 "job_memory_bytes",
                 "sandbox_uid_base",
+                "relay_max_reservations",
+                "relay_max_circuits",
+                "relay_circuit_mib",
+                "relay_circuit_seconds",
+                "autonat_confirmations",
             ):
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise ConfigError(f"{where}: {key} must be an integer")
@@ -195,7 +261,7 @@ def _from_mapping(base: NodeConfig, values: dict[str, Any], where: str) -> NodeC
                 "receipt_timeout",
             ):
                 changes[key] = float(value)
-            elif key in ("mdns", "probe_benchmark", "serve_jobs", "data_channel_clear"):
+            elif key in ("mdns", "probe_benchmark", "serve_jobs", "data_channel_clear", "hole_punch", "relay_service"):
                 if not isinstance(value, bool):
                     raise ConfigError(f"{where}: {key} must be true or false")
                 changes[key] = value

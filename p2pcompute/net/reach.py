@@ -1,0 +1,399 @@
+"""Reachability service: AutoNAT, circuit relay v2 (serving and reserving) and DCUtR, from py-libp2p 0.8.1.
+
+What this adapter pins down (specs/reachability.md):
+
+* **AutoNAT dial-backs are fresh connections.** 0.8.1's server "dials back" with ``host.connect``, which returns
+  the connection the request came in on: every node behind NAT would be told it is public. Our server probes the
+  requester's address with a new TCP connection (only addresses on the requester's observed IP, at most
+  :data:`MAX_PROBE_ADDRS`, each bounded by :data:`PROBE_TIMEOUT_S`, :data:`MAX_CONCURRENT_PROBES` at once).
+* **Relaying is opt-in** (``relay_service``) with limits on reservations, circuits, bytes and seconds per circuit.
+* **Reservations only when needed**: :class:`p2pcompute.core.reach.ReachState` decides from the verdicts; a node that
+  is not known to be public reserves on configured relays first, then on connected peers that speak the hop
+  protocol, and advertises ``<relay>/p2p-circuit/p2p/<us>`` beside its direct addresses.
+* **Dialling** tries direct addresses first, then each relayed one (0.8.1's swarm skips ``/p2p-circuit``
+  addresses, so :meth:`ReachService.dial` goes through the relay transport itself).
+* **Hole punching**: DCUtR runs on every node; it upgrades a relayed connection to a direct one where the NATs
+  allow (a public peer is dialled back by the peer behind NAT), and the relayed one is closed after a grace period.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final, cast
+
+import multiaddr
+import trio
+from libp2p.abc import IHost
+from libp2p.host.autonat.autonat import AUTONAT_PROTOCOL_ID, AutoNATService
+from libp2p.host.basic_host import BasicHost
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL
+from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
+from libp2p.relay.circuit_v2.resources import RelayLimits
+from libp2p.relay.circuit_v2.transport import CircuitV2Transport
+from libp2p.tools.anyio_service import background_trio_service
+
+from p2pcompute.core.matching import address_group
+from p2pcompute.core.reach import (
+    NatMode,
+    Reachability,
+    ReachPolicy,
+    ReachState,
+    RelayCandidate,
+    Verdict,
+    circuit_address,
+    is_circuit_address,
+)
+from p2pcompute.errors import DialError
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
+
+__all__ = [
+    "HOP_PROTOCOL",
+    "ReachService",
+    "ReachSettings",
+    "RelayServiceLimits",
+    "is_relayed",
+]
+
+log = logging.getLogger(__name__)
+
+PROBE_TIMEOUT_S: Final = 3.0  # one dial-back TCP probe
+MAX_PROBE_ADDRS: Final = 4  # addresses probed per request
+MAX_CONCURRENT_PROBES: Final = 8  # dial-back probes this node runs at once, for everyone
+AUTONAT_QUERY_TIMEOUT_S: Final = 10.0  # one dial-back request, as the asking side
+AUTONAT_SERVERS_PER_ROUND: Final = 4  # servers asked per check
+RESERVE_TIMEOUT_S: Final = 10.0  # dial a relay and reserve a slot
+DIAL_TIMEOUT_S: Final = 10.0  # one direct or relayed dial
+FIRST_CHECK_S: Final = 1.0  # until the first verdicts arrive, look again this often
+CHECK_INTERVAL_S: Final = 60.0  # then this often
+
+
+@dataclass(frozen=True, slots=True)
+class RelayServiceLimits:
+    """What a node that serves as a relay grants (``relay_*`` settings)."""
+
+    reservations: int = 32  # peers holding a slot at once
+    circuits: int = 16  # relayed connections at once
+    circuit_bytes: int = 128 * 1024**2  # bytes one circuit may carry (both directions together)
+    circuit_seconds: int = 600  # how long one circuit may stay open
+    reservation_seconds: int = 3600  # how long a slot lasts before it must be refreshed
+
+    def libp2p(self) -> RelayLimits:
+        return RelayLimits(
+            duration=self.circuit_seconds,
+            data=self.circuit_bytes,
+            max_circuit_conns=self.circuits,
+            max_reservations=self.reservations,
+            reservation_ttl=self.reservation_seconds,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ReachSettings:
+    mode: NatMode = NatMode.AUTO
+    relay_service: bool = False  # serve as a relay for others (hop)
+    relays: tuple[str, ...] = ()  # relays to reserve on first when unreachable, /…/p2p/<id>
+    reserve: bool = True  # hold relay slots when unreachable (a client-only peer has nothing to serve)
+    hole_punch: bool = True  # run DCUtR
+    announce: tuple[str, ...] = ()  # the operator's public addresses: what dial-backs are asked to try
+    policy: ReachPolicy = field(default_factory=ReachPolicy)
+    limits: RelayServiceLimits = field(default_factory=RelayServiceLimits)
+    check_interval_s: float = CHECK_INTERVAL_S
+
+
+def is_relayed(host: IHost, peer: ID) -> bool:
+    """Whether every connection we hold to ``peer`` goes through a relay (no direct path to it)."""
+    conns = host.get_network().get_connections(peer)
+    if not conns:
+        return False
+    return all(any(is_circuit_address(str(a)) for a in _transport_addrs(c)) for c in conns)
+
+
+def _transport_addrs(conn: Any) -> list[Any]:
+    with contextlib.suppress(Exception):
+        return list(conn.get_transport_addresses())
+    return []
+
+
+class _FreshDialBack(AutoNATService):
+    """AutoNAT whose dial-back is a new TCP connection to the requester's observed IP (see module doc)."""
+
+    def __init__(self, host: BasicHost) -> None:
+        super().__init__(host, serve=True)
+        self._probes = trio.CapacityLimiter(MAX_CONCURRENT_PROBES)
+
+    async def _try_dial(self, peer_id: ID, addrs: list[bytes]) -> bytes | None:
+        for raw in addrs[:MAX_PROBE_ADDRS]:
+            try:
+                maddr = multiaddr.Multiaddr(raw)
+                ip = maddr.value_for_protocol("ip4") if "ip4" in maddr.protocols() else None
+                if ip is None:
+                    ip = maddr.value_for_protocol("ip6")
+                port = int(maddr.value_for_protocol("tcp"))
+            except Exception:
+                continue
+            async with self._probes:
+                with trio.move_on_after(PROBE_TIMEOUT_S):
+                    try:
+                        stream = await trio.open_tcp_stream(str(ip), port)
+                    except OSError:
+                        continue
+                    await stream.aclose()
+                    log.debug("dial-back to %s at %s:%d reached it", peer_id, ip, port)
+                    return bytes(raw)
+        return None
+
+
+class ReachService:
+    """Find out whether we are reachable; serve as a relay if asked; hold relay slots when we are not reachable."""
+
+    def __init__(
+        self,
+        host: IHost,
+        settings: ReachSettings,
+        *,
+        clock: Callable[[], int],
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.host = host
+        self.settings = settings
+        self.clock = clock
+        self.on_change = on_change
+        self.state = ReachState(settings.mode, settings.policy)
+        self.held: dict[str, str] = {}  # relay peer id -> our circuit address through it
+        self._failed: dict[str, int] = {}  # relay peer id -> when a reservation last failed (ms)
+        self._transport: CircuitV2Transport | None = None
+        self._autonat: _FreshDialBack | None = None
+        self._wake = trio.Event()
+
+    # --- what the node reads ---
+
+    def relayed_addrs(self) -> tuple[str, ...]:
+        return tuple(self.held.values())
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock()
+        observed: list[str] = []
+        manager = getattr(self.host, "_observed_addr_manager", None)
+        if manager is not None:
+            with contextlib.suppress(Exception):
+                observed = [str(a) for a in manager.addrs(min_observers=1)]
+        return {
+            "reachability": self.state.status(now).value,
+            "nat": self.settings.mode.value,
+            "relay_service": self.settings.relay_service,
+            "relayed_addrs": list(self.relayed_addrs()),
+            "verdicts": [
+                {"server": v.server, "reachable": v.reachable, "age_s": (now - v.at_ms) / 1000}
+                for v in self.state.verdicts(now)
+            ],
+            "observed_addrs": observed,
+        }
+
+    def observed_public_addrs(self) -> list[str]:
+        """Addresses Identify says others see us at, confirmed by py-libp2p's observer threshold (distinct
+        observer groups); only meaningful once AutoNAT says we are public."""
+        manager = getattr(self.host, "_observed_addr_manager", None)
+        if manager is None:
+            return []
+        with contextlib.suppress(Exception):
+            return [str(a) for a in manager.addrs()]
+        return []
+
+    # --- dialling ---
+
+    async def dial(self, peer: ID, addrs: Sequence[str]) -> None:
+        """Connect to ``peer``: its direct addresses first, then through each relay it advertised."""
+        if self.host.get_network().get_connections(peer):
+            return
+        direct = [a for a in addrs if not is_circuit_address(a)]
+        relayed = [a for a in addrs if is_circuit_address(a)]
+        errors: list[str] = []
+        if direct:
+            maddrs = []
+            for addr in direct:
+                with contextlib.suppress(Exception):
+                    maddrs.append(multiaddr.Multiaddr(addr.split("/p2p/")[0]))
+            try:
+                with trio.fail_after(DIAL_TIMEOUT_S):
+                    await self.host.connect(PeerInfo(peer, maddrs))
+                return
+            except Exception as exc:
+                errors.append(f"direct: {exc}")
+        if self._transport is None and relayed:
+            errors.append("relayed: the reachability service is not running")
+            relayed = []
+        for addr in relayed:
+            assert self._transport is not None
+            try:
+                with trio.fail_after(DIAL_TIMEOUT_S):
+                    await self._transport.dial(multiaddr.Multiaddr(addr))
+                log.info("reached %s through a relay (%s)", peer, addr)
+                return
+            except Exception as exc:
+                errors.append(f"{addr}: {exc}")
+        raise DialError(f"cannot reach {peer}: " + ("; ".join(errors) or "no address"))
+
+    # --- the service ---
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        limits = self.settings.limits.libp2p()
+        roles = RelayRole.STOP | RelayRole.CLIENT | (RelayRole.HOP if self.settings.relay_service else RelayRole(0))
+        protocol = CircuitV2Protocol(self.host, limits=limits, allow_hop=self.settings.relay_service)
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(background_trio_service(protocol))
+            self._transport = CircuitV2Transport(self.host, protocol, RelayConfig(roles=roles, limits=limits))
+            self._autonat = _FreshDialBack(cast(BasicHost, self.host))
+            if self.settings.hole_punch:
+                await stack.enter_async_context(background_trio_service(DCUtRProtocol(self.host)))
+            if self.settings.relay_service:
+                log.info(
+                    "serving as a relay: %d slots, %d circuits of at most %d MiB and %d s",
+                    self.settings.limits.reservations,
+                    self.settings.limits.circuits,
+                    self.settings.limits.circuit_bytes // 1024**2,
+                    self.settings.limits.circuit_seconds,
+                )
+            try:
+                async with trio.open_nursery() as nursery:
+                    task_status.started()
+                    await self._loop(nursery)
+            finally:
+                self._transport = None
+                with contextlib.suppress(Exception):
+                    self.host.remove_stream_handler(AUTONAT_PROTOCOL_ID)
+
+    def poke(self) -> None:
+        """Look again now (a new connection, a lost relay)."""
+        self._wake.set()
+
+    async def _loop(self, nursery: trio.Nursery) -> None:
+        before = (self.state.status(self.clock()), self.relayed_addrs())
+        while True:
+            if self.settings.mode is NatMode.AUTO:
+                await self._check()
+            self._drop_lost_relays()
+            if self.settings.reserve:
+                await self._reserve(nursery)
+            now = (self.state.status(self.clock()), self.relayed_addrs())
+            if now != before:
+                log.info("reachability %s; relayed addresses: %s", now[0].value, ", ".join(now[1]) or "none")
+                before = now
+                self.on_change()
+            settled = now[0] is not Reachability.UNKNOWN and (now[0] is Reachability.PUBLIC or now[1])
+            self._wake = trio.Event()
+            with trio.move_on_after(self.settings.check_interval_s if settled else FIRST_CHECK_S):
+                await self._wake.wait()
+
+    async def _check(self) -> None:
+        assert self._autonat is not None
+        servers = [p for p in self._direct_peers() if self._speaks(p, AUTONAT_PROTOCOL_ID)]
+        asked = 0
+        for peer in servers:
+            if asked == AUTONAT_SERVERS_PER_ROUND:
+                break
+            asked += 1
+            group = self._group(peer)
+            try:
+                status, _addr = await self._autonat.query_server(
+                    peer, addrs=self._own_dialable(), timeout=AUTONAT_QUERY_TIMEOUT_S
+                )
+            except Exception as exc:
+                log.debug("AutoNAT query to %s failed: %s", peer, exc)
+                continue
+            from libp2p.host.autonat.pb.autonat_pb2 import Message
+
+            if status in (int(Message.OK), int(Message.E_DIAL_ERROR)):
+                self.state.record(Verdict(str(peer), group, status == int(Message.OK), self.clock()))
+
+    def _own_dialable(self) -> list[bytes]:
+        """What we ask servers to dial back: the announced addresses when the operator set them (a port forward
+        that does not work then shows as ``private``), else the listen and observed addresses."""
+        out = []
+        if self.settings.announce:
+            for text in self.settings.announce:
+                with contextlib.suppress(Exception):
+                    out.append(multiaddr.Multiaddr(text.split("/p2p/")[0]).to_bytes())
+            return out
+        for addr in self.host.get_transport_addrs():
+            text = str(addr)
+            if "/ip4/0.0.0.0/" in text or "/ip6/::/" in text:
+                continue
+            out.append(addr.to_bytes())
+        for text in self.observed_public_addrs():
+            with contextlib.suppress(Exception):
+                out.append(multiaddr.Multiaddr(text.split("/p2p/")[0]).to_bytes())
+        return out
+
+    def _drop_lost_relays(self) -> None:
+        for relay in list(self.held):
+            if not self.host.get_network().get_connections(ID.from_base58(relay)):
+                log.info("lost the relay %s; its slot is gone", relay)
+                del self.held[relay]
+
+    def _candidates(self) -> list[RelayCandidate]:
+        out = []
+        for addr in self.settings.relays:
+            out.append(RelayCandidate(addr.rsplit("/p2p/", 1)[1], addr, configured=True))
+        for peer in self._direct_peers():
+            if self._speaks(peer, HOP_PROTOCOL):
+                addrs = [str(a) for a in self.host.get_peerstore().addrs(peer) if not is_circuit_address(str(a))]
+                if addrs:
+                    out.append(RelayCandidate(str(peer), f"{addrs[0].split('/p2p/')[0]}/p2p/{peer}"))
+        return out
+
+    async def _reserve(self, nursery: trio.Nursery) -> None:
+        assert self._transport is not None
+        now = self.clock()
+        failed = [p for p, at in self._failed.items() if now - at < self.settings.check_interval_s * 1000]
+        for candidate in self.state.relays_to_reserve(now, self._candidates(), list(self.held), failed):
+            relay = ID.from_base58(candidate.peer)
+            try:
+                with trio.fail_after(RESERVE_TIMEOUT_S):
+                    base = candidate.addr.split("/p2p/")[0]
+                    await self.host.connect(PeerInfo(relay, [multiaddr.Multiaddr(base)]))
+                    stream = await self.host.new_stream(relay, [HOP_PROTOCOL])
+                    try:
+                        ok = await self._transport.reserve(stream, relay, nursery)
+                    finally:
+                        with contextlib.suppress(Exception):
+                            await stream.close()
+            except Exception as exc:
+                ok = False
+                log.info("reserving a slot on %s failed: %s", candidate.addr, exc)
+            if not ok:
+                self._failed[candidate.peer] = now
+                continue
+            self.held[candidate.peer] = circuit_address(candidate.addr, candidate.peer, str(self.host.get_id()))
+            log.info("holding a relay slot on %s", candidate.addr)
+
+    def _direct_peers(self) -> list[ID]:
+        network = self.host.get_network()
+        return [
+            p for p in self.host.get_connected_peers() if network.get_connections(p) and not is_relayed(self.host, p)
+        ]
+
+    def _speaks(self, peer: ID, protocol: str) -> bool:
+        with contextlib.suppress(Exception):
+            return protocol in self.host.get_peerstore().get_protocols(peer)
+        return False
+
+    def _group(self, peer: ID) -> str:
+        for conn in self.host.get_network().get_connections(peer):
+            for addr in _transport_addrs(conn):
+                with contextlib.suppress(Exception):
+                    return address_group(str(addr))
+            with contextlib.suppress(Exception):
+                remote = conn.muxed_conn.secured_conn.get_remote_address()  # type: ignore[attr-defined]
+                if remote:
+                    family = "ip6" if ":" in remote[0] else "ip4"
+                    return address_group(f"/{family}/{remote[0]}/tcp/{remote[1]}")
+        return str(peer)

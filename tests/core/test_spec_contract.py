@@ -31,12 +31,14 @@ import pytest
 import p2pcompute
 import p2pcompute.core
 from p2pcompute import errors
+from p2pcompute.config import NodeConfig
 from p2pcompute.core import codec, identity, replay
 from p2pcompute.core.adverts import AdvertPolicy
 from p2pcompute.core.envelope import MAX_ENVELOPE_SIZE, MAX_PAYLOAD_SIZE
 from p2pcompute.core.ledger import DEFAULT_RECEIPT_GRACE_MS, LedgerRole, entry_hash, entry_signing_bytes
 from p2pcompute.core.messages import DEFAULT_REGISTRY, DeclineReason, Message
 from p2pcompute.core.negotiation import MAX_SIGNED_SIZE, MAX_SPEC_SIZE, NegotiationPolicy
+from p2pcompute.core.reach import ReachPolicy
 from p2pcompute.core.reputation import ReputationPolicy
 from p2pcompute.core.schema import (
     I64_MIN,
@@ -59,6 +61,7 @@ from p2pcompute.core.schema import (
 from p2pcompute.core.tensors import DTYPES
 from p2pcompute.core.verification import DEFAULT_EVIDENCE_TTL_MS, MAX_EVIDENCE_SIZE, EvidenceInbox, QuorumPolicy
 from p2pcompute.errors import P2PComputeError, Reason
+from p2pcompute.net import reach
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 PACKAGE = Path(p2pcompute.__file__).resolve().parent
@@ -477,6 +480,8 @@ def param(spec: str, name: str) -> str:
 _NEG = NegotiationPolicy()
 _REP = ReputationPolicy()
 _ADV = AdvertPolicy()
+_REACH = ReachPolicy()
+_NODE = NodeConfig(data_dir=Path("unused"))
 PARAMETERS: list[tuple[str, str, int | float]] = [
     ("00-conventions.md", "max_bytes", codec.DEFAULT_LIMITS.max_bytes),
     ("00-conventions.md", "max_str_len", codec.DEFAULT_LIMITS.max_str_len),
@@ -526,6 +531,23 @@ PARAMETERS: list[tuple[str, str, int | float]] = [
     ("verification.md", "reputation records", _REP.max_peers),
     ("verification.md", "counted accusations remembered", EvidenceInbox().max_remembered),
     ("ledger.md", "receipt_grace", DEFAULT_RECEIPT_GRACE_MS),
+    ("reachability.md", "autonat_confirmations", _REACH.confirmations),
+    ("reachability.md", "verdict_ttl (core.reach)", _REACH.verdict_ttl_ms),
+    ("reachability.md", "max_verdicts (core.reach)", _REACH.max_verdicts),
+    ("reachability.md", "max_relays (core.reach)", _REACH.max_relays),
+    ("reachability.md", "AUTONAT_SERVERS_PER_ROUND (net.reach)", reach.AUTONAT_SERVERS_PER_ROUND),
+    ("reachability.md", "AUTONAT_QUERY_TIMEOUT_S (net.reach)", reach.AUTONAT_QUERY_TIMEOUT_S * 1000),
+    ("reachability.md", "PROBE_TIMEOUT_S (net.reach)", reach.PROBE_TIMEOUT_S * 1000),
+    ("reachability.md", "MAX_PROBE_ADDRS (net.reach)", reach.MAX_PROBE_ADDRS),
+    ("reachability.md", "MAX_CONCURRENT_PROBES (net.reach)", reach.MAX_CONCURRENT_PROBES),
+    ("reachability.md", "FIRST_CHECK_S (net.reach)", reach.FIRST_CHECK_S * 1000),
+    ("reachability.md", "CHECK_INTERVAL_S (net.reach)", reach.CHECK_INTERVAL_S * 1000),
+    ("reachability.md", "RESERVE_TIMEOUT_S (net.reach)", reach.RESERVE_TIMEOUT_S * 1000),
+    ("reachability.md", "DIAL_TIMEOUT_S (net.reach)", reach.DIAL_TIMEOUT_S * 1000),
+    ("reachability.md", "relay_max_reservations", _NODE.relay_max_reservations),
+    ("reachability.md", "relay_max_circuits", _NODE.relay_max_circuits),
+    ("reachability.md", "relay_circuit_mib", _NODE.relay_circuit_mib),
+    ("reachability.md", "relay_circuit_seconds", _NODE.relay_circuit_seconds * 1000),
 ]
 
 

@@ -1,4 +1,5 @@
-"""Peers (p2pcompute.node.Node) on real hosts in one trio process: adverts, validation, status endpoint."""
+"""Peers (p2pcompute.node.Node, all its services wired) on real hosts in one trio process: adverts, validation, sync,
+status endpoint. Each service alone: tests/services/."""
 
 from __future__ import annotations
 
@@ -347,19 +348,19 @@ async def test_at_most_max_concurrent_syncs_are_served_whatever_gossip_arrives(t
     from libp2p.network.stream.exceptions import StreamReset
 
     from p2pcompute.net.protocols import ADVERTS_SYNC_PROTOCOL
-    from p2pcompute.node import MAX_CONCURRENT_SYNCS
+    from p2pcompute.services.sync import MAX_CONCURRENT_SYNCS
 
     async with open_peers("syncbound", 2, tmp_path) as (a, b):
         held = [await b.host.new_stream(a.host.get_id(), [ADVERTS_SYNC_PROTOCOL]) for _ in range(MAX_CONCURRENT_SYNCS)]
-        await wait_until(lambda: a._sync_limiter.statistics().borrowed_tokens == MAX_CONCURRENT_SYNCS)
+        await wait_until(lambda: a.sync_server.serving == MAX_CONCURRENT_SYNCS)
         a.notify_waiters()  # what every advert received does
         await b.publish_advert()  # and a real one arrives
         # the next one is reset at once, never served (during protocol selection, or on its first read)
         with trio.fail_after(5), pytest.raises((StreamReset, StreamFailure)):
             extra = await b.host.new_stream(a.host.get_id(), [ADVERTS_SYNC_PROTOCOL])
             await extra.read(1)
-        assert a._sync_limiter.statistics().borrowed_tokens == MAX_CONCURRENT_SYNCS
+        assert a.sync_server.serving == MAX_CONCURRENT_SYNCS
         for stream in held:
             await stream.reset()
-        await wait_until(lambda: a._sync_limiter.statistics().borrowed_tokens == 0)
+        await wait_until(lambda: a.sync_server.serving == 0)
         assert await b.sync_from(a.host.get_id()) >= 0  # slots free again: served

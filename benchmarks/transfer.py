@@ -1,4 +1,5 @@
-"""Bulk transfer on loopback, side by side: raw TCP, a py-libp2p Noise+yamux stream, and the data channel.
+"""Bulk transfer on loopback, side by side: raw TCP, a py-libp2p Noise+yamux stream, the data channel, and the
+data channel's session over a ``/p2pcompute/data/1.0.0`` libp2p stream (the fallback when no direct TCP path exists).
 
     .venv/bin/python -m benchmarks.transfer [--mib 256] [--libp2p-mib 64] [--repeats 3] [--two-processes]
         [--skip-one-process] [--skip-libp2p]
@@ -7,7 +8,8 @@ By default both ends run in this one trio process (they share one thread, as in 
 ``--two-processes`` adds raw TCP (into a reused buffer, and into a fresh one of the full size) and the data channel
 with the far end in a child process. Each figure is the best of ``--repeats`` rounds, run round-robin, and the last
 column the ratio of the medians; compare ratios to the raw TCP of the same run, not absolute figures across runs
-(on a shared machine they vary up to 2x). The data channel runs in each of its modes: sealed
+(on a shared machine they vary up to 2x). The fallback stream moves ``--libp2p-mib`` (it is as slow as the libp2p
+stream under it), sealed with AES-256-GCM and in clear mode. The data channel runs in each of its modes: sealed
 with AES-256-GCM (the default where the CPU has AES instructions), sealed with ChaCha20-Poly1305 (the default
 elsewhere), and clear (an explicit opt-in). Also printed: the single-core speed of the primitives (SHA-256,
 AES-256-GCM and ChaCha20-Poly1305 from cryptography/OpenSSL, ChaCha20-Poly1305 from PyNaCl).
@@ -33,7 +35,17 @@ from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 
 from p2pcompute.net.host import connect, host_addrs, open_host
-from p2pcompute.net.transfer import CHUNK_SIZE, Cipher, DataChannelConfig, DataServer, download, upload
+from p2pcompute.net.protocols import DATA_PROTOCOL
+from p2pcompute.net.transfer import (
+    CHUNK_SIZE,
+    Cipher,
+    DataChannelConfig,
+    DataServer,
+    download,
+    download_over,
+    upload,
+    upload_over,
+)
 
 MIB = 1 << 20
 LOOPBACK = "127.0.0.1"
@@ -145,6 +157,34 @@ async def bench_data_channel(blobs: dict[bytes, bytes], *, mode: str, direction:
         else:
             ticket = server.offer_download(blobs)
             received = await download(LOOPBACK, port, ticket.token, ticket.key, ticket.blobs, config=config)
+        elapsed = time.perf_counter() - start
+        assert received.keys() == blobs.keys()
+        nursery.cancel_scope.cancel()
+    return elapsed
+
+
+async def bench_data_stream(blobs: dict[bytes, bytes], *, mode: str, direction: str) -> float:
+    """Seconds for one upload (or download) of ``blobs`` over a ``/p2pcompute/data/1.0.0`` stream between two
+    hosts (the data server's ``handle_stream``), from opening the stream to the last check."""
+    config = channel_config(mode, sum(map(len, blobs.values())))
+    server = DataServer(LOOPBACK, config=config)
+    async with (
+        open_host(hashlib.sha256(b"bench-transfer/worker").digest(), [f"/ip4/{LOOPBACK}/tcp/0"]) as worker,
+        open_host(hashlib.sha256(b"bench-transfer/client").digest(), [f"/ip4/{LOOPBACK}/tcp/0"]) as client,
+        trio.open_nursery() as nursery,
+    ):
+        await nursery.start(server.serve)
+        worker.set_stream_handler(DATA_PROTOCOL, server.handle_stream)
+        peer = await connect(client, host_addrs(worker)[0])
+        start = time.perf_counter()
+        stream = await client.new_stream(peer, [DATA_PROTOCOL])
+        if direction == "upload":
+            ticket = server.expect_upload((digest, len(data)) for digest, data in blobs.items())
+            nursery.start_soon(partial(upload_over, stream, ticket.token, ticket.key, blobs, config=config))
+            received = await server.receive_upload(ticket)
+        else:
+            ticket = server.offer_download(blobs)
+            received = await download_over(stream, ticket.token, ticket.key, ticket.blobs, config=config)
         elapsed = time.perf_counter() - start
         assert received.keys() == blobs.keys()
         nursery.cancel_scope.cancel()
@@ -307,14 +347,21 @@ def main() -> int:
                 lambda: trio.run(partial(bench_raw_tcp, total, fresh=True)),
             ),
         ]
+        libp2p_total = args.libp2p_mib * MIB
         if not args.skip_libp2p:
-            libp2p_total = args.libp2p_mib * MIB
             cases.append(("py-libp2p Noise+yamux stream", libp2p_total, lambda: trio.run(bench_libp2p, libp2p_total)))
         for direction in ("upload", "download"):
             for mode in MODES:
                 name = f"data channel {direction}, {MODE_NAMES[mode]}"
                 bench = partial(bench_data_channel, blobs, mode=mode, direction=direction)
                 cases.append((name, total, partial(trio.run, bench)))
+        if not args.skip_libp2p:
+            stream_blobs = _blobs(libp2p_total)
+            for direction in ("upload", "download"):
+                for mode in (Cipher.AES_256_GCM.value, "clear"):
+                    name = f"data over a libp2p stream (fallback) {direction}, {MODE_NAMES[mode]}"
+                    bench = partial(bench_data_stream, stream_blobs, mode=mode, direction=direction)
+                    cases.append((name, libp2p_total, partial(trio.run, bench)))
     if args.two_processes:
         cases.append(("2 processes: raw trio TCP, reused buffer", total, partial(two_processes, "raw", blobs)))
         cases.append(("2 processes: raw trio TCP, fresh buffer", total, partial(two_processes, "raw-fresh", blobs)))

@@ -16,12 +16,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 import trio
 from libp2p.abc import INetStream
+from libp2p.custom_types import TProtocol
 
 from p2pcompute.compute.executor import Estimate, ExecResult, Executor
 from p2pcompute.core.envelope import Opened
@@ -75,6 +76,7 @@ from p2pcompute.errors import (
     TransferError,
 )
 from p2pcompute.net.negotiate import INLINE_BYTES, Conversation
+from p2pcompute.net.protocols import DATA_PROTOCOL, JOB_PROTOCOL
 from p2pcompute.net.transfer import DataServer, Direction
 from p2pcompute.net.transfer import Ticket as DataTicket
 from p2pcompute.store import JobRecord, JobRole, JobState, Store
@@ -132,7 +134,8 @@ class _BlobCache:
 
 
 class Worker:
-    """Serves job streams for one peer (set :meth:`handle_stream` as the ``/p2pcompute/job/1.0.0`` handler)."""
+    """Serves job streams for one peer: register every handler of :meth:`stream_handlers` on the host (the job
+    protocol, and the data channel's libp2p-stream fallback)."""
 
     def __init__(
         self,
@@ -223,6 +226,13 @@ class Worker:
             max_ops=s.limits.max_ops,
             shutting_down=self.shutting_down,
         )
+
+    def stream_handlers(self) -> dict[TProtocol, Callable[[INetStream], Awaitable[None]]]:
+        """The libp2p protocol handlers a worker serves, for ``host.set_stream_handler`` (none of them raises):
+        ``/p2pcompute/job/1.0.0`` (:meth:`handle_stream`) and ``/p2pcompute/data/1.0.0`` (the data server's
+        :meth:`~p2pcompute.net.transfer.DataServer.handle_stream`: tickets over the libp2p connection when no direct
+        TCP path exists)."""
+        return {JOB_PROTOCOL: self.handle_stream, DATA_PROTOCOL: self.data.handle_stream}
 
     async def handle_stream(self, stream: INetStream) -> None:
         """One negotiation; never raises (a peer's misbehaviour is logged and costs only its stream)."""
@@ -531,12 +541,14 @@ class Worker:
 
     def status(self) -> dict[str, object]:
         """Counters for the status endpoint: slots, jobs by outcome, slot occupancy and executor time (seconds since
-        start), stored jobs by state."""
+        start), data-channel tickets claimed and sessions refused by path (direct TCP or the libp2p stream), stored
+        jobs by state."""
         return {
             "free_slots": self.free_slots,
             "slots": self.settings.slots,
             "hardware_class": self.executor.hardware_class_base,
             "counters": dict(sorted(self.stats.items())),
+            "data_channel": dict(sorted(self.data.stats.items())),
             "slot_busy_s": round(self.slot_busy_s(), 3),
             "exec_s": round(self.exec_s(), 3),
             "earned": self.ledger.total(),

@@ -9,6 +9,11 @@ best-effort ``abort`` frame and resets the stream.
 :class:`Conversation` is shared by both roles. :class:`ClientSession` is the client's side of one negotiation
 with one worker; the stream stays open after the result so the client can verify before it signs a receipt
 (or a rejection). The worker's side lives in :mod:`p2pcompute.worker`.
+
+Tensors above :data:`INLINE_BYTES` move on a data-channel ticket. The client decides where (:meth:`ClientSession.
+data_transport`): a ``/p2pcompute/data/1.0.0`` stream on the libp2p connection when that connection is relayed
+(:func:`relayed`) or when the worker's data port does not connect within ``DATA_DIAL_TIMEOUT_S``; otherwise the
+direct TCP data channel. Either way the same session runs (``net.transfer``: token, seal, hash checks).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any, TypeVar, overload
 import multiaddr
 import trio
 from libp2p.abc import IHost, INetStream
+from libp2p.connection_types import ConnectionType
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
@@ -82,9 +88,18 @@ from p2pcompute.errors import (
     Reason,
     TransferError,
 )
-from p2pcompute.net.protocols import JOB_PROTOCOL
+from p2pcompute.net.protocols import DATA_PROTOCOL, JOB_PROTOCOL
 from p2pcompute.net.stream import FramedStream
-from p2pcompute.net.transfer import download, upload
+from p2pcompute.net.transfer import (
+    DATA_DIAL_TIMEOUT_S,
+    DataChannelConfig,
+    DataPath,
+    DataTransport,
+    dial_data_server,
+    download_over,
+    ticket_cipher,
+    upload_over,
+)
 
 __all__ = [
     "INLINE_BYTES",
@@ -95,7 +110,9 @@ __all__ = [
     "ProgressCallback",
     "TraceAnswer",
     "WorkerResult",
+    "open_data_stream",
     "open_session",
+    "relayed",
     "remote_host",
 ]
 
@@ -134,6 +151,38 @@ def remote_host(stream: INetStream) -> str:
     if address is None:
         raise TransferError(Reason.TRANSFER_FAILED, "the stream has no IP remote address for a data channel")
     return address[0]
+
+
+def relayed(stream: INetStream) -> str | None:
+    """Why the stream's connection is relayed (circuit relay v2), or None when nothing says it is.
+
+    Over a relayed connection the remote address is the relay's: a data-channel dial there would reach the relay,
+    never the worker. py-libp2p 0.8.1 says so in two places, both checked: the transport under the muxer
+    (``muxed_conn.get_connection_type()`` is ``RELAYED`` and its ``get_transport_addresses()`` contain
+    ``/p2p-circuit`` on the dialling side), and the swarm connection, which the circuit protocol tags ``RELAYED``
+    on the listening side (``swarm_conn.get_connection_type()``). The swarm connection's addresses are not read:
+    they fall back to the peerstore's, where a peer's advertised relay address says nothing about this connection.
+    """
+    muxed = getattr(stream, "muxed_conn", None)
+    swarm = getattr(stream, "swarm_conn", None)
+    for name, conn in (("transport", muxed), ("swarm connection", swarm)):
+        with contextlib.suppress(Exception):
+            if conn is not None and conn.get_connection_type() is ConnectionType.RELAYED:
+                return f"the connection is relayed (its {name} says so)"
+    with contextlib.suppress(Exception):
+        for address in muxed.get_transport_addresses() if muxed is not None else ():
+            if "/p2p-circuit" in str(address):
+                return f"the connection is relayed ({address})"
+    return None
+
+
+async def open_data_stream(host: IHost, peer: ID) -> INetStream:
+    """A ``/p2pcompute/data/1.0.0`` stream to ``peer`` (on the connection its job stream uses)."""
+    try:
+        with trio.fail_after(DIAL_TIMEOUT_S):
+            return await host.new_stream(peer, [DATA_PROTOCOL])
+    except (BaseLibp2pError, OSError, trio.TooSlowError) as exc:
+        raise TransferError(Reason.TRANSFER_FAILED, f"cannot open a {DATA_PROTOCOL} stream to {peer}: {exc!r}") from exc
 
 
 class Conversation:
@@ -284,8 +333,15 @@ class ClientSession:
         job: PreparedJob,
         request: JobRequest,
         progress: ProgressCallback,
+        *,
+        host: IHost,
+        data_config: DataChannelConfig | None = None,
     ) -> None:
         self.conversation = conversation
+        self.host = host
+        self.data_config = data_config or DataChannelConfig()
+        #: The path each data-channel ticket of this session took, in order (direct TCP or the libp2p stream).
+        self.data_paths: list[DataPath] = []
         self.machine: ClientNegotiation = conversation.machine  # type: ignore[assignment]
         self.job = job
         self.request = request
@@ -353,13 +409,9 @@ class ClientSession:
         nbytes = sum(blob.nbytes for blob in ticket.blobs)
         self.progress("uploading", 0, nbytes)
         with trio.fail_after(TRANSFER_TIMEOUT_S):
-            await upload(
-                remote_host(conv.stream),
-                ticket.port,
-                ticket.token,
-                ticket.key,
-                {d: self.job.blobs[d] for d in ticket.digests},
-            )
+            transport = await self.data_transport(ticket)
+            blobs = {d: self.job.blobs[d] for d in ticket.digests}
+            await upload_over(transport, ticket.token, ticket.key, blobs, config=self.data_config)
         self.progress("uploading", nbytes, nbytes)
         return await conv.receive_kind(Progress, Result, Failed)
 
@@ -374,10 +426,50 @@ class ClientSession:
                 assembler.feed(event.frame)
             return assembler.blobs()
         ticket: TicketFrame = (await conv.receive_kind(Ticket)).frame
-        with trio.fail_after(TRANSFER_TIMEOUT_S):
-            blobs = await download(remote_host(conv.stream), ticket.port, ticket.token, ticket.key, metas)
+        blobs = await self._download(ticket, metas)
         self.progress("downloading", total, total)
-        return {digest: bytes(view) for digest, view in blobs.items()}
+        return blobs
+
+    async def _download(self, ticket: TicketFrame, metas: Sequence[TensorMeta]) -> dict[bytes, bytes]:
+        if ticket.direction is not TicketDirection.DOWNLOAD:
+            raise TransferError(Reason.UNEXPECTED_BLOB, "an upload ticket where a download was due")
+        with trio.fail_after(TRANSFER_TIMEOUT_S):
+            transport = await self.data_transport(ticket)
+            got = await download_over(transport, ticket.token, ticket.key, metas, config=self.data_config)
+        return {digest: bytes(view) for digest, view in got.items()}
+
+    async def data_transport(self, ticket: TicketFrame) -> DataTransport:
+        """Where a ticket's session runs (specs/data-channel.md §10.2), recorded in :attr:`data_paths`.
+
+        A ``/p2pcompute/data/1.0.0`` stream on the libp2p connection when that connection is relayed
+        (:func:`relayed`), has no IP address, or when the worker's data port (at the connection's IP) does not
+        connect within ``DATA_DIAL_TIMEOUT_S``; the direct TCP connection otherwise. The stream is logged at info
+        with the reason. A failed dial sent nothing, so the ticket is still unclaimed for the stream; once a dial
+        connects, the session stays on it (a refusal there is final: the ticket may be claimed).
+        A keyless ticket without the clear opt-in is refused (``bad_token``) before anything is dialled.
+        """
+        ticket_cipher(ticket.key, self.data_config)
+        stream = self.conversation.stream
+        why = relayed(stream)
+        if why is None:
+            try:
+                connection = await dial_data_server(remote_host(stream), ticket.port, timeout_s=DATA_DIAL_TIMEOUT_S)
+            except TransferError as exc:
+                why = exc.detail
+            else:
+                self.data_paths.append(DataPath.DIRECT)
+                return connection
+        log.info(
+            "job %s with %s: the %s goes over %s on the libp2p connection: %s",
+            self.request.id.hex()[:16],
+            self.worker,
+            ticket.direction.value,
+            DATA_PROTOCOL,
+            why,
+        )
+        data_stream = await open_data_stream(self.host, ID(self.worker.raw))
+        self.data_paths.append(DataPath.STREAM)
+        return data_stream
 
     async def fetch_trace(self, nodes: Sequence[int], *, leaves: bool) -> TraceAnswer:
         """Ask the worker for its committed trace: the leaves (when ``leaves``; the first request must) and the
@@ -407,11 +499,7 @@ class ClientSession:
                 blobs = assembler.blobs()
             else:
                 ticket: TicketFrame = (await conv.receive_kind(Ticket)).frame
-                with trio.fail_after(TRANSFER_TIMEOUT_S):
-                    got = await download(
-                        remote_host(conv.stream), ticket.port, ticket.token, ticket.key, list(metas.values())
-                    )
-                blobs = {digest: bytes(view) for digest, view in got.items()}
+                blobs = await self._download(ticket, list(metas.values()))
         return TraceAnswer(leaves=tuple(machine.trace_leaves), blobs=blobs, unavailable=unavailable)
 
     async def pay(self) -> Opened[JobReceipt]:
@@ -518,7 +606,7 @@ async def open_session(
         max_price=max_price,
         deadline=deadline,
     )
-    session = ClientSession(conversation, job, request, progress)
+    session = ClientSession(conversation, job, request, progress, host=host)
     try:
         yield session
     except BaseException as exc:

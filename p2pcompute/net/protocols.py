@@ -20,6 +20,7 @@ __all__ = [
     "ADVERTS_TOPIC",
     "EVIDENCE_TOPIC",
     "CAPABILITY_KEY_PREFIX",
+    "DATA_PROTOCOL",
     "GOSSIPSUB_PROTOCOLS",
     "JOB_PROTOCOL",
     "KAD_PROTOCOL",
@@ -37,6 +38,9 @@ EVIDENCE_TOPIC: Final = "/p2pcompute/evidence/1.0.0"
 ADVERTS_SYNC_PROTOCOL: Final = TProtocol("/p2pcompute/adverts-sync/1.0.0")
 #: Stream protocol for job negotiation (request / offer / accept / inputs / result / receipt).
 JOB_PROTOCOL: Final = TProtocol("/p2pcompute/job/1.0.0")
+#: A job's tensors when no direct TCP path to the worker's data channel exists: the data channel's session, byte for
+#: byte, on the libp2p connection (specs/data-channel.md §10).
+DATA_PROTOCOL: Final = TProtocol("/p2pcompute/data/1.0.0")
 
 #: Kademlia DHT: libp2p's own id (``/ipfs/kad/1.0.0``).
 KAD_PROTOCOL: Final = TProtocol(_KAD_PROTOCOL_ID)

@@ -9,12 +9,20 @@ instructions, else ChaCha20-Poly1305: the client picks, the server accepts eithe
 its length and SHA-256 before it is handed over. Clear mode (no key, bytes readable on the path) exists for
 loopback testnets only and needs an explicit opt-in at both ends (:attr:`DataChannelConfig.clear`).
 
+When no direct TCP path exists (a relayed connection, or a data port that does not connect), the same session,
+byte for byte (hello with the token, status bytes, sealed records, hash checks), runs over a
+``/p2pcompute/data/1.0.0`` stream on the libp2p connection instead (:meth:`DataServer.handle_stream` on the
+worker, :func:`upload_over` / :func:`download_over` on the client, which decides in
+:mod:`p2pcompute.net.negotiate`). Only the byte stream differs (:class:`_Channel`); tickets, framing, seal, checks
+and bounds are one code path, and a ticket is single use across both.
+
 The server side and the client functions only move bytes and time: what is expected comes from the ticket, and
 every wait is bounded by a named timeout.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import hashlib
@@ -28,11 +36,14 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 import trio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from libp2p.abc import INetStream
+from libp2p.exceptions import BaseLibp2pError
+from libp2p.network.stream.exceptions import StreamEOF
 
 from p2pcompute.core.tensors import DIGEST_SIZE, TensorMeta
 from p2pcompute.errors import Reason, TransferError
@@ -43,16 +54,24 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHUNK_SIZE",
+    "CONNECT_TIMEOUT_S",
+    "DATA_DIAL_TIMEOUT_S",
     "Blob",
     "Cipher",
     "DataChannelConfig",
+    "DataPath",
     "DataServer",
+    "DataTransport",
     "Direction",
     "Ticket",
+    "dial_data_server",
     "download",
+    "download_over",
     "expected_blobs",
     "has_aes_instructions",
+    "ticket_cipher",
     "upload",
+    "upload_over",
 ]
 
 logger = logging.getLogger(__name__)
@@ -74,8 +93,11 @@ HASH_THREAD_MIN: Final = 2 * CHUNK_SIZE
 #: The most bytes one call into the hashing thread takes (a cancelled transfer waits for at most one call).
 HASH_BATCH_MAX: Final = 16 * CHUNK_SIZE
 
-#: Dialling the data server.
+#: Dialling the data server (:func:`upload`, :func:`download`).
 CONNECT_TIMEOUT_S: Final = 10.0
+#: A job client's dial of the data port before it moves the tensors over the libp2p stream instead
+#: (:mod:`p2pcompute.net.negotiate`): a worker behind NAT drops the SYN, and waiting longer only delays the job.
+DATA_DIAL_TIMEOUT_S: Final = 3.0
 #: The hello (server side) and the server's answer to it (client side).
 HELLO_TIMEOUT_S: Final = 10.0
 #: Each header or data piece (at most CHUNK_SIZE bytes) in either direction: a stalled peer is cut off.
@@ -90,6 +112,9 @@ DEFAULT_TICKET_TTL_MS: Final = 60_000
 DEFAULT_RESULT_RETENTION_MS: Final = 60_000
 DEFAULT_MAX_TICKETS: Final = 256
 DEFAULT_MAX_CONNECTIONS: Final = 32
+#: Concurrent ``/p2pcompute/data/1.0.0`` sessions of one peer: as many as the job streams a worker lets one peer
+#: hold (``NegotiationPolicy.max_streams_per_peer``), each of which has at most one transfer at a time.
+DEFAULT_MAX_STREAMS_PER_PEER: Final = 4
 DEFAULT_MAX_BLOBS: Final = 4096
 DEFAULT_MAX_TICKET_BYTES: Final = 8 << 30
 
@@ -99,6 +124,15 @@ class Direction(StrEnum):
 
     UPLOAD = "upload"
     DOWNLOAD = "download"
+
+
+class DataPath(StrEnum):
+    """Which byte stream a ticket's session ran over."""
+
+    #: The data channel: a TCP connection to the ticket's port at the IP of the libp2p connection.
+    DIRECT = "direct"
+    #: The fallback: a ``/p2pcompute/data/1.0.0`` stream on the (Noise-secured) libp2p connection.
+    STREAM = "stream"
 
 
 class Cipher(StrEnum):
@@ -182,7 +216,10 @@ class DataChannelConfig:
     ticket_ttl_ms: int = DEFAULT_TICKET_TTL_MS
     result_retention_ms: int = DEFAULT_RESULT_RETENTION_MS
     max_tickets: int = DEFAULT_MAX_TICKETS
+    #: Concurrent sessions, over both paths together.
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    #: Concurrent libp2p-stream sessions of one authenticated peer.
+    max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER
     max_blobs: int = DEFAULT_MAX_BLOBS
     max_ticket_bytes: int = DEFAULT_MAX_TICKET_BYTES
     #: Clear mode, an explicit opt-in for loopback testnets: a server issues tickets without a key, and a client
@@ -194,8 +231,11 @@ class DataChannelConfig:
     cipher: Cipher | None = None
 
     def __post_init__(self) -> None:
-        if min(self.ticket_ttl_ms, self.max_tickets, self.max_connections, self.max_blobs) < 1:
-            raise ValueError("ticket_ttl_ms, max_tickets, max_connections and max_blobs must be >= 1")
+        limits = (self.ticket_ttl_ms, self.max_tickets, self.max_connections, self.max_streams_per_peer, self.max_blobs)
+        if min(limits) < 1:
+            raise ValueError(
+                "ticket_ttl_ms, max_tickets, max_connections, max_streams_per_peer and max_blobs must be >= 1"
+            )
         if self.result_retention_ms < 0 or self.max_ticket_bytes < 0:
             raise ValueError("result_retention_ms and max_ticket_bytes must be >= 0")
 
@@ -299,10 +339,113 @@ class _Sealer:
         return nonce
 
 
-async def _recv_exactly_into(sock: trio.socket.SocketType, view: memoryview) -> None:
+# ---------------------------------------------------------------------------------------------------------------
+# The byte stream a session runs over: a TCP connection (the data channel) or a libp2p stream (the fallback)
+
+
+#: What a client session runs over: a dialled data-channel connection, or a ``/p2pcompute/data/1.0.0`` stream.
+DataTransport = trio.SocketStream | INetStream
+
+#: The errors a broken or closed byte stream raises (the libp2p adapter maps its own onto these).
+_BROKEN: Final = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class _Channel(Protocol):
+    """The four operations a session needs. A broken stream raises one of :data:`_BROKEN`; ``recv_into`` returns 0
+    at the end of the stream."""
+
+    @property
+    def path(self) -> DataPath: ...
+
+    async def send_all(self, data: bytes | memoryview) -> None: ...
+
+    async def recv_into(self, view: memoryview) -> int: ...
+
+    async def send_eof(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class _SocketChannel:
+    """A TCP connection; receives go straight into the caller's buffer (``recv_into``: no copy)."""
+
+    path = DataPath.DIRECT
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._stream = stream
+
+    async def send_all(self, data: bytes | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def recv_into(self, view: memoryview) -> int:
+        return await self._stream.socket.recv_into(view)
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+class _StreamChannel:
+    """A libp2p stream (Noise+yamux): ``read`` returns new ``bytes`` of at most the size asked, copied into the
+    caller's buffer; the end of the stream (``StreamEOF``) reads as 0; every libp2p error as a broken stream."""
+
+    path = DataPath.STREAM
+
+    def __init__(self, stream: INetStream) -> None:
+        self._stream = stream
+        self._rest = memoryview(b"")  # bytes read beyond what the last caller asked for (read(n) should give <= n)
+
+    async def send_all(self, data: bytes | memoryview) -> None:
+        try:
+            await self._stream.write(data if isinstance(data, bytes) else bytes(data))
+        except BaseLibp2pError as exc:
+            raise trio.BrokenResourceError(f"libp2p stream: {exc!r}") from exc
+
+    async def recv_into(self, view: memoryview) -> int:
+        if not self._rest:
+            try:
+                data = await self._stream.read(len(view))
+            except StreamEOF:
+                return 0
+            except BaseLibp2pError as exc:
+                raise trio.BrokenResourceError(f"libp2p stream: {exc!r}") from exc
+            self._rest = memoryview(data)
+        n = min(len(view), len(self._rest))
+        view[:n] = self._rest[:n]
+        self._rest = self._rest[n:]
+        return n
+
+    async def send_eof(self) -> None:
+        # NetStream.close_write half-closes (yamux FIN); INetStream only promises close(), which for yamux is the
+        # same FIN (the read side stays open).
+        close_write = getattr(self._stream, "close_write", None)
+        try:
+            await (close_write() if callable(close_write) else self._stream.close())
+        except BaseLibp2pError as exc:
+            raise trio.BrokenResourceError(f"libp2p stream: {exc!r}") from exc
+
+    async def aclose(self) -> None:
+        """Close (FIN) within FAREWELL_TIMEOUT_S, else reset: a peer that stopped reading cannot hold us."""
+        with trio.CancelScope(shield=True):
+            closed = False
+            with trio.move_on_after(FAREWELL_TIMEOUT_S), contextlib.suppress(BaseLibp2pError, *_BROKEN):
+                await self._stream.close()
+                closed = True
+            if not closed:
+                with trio.move_on_after(FAREWELL_TIMEOUT_S), contextlib.suppress(BaseLibp2pError, *_BROKEN):
+                    await self._stream.reset()
+
+
+def _channel(transport: DataTransport) -> _Channel:
+    return _SocketChannel(transport) if isinstance(transport, trio.SocketStream) else _StreamChannel(transport)
+
+
+async def _recv_exactly_into(channel: _Channel, view: memoryview) -> None:
     pos = 0
     while pos < len(view):
-        n = await sock.recv_into(view[pos:])
+        n = await channel.recv_into(view[pos:])
         if n == 0:
             raise TransferError(Reason.TRANSFER_FAILED, f"cut short: {pos} of {len(view)} bytes of a piece arrived")
         pos += n
@@ -311,19 +454,19 @@ async def _recv_exactly_into(sock: trio.socket.SocketType, view: memoryview) -> 
 class _Writer:
     """Sends headers and blob pieces, in the clear or one sealed record per piece."""
 
-    def __init__(self, stream: trio.SocketStream, sealer: _Sealer | None) -> None:
-        self._stream = stream
+    def __init__(self, channel: _Channel, sealer: _Sealer | None) -> None:
+        self._channel = channel
         self._sealer = sealer
         self._scratch = memoryview(bytearray(CHUNK_SIZE + TAG_SIZE)) if sealer else None
 
     async def send_piece(self, piece: bytes | memoryview) -> None:
         with trio.fail_after(CHUNK_TIMEOUT_S):
             if self._sealer is None or self._scratch is None:
-                await self._stream.send_all(piece)
+                await self._channel.send_all(piece)
                 return
             record = self._scratch[: len(piece) + TAG_SIZE]
             self._sealer.aead.encrypt_into(self._sealer.nonce(), piece, None, record)
-            await self._stream.send_all(record)
+            await self._channel.send_all(record)
 
     async def send_blobs(self, blobs: Iterable[tuple[bytes, Blob]]) -> None:
         for digest, data in blobs:
@@ -397,18 +540,18 @@ class _HashBehind:
 class _Reader:
     """Receives pieces of a size the receiver already knows, straight into their destination."""
 
-    def __init__(self, stream: trio.SocketStream, sealer: _Sealer | None) -> None:
-        self._sock = stream.socket
+    def __init__(self, channel: _Channel, sealer: _Sealer | None) -> None:
+        self._channel = channel
         self._sealer = sealer
         self._scratch = memoryview(bytearray(CHUNK_SIZE + TAG_SIZE)) if sealer else None
 
     async def read_piece(self, view: memoryview) -> None:
         with trio.fail_after(CHUNK_TIMEOUT_S):
             if self._sealer is None or self._scratch is None:
-                await _recv_exactly_into(self._sock, view)
+                await _recv_exactly_into(self._channel, view)
                 return
             record = self._scratch[: len(view) + TAG_SIZE]
-            await _recv_exactly_into(self._sock, record)
+            await _recv_exactly_into(self._channel, record)
             try:
                 self._sealer.aead.decrypt_into(self._sealer.nonce(), record, None, view)
             except InvalidTag:
@@ -416,7 +559,7 @@ class _Reader:
 
     async def expect_eof(self) -> None:
         with trio.fail_after(CHUNK_TIMEOUT_S):
-            if await self._sock.recv_into(bytearray(1), 1):
+            if await self._channel.recv_into(memoryview(bytearray(1))):
                 raise TransferError(Reason.TOO_LARGE, "bytes after the last stated blob")
 
     async def receive_blobs(self, expected: Mapping[bytes, int]) -> dict[bytes, memoryview]:
@@ -475,53 +618,49 @@ class _Reader:
                 arrived(start + len(piece))
 
 
-async def _read_status(stream: trio.SocketStream, timeout_s: float) -> int | None:
-    """The server's status byte, or None when the connection ended (or broke) first; ``timeout`` after ``timeout_s``."""
+async def _read_status(channel: _Channel, timeout_s: float) -> int | None:
+    """The server's status byte, or None when the stream ended (or broke) first; ``timeout`` after ``timeout_s``."""
+    byte = memoryview(bytearray(1))
     try:
         with trio.fail_after(timeout_s):
-            data = await stream.receive_some(1)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            n = await channel.recv_into(byte)
+    except _BROKEN:
         return None
     except trio.TooSlowError:
         raise TransferError(Reason.TIMEOUT, f"no status byte from the data server within {timeout_s} s") from None
-    return data[0] if data else None
+    return byte[0] if n else None
 
 
-async def _send_status(stream: trio.SocketStream, status: int) -> None:
-    with trio.move_on_after(FAREWELL_TIMEOUT_S), contextlib.suppress(trio.BrokenResourceError, OSError):
-        await stream.send_all(bytes([status]))
+async def _send_status(channel: _Channel, status: int) -> None:
+    with trio.move_on_after(FAREWELL_TIMEOUT_S), contextlib.suppress(*_BROKEN):
+        await channel.send_all(bytes([status]))
 
 
-async def _dial(host: str, port: int) -> trio.SocketStream:
+async def dial_data_server(host: str, port: int, *, timeout_s: float = CONNECT_TIMEOUT_S) -> trio.SocketStream:
+    """A TCP connection to a data server, or :class:`TransferError` ``transfer_failed`` ("cannot reach") when it
+    is refused, unreachable or not made within ``timeout_s``. Nothing is sent: a failed dial leaves the ticket
+    unclaimed, so the caller may still use it over the libp2p stream."""
     try:
-        with trio.fail_after(CONNECT_TIMEOUT_S):
+        with trio.fail_after(timeout_s):
             return await trio.open_tcp_stream(host, port)
     except (OSError, trio.TooSlowError) as exc:
-        raise TransferError(Reason.TRANSFER_FAILED, f"cannot reach the data server {host}:{port}: {exc}") from exc
+        detail = f"not connected within {timeout_s} s" if isinstance(exc, trio.TooSlowError) else str(exc)
+        raise TransferError(Reason.TRANSFER_FAILED, f"cannot reach the data server {host}:{port}: {detail}") from exc
 
 
-async def _open_session(
-    host: str, port: int, direction: Direction, cipher: Cipher | None, token: bytes
-) -> trio.SocketStream:
-    """Dial, send the hello, and wait for the server to accept the ticket."""
+async def _start_session(channel: _Channel, direction: Direction, cipher: Cipher | None, token: bytes) -> None:
+    """Send the hello and wait for the server to accept the ticket."""
     hello = _hello(direction, cipher, token)
-    stream = await _dial(host, port)
     try:
         with trio.fail_after(HELLO_TIMEOUT_S):
-            await stream.send_all(hello)
-        status = await _read_status(stream, HELLO_TIMEOUT_S)
-    except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
-        await stream.aclose()
+            await channel.send_all(hello)
+        status = await _read_status(channel, HELLO_TIMEOUT_S)
+    except (trio.TooSlowError, *_BROKEN) as exc:
         raise _transfer_error(exc) from exc
-    except BaseException:
-        await stream.aclose()
-        raise
     if status != _STATUS_OK:
-        await stream.aclose()
         if status is None:
             raise TransferError(Reason.TRANSFER_FAILED, "the data server closed the connection after the hello")
         raise _status_error(status, f"{direction.value} refused")
-    return stream
 
 
 def _transfer_error(exc: Exception) -> TransferError:
@@ -533,8 +672,9 @@ def _transfer_error(exc: Exception) -> TransferError:
     return TransferError(Reason.TRANSFER_FAILED, f"connection broken: {exc!r}")
 
 
-def _client_cipher(key: bytes | None, config: DataChannelConfig) -> Cipher | None:
-    """The cipher to dial a ticket with (None: clear), or ``bad_token`` for a keyless ticket without the opt-in."""
+def ticket_cipher(key: bytes | None, config: DataChannelConfig) -> Cipher | None:
+    """The cipher a client names for a ticket with ``key`` (None: clear mode), or :class:`TransferError`
+    ``bad_token`` for a keyless ticket when ``config`` did not opt in to clear mode (check before dialling)."""
     if key is not None:
         return config.dial_cipher()
     if not config.clear:
@@ -564,23 +704,41 @@ async def upload(
     Raises :class:`TransferError` with the server's verdict (``bad_token``, ``expired``, ``hash_mismatch``, ...),
     ``timeout`` or ``transfer_failed``.
     """
-    cipher = _client_cipher(key, config)
-    sealer = _Sealer(key, Direction.UPLOAD, cipher) if key is not None and cipher is not None else None
-    stream = await _open_session(host, port, Direction.UPLOAD, cipher, token)
-    async with stream:
+    ticket_cipher(key, config)
+    await upload_over(await dial_data_server(host, port), token, key, blobs, config=config)
+
+
+async def upload_over(
+    transport: DataTransport,
+    token: bytes,
+    key: bytes | None,
+    blobs: Mapping[bytes, Blob],
+    *,
+    config: DataChannelConfig = DataChannelConfig(),
+) -> None:
+    """:func:`upload` over a transport already open to the worker: a connection from :func:`dial_data_server`, or a
+    ``/p2pcompute/data/1.0.0`` stream on the libp2p connection the ticket came over. The same session, byte for
+    byte; the transport is closed on return."""
+    channel = _channel(transport)
+    try:
+        cipher = ticket_cipher(key, config)
+        sealer = _Sealer(key, Direction.UPLOAD, cipher) if key is not None and cipher is not None else None
+        await _start_session(channel, Direction.UPLOAD, cipher, token)
         try:
-            await _Writer(stream, sealer).send_blobs(blobs.items())
+            await _Writer(channel, sealer).send_blobs(blobs.items())
             with trio.fail_after(CHUNK_TIMEOUT_S):
-                await stream.send_eof()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, trio.TooSlowError) as exc:
+                await channel.send_eof()
+        except (*_BROKEN, trio.TooSlowError) as exc:
             # The server may have refused part way; its status byte, if it got through, says why.
             status = None
             with contextlib.suppress(TransferError):
-                status = await _read_status(stream, FAREWELL_TIMEOUT_S)
+                status = await _read_status(channel, FAREWELL_TIMEOUT_S)
             if status is not None and status != _STATUS_OK:
                 raise _status_error(status, "upload refused") from exc
             raise _transfer_error(exc) from exc
-        status = await _read_status(stream, VERDICT_TIMEOUT_S)
+        status = await _read_status(channel, VERDICT_TIMEOUT_S)
+    finally:
+        await channel.aclose()
     if status is None:
         raise TransferError(Reason.TRANSFER_FAILED, "the data server gave no verdict on the upload")
     if status != _STATUS_OK:
@@ -602,15 +760,33 @@ async def download(
     Raises :class:`TransferError` (``bad_token``, ``expired``, ``hash_mismatch``, ``shape_mismatch``,
     ``unexpected_blob``, ``too_large``, ``timeout``, ``transfer_failed``).
     """
-    wanted = dict(expected_blobs(expected, max_blobs=config.max_blobs, max_bytes=config.max_ticket_bytes))
-    cipher = _client_cipher(key, config)
-    sealer = _Sealer(key, Direction.DOWNLOAD, cipher) if key is not None and cipher is not None else None
-    stream = await _open_session(host, port, Direction.DOWNLOAD, cipher, token)
-    async with stream:
+    expected = list(expected)
+    expected_blobs(expected, max_blobs=config.max_blobs, max_bytes=config.max_ticket_bytes)
+    ticket_cipher(key, config)
+    return await download_over(await dial_data_server(host, port), token, key, expected, config=config)
+
+
+async def download_over(
+    transport: DataTransport,
+    token: bytes,
+    key: bytes | None,
+    expected: Iterable[TensorMeta | tuple[bytes, int]],
+    *,
+    config: DataChannelConfig = DataChannelConfig(),
+) -> dict[bytes, memoryview]:
+    """:func:`download` over a transport already open to the worker (as for :func:`upload_over`)."""
+    channel = _channel(transport)
+    try:
+        wanted = dict(expected_blobs(expected, max_blobs=config.max_blobs, max_bytes=config.max_ticket_bytes))
+        cipher = ticket_cipher(key, config)
+        sealer = _Sealer(key, Direction.DOWNLOAD, cipher) if key is not None and cipher is not None else None
+        await _start_session(channel, Direction.DOWNLOAD, cipher, token)
         try:
-            return await _Reader(stream, sealer).receive_blobs(wanted)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, trio.TooSlowError) as exc:
+            return await _Reader(channel, sealer).receive_blobs(wanted)
+        except (*_BROKEN, trio.TooSlowError) as exc:
             raise _transfer_error(exc) from exc
+    finally:
+        await channel.aclose()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -647,8 +823,11 @@ def _slot_key(token: bytes) -> bytes:
 class DataServer:
     """The worker's data-channel listener: one TCP port, any number of single-use tickets (bounded).
 
+    The same tickets are served over ``/p2pcompute/data/1.0.0`` libp2p streams (register :meth:`handle_stream`
+    as that protocol's handler): one slot table, so a ticket claimed on either path is gone for both.
     ``bind_host`` is the IP to listen on (the interface of the libp2p listen address). ``clock`` (ms since the
-    epoch) and ``random_bytes`` are injectable for tests.
+    epoch) and ``random_bytes`` are injectable for tests. :attr:`stats` counts tickets claimed and sessions
+    refused, by path (``direct_claimed``, ``stream_claimed``, ``direct_busy``, ``stream_busy``).
     """
 
     def __init__(
@@ -665,7 +844,9 @@ class DataServer:
         self._random_bytes = random_bytes
         self._port: int | None = None
         self._slots: dict[bytes, _Slot] = {}
-        self._connections = 0
+        self._connections = 0  # sessions on both paths
+        self._streams_per_peer: collections.Counter[str] = collections.Counter()
+        self.stats: collections.Counter[str] = collections.Counter()
 
     @property
     def port(self) -> int:
@@ -676,6 +857,11 @@ class DataServer:
     @property
     def open_tickets(self) -> int:
         return len(self._slots)
+
+    @property
+    def open_sessions(self) -> int:
+        """Sessions in progress, on both paths (at most ``max_connections``)."""
+        return self._connections
 
     async def serve(self, *, task_status: TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen on an ephemeral port of ``bind_host``; ``task_status.started(port)``; serve until cancelled."""
@@ -797,41 +983,83 @@ class DataServer:
     # -- connections --------------------------------------------------------------------------------------------
 
     async def _handle(self, stream: trio.SocketStream) -> None:
-        async with stream:
+        """One connection to the TCP port."""
+        await self._serve(_SocketChannel(stream), "a connection")
+
+    async def handle_stream(self, stream: INetStream) -> None:
+        """The ``/p2pcompute/data/1.0.0`` handler: the TCP port's session over a libp2p stream. Never raises.
+
+        Bounded as the port is (``max_connections`` counts both paths, single-use tickets, sizes from the ticket,
+        the same timeouts), and by ``max_streams_per_peer`` concurrent streams of one authenticated peer.
+        """
+        channel = _StreamChannel(stream)
+        try:
+            peer = str(stream.muxed_conn.peer_id)
+        except Exception as exc:  # a stream without an authenticated peer: nothing to serve
+            logger.info("data stream: refused a stream without a peer: %r", exc)
+            await channel.aclose()
+            return
+        try:
+            if self._streams_per_peer[peer] >= self._config.max_streams_per_peer:
+                self.stats["stream_busy"] += 1
+                logger.info(
+                    "data stream: refusing one from %s, %d of its streams open", peer, self._streams_per_peer[peer]
+                )
+                await _send_status(channel, _STATUS_CODES[Reason.TRANSFER_FAILED])
+                await channel.aclose()
+                return
+            self._streams_per_peer[peer] += 1
+            try:
+                await self._serve(channel, f"a stream from {peer}")
+            finally:
+                self._streams_per_peer[peer] -= 1
+                if self._streams_per_peer[peer] <= 0:
+                    del self._streams_per_peer[peer]
+        except Exception as exc:  # a library error or a bug: this stream ends, the node goes on
+            logger.warning("data stream from %s failed: %s: %s", peer, type(exc).__name__, exc, exc_info=True)
+            await channel.aclose()
+
+    async def _serve(self, channel: _Channel, who: str) -> None:
+        try:
             if self._connections >= self._config.max_connections:
-                logger.info("data channel: refusing a connection, %d open", self._connections)
-                await _send_status(stream, _STATUS_CODES[Reason.TRANSFER_FAILED])
+                self.stats[f"{channel.path.value}_busy"] += 1
+                logger.info("data %s: refusing %s, %d sessions open", channel.path.value, who, self._connections)
+                await _send_status(channel, _STATUS_CODES[Reason.TRANSFER_FAILED])
                 return
             self._connections += 1
             try:
-                await self._handle_session(stream)
+                await self._handle_session(channel, who)
             finally:
                 self._connections -= 1
+        finally:
+            await channel.aclose()
 
-    async def _handle_session(self, stream: trio.SocketStream) -> None:
+    async def _handle_session(self, channel: _Channel, who: str) -> None:
         slot: _Slot | None = None
         try:
             hello = bytearray(HELLO_SIZE)
             with trio.fail_after(HELLO_TIMEOUT_S):
-                await _recv_exactly_into(stream.socket, memoryview(hello))
+                await _recv_exactly_into(channel, memoryview(hello))
             slot, cipher = self._claim(bytes(hello))
+            self.stats[f"{channel.path.value}_claimed"] += 1
             self._prune(self._clock())
-            await _send_status(stream, _STATUS_OK)
+            await _send_status(channel, _STATUS_OK)
             ticket = slot.ticket
             sealer = _Sealer(ticket.key, ticket.direction, cipher) if ticket.key and cipher else None
             if ticket.direction is Direction.UPLOAD:
-                result = await _Reader(stream, sealer).receive_blobs(dict(ticket.blobs))
+                result = await _Reader(channel, sealer).receive_blobs(dict(ticket.blobs))
                 slot.finish(result, None)
-                await _send_status(stream, _STATUS_OK)
+                await _send_status(channel, _STATUS_OK)
             else:
-                await _Writer(stream, sealer).send_blobs(slot.blobs)
+                await _Writer(channel, sealer).send_blobs(slot.blobs)
                 with trio.fail_after(CHUNK_TIMEOUT_S):
-                    await stream.send_eof()
+                    await channel.send_eof()
                 slot.finish(None, None)
-        except (TransferError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        except (TransferError, trio.TooSlowError, *_BROKEN) as exc:
             error = _transfer_error(exc)
             # Before a ticket is claimed anyone can cause this: not worth more than a debug line.
-            logger.log(logging.INFO if slot else logging.DEBUG, "data channel: transfer refused or failed: %s", error)
+            level = logging.INFO if slot else logging.DEBUG
+            logger.log(level, "data %s: transfer with %s refused or failed: %s", channel.path.value, who, error)
             if slot is not None and slot.state is not _State.DONE:
                 slot.finish(None, error)
-            await _send_status(stream, _STATUS_CODES.get(error.reason, _STATUS_CODES[Reason.TRANSFER_FAILED]))
+            await _send_status(channel, _STATUS_CODES.get(error.reason, _STATUS_CODES[Reason.TRANSFER_FAILED]))

@@ -28,6 +28,7 @@ from p2pcompute.compute.gpu import HardwareReport, load_or_probe
 from p2pcompute.config import PROBE_TIMEOUT_S, NodeConfig
 from p2pcompute.core.adverts import MarketView, check_advert_address
 from p2pcompute.core.identity import KeyPair, PeerId
+from p2pcompute.core.reach import Reachability
 from p2pcompute.core.reputation import Outcome, PeerReputation, Reputation
 from p2pcompute.core.verification import EvidenceInbox
 from p2pcompute.errors import RemoteProtocolError
@@ -35,7 +36,7 @@ from p2pcompute.keys import load_or_create_key
 from p2pcompute.net.discovery import Discovery, DiscoveryConfig
 from p2pcompute.net.gossip import Gossip, GossipConfig
 from p2pcompute.net.host import HostConfig, host_addrs, open_host
-from p2pcompute.net.protocols import JOB_PROTOCOL
+from p2pcompute.net.reach import ReachService
 from p2pcompute.services.adverts import Advertiser, AdvertReceiver
 from p2pcompute.services.changes import Changes
 from p2pcompute.services.evidence import EvidenceGossip, Rechecker
@@ -117,9 +118,10 @@ class Node:
             peer_id=peer_id, market=self.market, gossip=self.gossip, clock=clock,
             received=self.metrics.adverts_received, changes=self.changes,
         )  # fmt: skip
+        self.reach = ReachService(host, config.reach_settings(), clock=clock, on_change=self._addresses_changed)
         self.advertiser = Advertiser(
             config, keypair, hardware, market=self.market, gossip=self.gossip, discovery=self.discovery, clock=clock,
-            addrs=lambda: advert_addrs(host, peer_id, config.announce), published=self.metrics.adverts_published,
+            addrs=self.advert_addrs, published=self.metrics.adverts_published,
         )  # fmt: skip
         self.evidence_gossip = EvidenceGossip(
             peer_id=peer_id, gossip=self.gossip, reputation=self.reputation, store=store, clock=clock,
@@ -152,8 +154,10 @@ class Node:
             await nursery.start(self.evidence_gossip.run)
             await nursery.start(self.sync_server.run)
             if self.worker is not None:
-                self.host.set_stream_handler(JOB_PROTOCOL, self.worker.handle_stream)
+                for protocol, handler in self.worker.stream_handlers().items():  # jobs; tensors without a direct path
+                    self.host.set_stream_handler(protocol, handler)
                 await nursery.start(self.worker.data.serve)
+            await nursery.start(self.reach.run)  # relay stop/hop, AutoNAT and DCUtR handlers before the first dial
             await nursery.start(self.discovery.run)
             # Connected: what talks to peers. One more service is one more `await nursery.start(service.run)`.
             if serve_status:
@@ -163,7 +167,7 @@ class Node:
                 await nursery.start(self.advertiser.run)
             info = NodeInfo(
                 peer_id=str(self.peer_id),
-                addrs=advert_addrs(self.host, self.peer_id, self.config.announce) or tuple(host_addrs(self.host)),
+                addrs=self.advert_addrs() or tuple(host_addrs(self.host)),
                 status_url=f"http://127.0.0.1:{self.status_port}/status" if serve_status else "",
                 sandbox=tuple(self.worker.executor.sandbox.items()) if self.worker is not None else (),
             )
@@ -239,6 +243,20 @@ class Node:
 
     def status(self) -> dict[str, Any]:
         return self.status_server.status()
+
+    def advert_addrs(self) -> tuple[str, ...]:
+        """The addresses our adverts carry now (specs/reachability.md §2)."""
+        public = self.reach.state.status(self.clock()) is Reachability.PUBLIC
+        return advert_addrs(
+            self.host,
+            self.peer_id,
+            self.config.announce,
+            observed=self.reach.observed_public_addrs() if public else (),
+            relayed=self.reach.relayed_addrs(),
+        )
+
+    def _addresses_changed(self) -> None:
+        self.advertiser.addresses_changed()
 
 
 def _write_node_info(data_dir: Path, info: NodeInfo) -> None:
@@ -334,18 +352,28 @@ async def serve(
 MAX_ADVERT_ADDRS = 16  # GpuAdvert.addrs holds 1 … 16
 
 
-def advert_addrs(host: IHost, peer: PeerId, announce: Sequence[str] = ()) -> tuple[str, ...]:
-    """The addresses our adverts carry (specs/adverts.md §4 check 8), each ending in our own ``/p2p/<id>``: the
-    operator's ``announce`` addresses when set (the only ones then: behind NAT the listen addresses are private),
-    else the host's, with an unspecified listen address (``0.0.0.0``, ``::``) expanded to this machine's interface
-    addresses; loopback addresses only when there is nothing else (a loopback testnet: to anyone else,
-    127.0.0.1 is their own machine); nothing a receiver would refuse."""
+def advert_addrs(
+    host: IHost,
+    peer: PeerId,
+    announce: Sequence[str] = (),
+    *,
+    observed: Sequence[str] = (),
+    relayed: Sequence[str] = (),
+) -> tuple[str, ...]:
+    """The addresses our adverts carry (specs/reachability.md §2, adverts.md §4 check 8), each ending in our own
+    ``/p2p/<id>``: the operator's ``announce`` addresses when set (the only direct ones then: behind NAT the listen
+    addresses are private), else the listen addresses, an unspecified one (``0.0.0.0``, ``::``) expanded to this
+    machine's interface addresses, plus ``observed`` ones (Identify's, once AutoNAT says we are public); then our
+    ``relayed`` addresses (``<relay>/p2p-circuit/p2p/<us>``). Loopback addresses only when there is nothing else (a
+    loopback testnet: to anyone else, 127.0.0.1 is their own machine); nothing a receiver would refuse."""
     suffix = f"/p2p/{peer}"
     out: list[str] = []
     if announce:
-        return tuple(dict.fromkeys(a.removesuffix(suffix) + suffix for a in announce))[:MAX_ADVERT_ADDRS]
-    for addr in host_addrs(host):
-        base = addr.removesuffix(suffix)
+        direct = [a.removesuffix(suffix) for a in announce]
+    else:
+        direct = [str(a).split("/p2p/")[0] for a in host.get_transport_addrs()]
+        direct += [a.split("/p2p/")[0] for a in observed]
+    for base in direct:
         candidates = [base]
         parts = base.split("/")  # "", "ip4", "0.0.0.0", "tcp", "4001"
         if len(parts) > 2 and parts[1] in ("ip4", "ip6") and _is_unspecified(parts[2]):
@@ -353,16 +381,27 @@ def advert_addrs(host: IHost, peer: PeerId, announce: Sequence[str] = ()) -> tup
             loopback = "/".join(["", parts[1], "127.0.0.1" if parts[1] == "ip4" else "::1", *parts[3:]])
             candidates = [a for a in expanded if a != base] or [loopback]
         for candidate in candidates:
-            full = candidate + suffix
-            try:
-                check_advert_address(full, peer)
-            except RemoteProtocolError as exc:
-                log.debug("not advertising %s: %s", full, exc)
-                continue
-            if full not in out:
-                out.append(full)
-    routable = [a for a in out if not _is_loopback(a)]
-    return tuple((routable or out)[:MAX_ADVERT_ADDRS])
+            _add_checked(out, candidate + suffix, peer)
+    through: list[str] = []
+    for addr in relayed:
+        if addr.endswith("/p2p-circuit" + suffix):  # through a relay to us, never to someone else
+            _add_checked(through, addr, peer)
+    # Loopback beside routable is dropped in each list: direct addresses, and relays (by the relay's address).
+    return tuple([*_routable_or_all(out), *_routable_or_all(through)][:MAX_ADVERT_ADDRS])
+
+
+def _routable_or_all(addrs: list[str]) -> list[str]:
+    return [a for a in addrs if not _is_loopback(a)] or addrs
+
+
+def _add_checked(out: list[str], addr: str, peer: PeerId) -> None:
+    try:
+        check_advert_address(addr, peer)
+    except RemoteProtocolError as exc:
+        log.debug("not advertising %s: %s", addr, exc)
+        return
+    if addr not in out:
+        out.append(addr)
 
 
 def _is_loopback(addr: str) -> bool:

@@ -165,6 +165,10 @@ class Advertiser:
             self.free_slots = max(0, min(free, self._config.slots))
             self._capacity_changed.set()
 
+    def addresses_changed(self) -> None:
+        """Our addresses changed (a relay slot taken or lost, reachability found): :meth:`run` re-advertises."""
+        self._capacity_changed.set()
+
     def make_advert(self, now: int) -> bytes:
         if self._hardware is None:
             raise LocalProtocolError(Reason.INCONSISTENT, "a client-only peer has no hardware to advertise")

@@ -340,6 +340,26 @@ async def test_adverts_carry_the_announced_addresses_and_no_loopback_beside_rout
         assert only.startswith("/ip4/127.0.0.1/tcp/")
 
 
+async def test_adverts_carry_relayed_addresses_beside_direct_ones_and_observed_ones_only_when_given() -> None:
+    """A worker holding relay slots advertises ``<relay>/p2p-circuit/p2p/<us>`` after its direct addresses; observed
+    addresses (Identify's) appear only when the node passes them (it does once AutoNAT says it is public); a relayed
+    address through someone else's id, or one a receiver would refuse, is never advertised."""
+    from p2pcompute.node import advert_addrs
+
+    pair = KeyPair.from_seed(hashlib.sha256(b"relayed").digest())
+    me = f"/p2p/{pair.peer_id}"
+    relayed = f"/ip4/10.77.0.2/tcp/4001/p2p/12D3KooWRelay/p2p-circuit{me}"
+    async with open_host(pair.seed, LOOPBACK) as host:
+        [direct] = advert_addrs(host, pair.peer_id)
+        assert advert_addrs(host, pair.peer_id, relayed=[relayed]) == (direct, relayed)
+        observed = advert_addrs(host, pair.peer_id, observed=["/ip4/198.51.100.4/tcp/4001"])
+        assert observed == (f"/ip4/198.51.100.4/tcp/4001{me}",)  # routable: the loopback one is dropped beside it
+        foreign = "/ip4/10.77.0.2/tcp/4001/p2p/12D3KooWRelay/p2p-circuit/p2p/12D3KooWSomeoneElse"
+        assert advert_addrs(host, pair.peer_id, relayed=[foreign]) == (direct,)
+        announced = advert_addrs(host, pair.peer_id, ("/ip4/203.0.113.7/tcp/4001",), relayed=[relayed])
+        assert announced == (f"/ip4/203.0.113.7/tcp/4001{me}", relayed)
+
+
 async def test_at_most_max_concurrent_syncs_are_served_whatever_gossip_arrives(tmp_path: Path) -> None:
     """Sync requests that hold their stream take the node's sync slots; with every slot taken the next one is reset
     at once, also after adverts arrived meanwhile (the limiter used to be re-created on every gossiped message, so

@@ -14,10 +14,11 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
 import pytest
 import torch
 import trio
@@ -29,8 +30,9 @@ from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 
-from p2pcompute.client import Job
+from p2pcompute.client import Job, open_client
 from p2pcompute.compute.executor import open_executor
+from p2pcompute.config import NodeConfig
 from p2pcompute.core.identity import KeyPair, PeerId
 from p2pcompute.core.messages import DeviceKind
 from p2pcompute.core.negotiation import MAX_CLOCK_SKEW_MS, MESSAGE_TTL_MS
@@ -54,13 +56,15 @@ from p2pcompute.net.transfer import (
     upload_over,
 )
 from p2pcompute.store import STORE_FILE, open_store
-from p2pcompute.testing.jobs import chain_module
+from p2pcompute.testing.jobs import chain_module, cluster
 from p2pcompute.testing.net import seed_for
 from p2pcompute.worker import Worker, WorkerSettings
 
 WORKER_IP = "127.0.0.1"
 #: An address of this machine the client never dials: a data server bound there is unreachable for it.
 ELSEWHERE_IP = "127.0.0.2"
+#: A second listen address of a node, where its data channel (on the first) does not listen.
+OTHER_LISTEN_IP = "127.0.0.3"
 WAIT_S = 30.0
 POLL_S = 0.01
 DEFAULT_CONFIG = DataChannelConfig()
@@ -531,3 +535,32 @@ async def test_the_direct_path_is_used_when_it_connects_and_never_over_a_relay(
             assert worker.data.stats == {"direct_claimed": 2, "stream_claimed": 2}
             (upload_line, download_line) = [r.getMessage() for r in caplog.records if DATA_PROTOCOL in r.getMessage()]
             assert "the connection is relayed" in upload_line and "the connection is relayed" in download_line
+
+
+async def test_a_node_serves_the_fallback_and_client_run_verifies_the_job(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real node (``serve``) listening on 127.0.0.1 and 127.0.0.3, its data channel on 127.0.0.1 only; a client
+    that reaches it on 127.0.0.3 finds that data port closed: ``Client.run`` completes and verifies the job over
+    the node's /p2pcompute/data/1.0.0 handler."""
+    job = big_job()
+    caplog.set_level(logging.INFO, logger="p2pcompute.net.negotiate")
+
+    def two_ips(index: int, config: NodeConfig) -> NodeConfig:
+        return replace(config, listen=(f"/ip4/{WORKER_IP}/tcp/0", f"/ip4/{OTHER_LISTEN_IP}/tcp/0"))
+
+    with trio.fail_after(JOB_TIMEOUT_S * 2):
+        async with cluster(tmp_path, 1, configure=two_ips) as workers:
+            (far,) = [a for a in workers[0].info.addrs if f"/ip4/{OTHER_LISTEN_IP}/" in a]
+            async with open_client([far], data_dir=tmp_path / "client", listen=(f"/ip4/{WORKER_IP}/tcp/0",)) as client:
+                with trio.fail_after(JOB_TIMEOUT_S):
+                    await client.node.wait_for(lambda: len(client.node.market) >= 1)
+                result = await client.run(job, max_price=MAX_PRICE, deadline=60, redundancy=1)
+                async with httpx.AsyncClient() as http:
+                    status = (await http.get(workers[0].info.status_url)).json()
+    assert result.worker == workers[0].peer
+    assert torch.allclose(result.outputs[0], job.run_locally()[0], rtol=1e-5, atol=1e-6)
+    assert status["jobs"]["data_channel"].get("stream_claimed", 0) >= 2, status["jobs"]["data_channel"]
+    assert "direct_claimed" not in status["jobs"]["data_channel"]
+    fallbacks = [r.getMessage() for r in caplog.records if DATA_PROTOCOL in r.getMessage()]
+    assert fallbacks and all(f"cannot reach the data server {OTHER_LISTEN_IP}:" in m for m in fallbacks), fallbacks

@@ -898,6 +898,7 @@ class _Run:
                     seen=client.seen,
                     clock=client.clock,
                     progress=forward,
+                    dial=client.node.reach.dial,
                 ) as worker_session:
                     try:
                         outcome = await worker_session.run()
@@ -1127,7 +1128,9 @@ async def open_client(
         keypair = key
     else:
         keypair, _ = load_or_create_key(key if key is not None else directory / "identity.key")
-    config = NodeConfig(data_dir=directory, listen=tuple(listen), bootstrap=tuple(bootstrap), status_port=0).validate()
+    config = NodeConfig(
+        data_dir=directory, listen=tuple(listen), bootstrap=tuple(bootstrap), status_port=0, serve_jobs=False
+    ).validate()
     store = open_store(directory / STORE_FILE)
     try:
         async with open_host(keypair.seed, config.listen, config=HostConfig()) as host:

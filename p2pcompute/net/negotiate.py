@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
@@ -527,8 +527,19 @@ class ClientSession:
         await conv.close()
 
 
-async def _connect(host: IHost, peer: ID, addrs: Sequence[str]) -> None:
+#: Connects to a peer from its advert's addresses, relayed ones included
+#: (:meth:`p2pcompute.net.reach.ReachService.dial`); raises :class:`DialError`.
+Dialer = Callable[[ID, Sequence[str]], Awaitable[None]]
+
+
+async def _connect(host: IHost, peer: ID, addrs: Sequence[str], dial: Dialer | None = None) -> None:
     if peer in host.get_connected_peers():
+        return
+    if dial is not None:
+        # 0.8.1 dials only one TCP address per peer, the first it knows (see below): the advert's addresses win.
+        with contextlib.suppress(Exception):
+            host.get_peerstore().clear_addrs(peer)
+        await dial(peer, [a for a in addrs if "/ip4/0.0.0.0/" not in a])
         return
     maddrs = []
     for addr in addrs:
@@ -549,14 +560,14 @@ async def _connect(host: IHost, peer: ID, addrs: Sequence[str]) -> None:
         raise DialError(f"cannot reach {peer}: {exc}") from exc
 
 
-async def _open_stream(host: IHost, peer: ID, addrs: Sequence[str]) -> INetStream:
+async def _open_stream(host: IHost, peer: ID, addrs: Sequence[str], dial: Dialer | None = None) -> INetStream:
     """A job stream to ``peer``, dialling first if needed; one retry on a fresh connection.
 
     py-libp2p 0.8.1 can hand out a connection that is closing ("No valid connections available"); a second
     attempt after a new dial then succeeds.
     """
     for attempt in range(STREAM_ATTEMPTS):
-        await _connect(host, peer, addrs)
+        await _connect(host, peer, addrs, dial)
         try:
             with trio.fail_after(DIAL_TIMEOUT_S):
                 return await host.new_stream(peer, [JOB_PROTOCOL])
@@ -583,14 +594,18 @@ async def open_session(
     clock: Callable[[], int],
     progress: ProgressCallback = _no_progress,
     job_id: bytes | None = None,
+    dial: Dialer | None = None,
 ) -> AsyncIterator[ClientSession]:
     """Open a job stream to ``worker`` and yield a session; on leaving unsettled, abort and reset the stream.
+
+    ``dial`` connects when no connection exists (a node's reachability service: relayed addresses too); without
+    it, only the direct addresses are dialled.
 
     ``job_id`` is the request's id (16 bytes; a fresh random one by default: a worker declines an id this client
     used with it before).
     """
     peer = ID(worker.raw)
-    stream = await _open_stream(host, peer, addrs)
+    stream = await _open_stream(host, peer, addrs, dial)
     machine = ClientNegotiation(local=keypair.peer_id, remote=worker)
     conversation = Conversation(stream, machine, keypair, worker, seen, clock)
     now = clock()

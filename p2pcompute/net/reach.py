@@ -72,8 +72,8 @@ AUTONAT_QUERY_TIMEOUT_S: Final = 10.0  # one dial-back request, as the asking si
 AUTONAT_SERVERS_PER_ROUND: Final = 4  # servers asked per check
 RESERVE_TIMEOUT_S: Final = 10.0  # dial a relay and reserve a slot
 DIAL_TIMEOUT_S: Final = 10.0  # one direct or relayed dial
-FIRST_CHECK_S: Final = 1.0  # until the first verdicts arrive, look again this often
-CHECK_INTERVAL_S: Final = 60.0  # then this often
+FIRST_CHECK_S: Final = 1.0  # while unsettled, look again after this, doubling up to CHECK_INTERVAL_S
+CHECK_INTERVAL_S: Final = 60.0  # once settled, this often
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +277,7 @@ class ReachService:
 
     async def _loop(self, nursery: trio.Nursery) -> None:
         before = (self.state.status(self.clock()), self.relayed_addrs())
+        wait = FIRST_CHECK_S
         while True:
             if self.settings.mode is NatMode.AUTO:
                 await self._check()
@@ -288,10 +289,13 @@ class ReachService:
                 log.info("reachability %s; relayed addresses: %s", now[0].value, ", ".join(now[1]) or "none")
                 before = now
                 self.on_change()
-            settled = now[0] is not Reachability.UNKNOWN and (now[0] is Reachability.PUBLIC or now[1])
+            # Settled: public, or holding the slots we want. Otherwise look again soon, backing off to the interval.
+            settled = now[0] is Reachability.PUBLIC or len(now[1]) >= self.settings.policy.max_relays
+            wait = self.settings.check_interval_s if settled else min(wait * 2, self.settings.check_interval_s)
             self._wake = trio.Event()
-            with trio.move_on_after(self.settings.check_interval_s if settled else FIRST_CHECK_S):
+            with trio.move_on_after(wait):
                 await self._wake.wait()
+                wait = FIRST_CHECK_S  # poked: a new peer or a lost relay
 
     async def _check(self) -> None:
         assert self._autonat is not None

@@ -417,6 +417,12 @@ def status_cmd(url: str | None, data_dir: Path | None, as_json: bool) -> None:
     click.echo(f"peer id:          {status['peer_id']}")
     for addr in status["addrs"]:
         click.echo(f"listening:        {addr}")
+    for addr in status.get("advertised_addrs", []):
+        click.echo(f"advertised:       {addr}")
+    reach = status.get("reach") or {}
+    if reach:
+        relay = ", serving as a relay" if reach.get("relay_service") else ""
+        click.echo(f"reachability:     {reach['reachability']} (nat = {reach['nat']}{relay})")
     click.echo(f"uptime:           {status['uptime_s']:.0f} s")
     click.echo(f"connected peers:  {len(status['connected_peers'])}")
     click.echo(f"routing table:    {status['routing_table_peers']} peers")

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     # trio-typing (a py-libp2p dependency) ships trio stubs that do not export TaskStatus.
     from trio_typing import TaskStatus
 
+    from p2pcompute.net.reach import ReachService
     from p2pcompute.worker import Worker
 
 __all__ = ["NodeMetrics", "NodeView", "StatusServer", "advert_table"]
@@ -47,9 +48,12 @@ class NodeView(Protocol):
     clock: Callable[[], int]
     started_at_ms: int
     worker: Worker | None
+    reach: ReachService
 
     @property
     def peer_id(self) -> PeerId: ...
+
+    def advert_addrs(self) -> tuple[str, ...]: ...
 
     @property
     def free_slots(self) -> int: ...
@@ -138,6 +142,8 @@ class StatusServer:
             "version": __version__,
             "peer_id": str(node.peer_id),
             "addrs": host_addrs(node.host),
+            "advertised_addrs": list(node.advert_addrs()),
+            "reach": node.reach.status(),
             "uptime_s": round((node.clock() - node.started_at_ms) / 1000, 3),
             "connected_peers": sorted(str(p) for p in node.host.get_connected_peers()),
             "routing_table_peers": len(node.discovery.routing_table_peers()),

@@ -18,6 +18,7 @@ from p2pcompute.core.envelope import seal
 from p2pcompute.core.identity import KeyPair, PeerId
 from p2pcompute.net.discovery import Discovery, DiscoveryConfig
 from p2pcompute.net.host import host_addrs, open_host
+from p2pcompute.net.reach import ReachService, ReachSettings
 from p2pcompute.services.status import NodeMetrics, StatusServer, advert_table
 from p2pcompute.testing.net import LOOPBACK
 from tests.services.helpers import advert, wall_ms
@@ -41,12 +42,19 @@ class _Node:
     worker: Worker | None = None
     free_slots: int = 1
     now: int = 0
+    reach: ReachService = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.reach = ReachService(self.host, ReachSettings(), clock=self.clock)
 
     def clock(self) -> int:
         return self.now
 
     def capabilities(self) -> list[str]:
         return ["cpu"]
+
+    def advert_addrs(self) -> tuple[str, ...]:
+        return ("/ip4/198.51.100.7/tcp/4001/p2p/" + str(self.peer_id),)
 
 
 async def test_status_and_metrics_follow_the_injected_clock() -> None:
@@ -68,6 +76,8 @@ async def test_status_and_metrics_follow_the_injected_clock() -> None:
         assert status["peer_id"] == str(PAIR.peer_id)
         assert status["addrs"] == host_addrs(host)
         assert status["uptime_s"] == 2.5
+        assert status["advertised_addrs"] == list(node.advert_addrs())
+        assert status["reach"]["reachability"] == "unknown" and status["reach"]["relayed_addrs"] == []
         assert status["capabilities"] == ["cpu"] and status["free_slots"] == 1 and status["jobs"] is None
         [entry] = status["market"]
         assert entry["peer_id"] == str(SELLER.peer_id) and entry["advert_age_s"] == 2.5

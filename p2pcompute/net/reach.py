@@ -26,17 +26,20 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 import multiaddr
 import trio
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetStream
 from libp2p.host.autonat.autonat import AUTONAT_PROTOCOL_ID, AutoNATService
 from libp2p.host.basic_host import BasicHost
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
+from libp2p.relay.circuit_v2.protocol_buffer import StatusCode, to_proto_status
 from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
+from libp2p.relay.circuit_v2.utils import write_delimited_msg
 from libp2p.tools.anyio_service import background_trio_service
 
 from p2pcompute.core.matching import address_group
@@ -72,6 +75,7 @@ AUTONAT_QUERY_TIMEOUT_S: Final = 10.0  # one dial-back request, as the asking si
 AUTONAT_SERVERS_PER_ROUND: Final = 4  # servers asked per check
 RESERVE_TIMEOUT_S: Final = 10.0  # dial a relay and reserve a slot
 DIAL_TIMEOUT_S: Final = 10.0  # one direct or relayed dial
+MAX_RELAYED_DIALS: Final = 3  # relayed addresses of one advert tried per dial (an advert may list 16)
 FIRST_CHECK_S: Final = 1.0  # while unsettled, look again after this, doubling up to CHECK_INTERVAL_S
 CHECK_INTERVAL_S: Final = 60.0  # once settled, this often
 
@@ -85,6 +89,7 @@ class RelayServiceLimits:
     circuit_bytes: int = 128 * 1024**2  # bytes one circuit may carry (both directions together)
     circuit_seconds: int = 600  # how long one circuit may stay open
     reservation_seconds: int = 3600  # how long a slot lasts before it must be refreshed
+    per_group: int = 4  # slots held at once by peers of one address group (one operator's many keys)
 
     def libp2p(self) -> RelayLimits:
         return RelayLimits(
@@ -129,6 +134,19 @@ class _FreshDialBack(AutoNATService):
     def __init__(self, host: BasicHost) -> None:
         super().__init__(host, serve=True)
         self._probes = trio.CapacityLimiter(MAX_CONCURRENT_PROBES)
+        self._asking: set[ID] = set()  # peers with a request being answered: one at a time each
+
+    async def handle_stream(self, stream: INetStream) -> None:
+        peer = stream.muxed_conn.peer_id
+        if peer in self._asking:
+            with contextlib.suppress(Exception):
+                await stream.reset()
+            return
+        self._asking.add(peer)
+        try:
+            await super().handle_stream(stream)
+        finally:
+            self._asking.discard(peer)
 
     async def _try_dial(self, peer_id: ID, addrs: list[bytes]) -> bytes | None:
         for raw in addrs[:MAX_PROBE_ADDRS]:
@@ -149,6 +167,85 @@ class _FreshDialBack(AutoNATService):
                     await stream.aclose()
                     log.debug("dial-back to %s at %s:%d reached it", peer_id, ip, port)
                     return bytes(raw)
+        return None
+
+
+def _stream_group(stream: Any) -> str:
+    with contextlib.suppress(Exception):
+        remote = stream.get_remote_address()
+        if remote:
+            family = "ip6" if ":" in remote[0] else "ip4"
+            return address_group(f"/{family}/{remote[0]}/tcp/{remote[1]}")
+    with contextlib.suppress(Exception):
+        return f"peer:{stream.muxed_conn.peer_id}"
+    return "unknown"
+
+
+class _GuardedRelay(CircuitV2Protocol):
+    """0.8.1's relay, with what it lacks against strangers:
+
+    * a reservation is for the authenticated peer only (0.8.1 takes the peer id the request names, so anyone could
+      take slots in others' names);
+    * slots of peers no longer connected are released before counting (0.8.1 keeps them until their TTL, an hour:
+      under churn a relay fills with slots of peers long gone);
+    * at most ``per_group`` slots per address group, so one operator's many keys cannot take every slot.
+    """
+
+    def __init__(self, host: IHost, limits: RelayServiceLimits, *, allow_hop: bool) -> None:
+        super().__init__(host, limits=limits.libp2p(), allow_hop=allow_hop)
+        self._per_group = limits.per_group
+        self._group_of: dict[ID, str] = {}
+
+    async def _handle_reserve(self, stream: Any, msg: HopMessage) -> None:
+        remote: ID = stream.muxed_conn.peer_id
+        if msg.HasField("peer") and msg.peer.id and bytes(msg.peer.id) != remote.to_bytes():
+            log.info("refused a relay slot that %s asked for in another peer's name", remote)
+            await self._refuse(stream, StatusCode.PERMISSION_DENIED)
+            return
+        manager = self.resource_manager
+        for peer in list(manager._reservations):
+            if not self.host.get_network().get_connections(peer):
+                del manager._reservations[peer]
+                self._group_of.pop(peer, None)
+        group = _stream_group(stream)
+        same = sum(1 for p, g in self._group_of.items() if g == group and p != remote and p in manager._reservations)
+        if same >= self._per_group:
+            log.info("refused a relay slot to %s: %d slots already held from %s", remote, same, group)
+            await self._refuse(stream, StatusCode.RESOURCE_LIMIT_EXCEEDED)
+            return
+        self._group_of[remote] = group
+        await super()._handle_reserve(stream, msg)
+
+    @staticmethod
+    async def _refuse(stream: Any, code: StatusCode) -> None:
+        with contextlib.suppress(Exception):
+            await write_delimited_msg(stream, HopMessage(type=HopMessage.STATUS, status=to_proto_status(code)))
+        with contextlib.suppress(Exception):
+            await stream.close()
+
+
+class _Pokes:
+    """A network notifee: a new connection or a lost one makes the reachability service look again now."""
+
+    def __init__(self, service: ReachService) -> None:
+        self._service = service
+
+    async def connected(self, network: Any, conn: Any) -> None:
+        self._service.poke()
+
+    async def disconnected(self, network: Any, conn: Any) -> None:
+        self._service.poke()
+
+    async def opened_stream(self, network: Any, stream: Any) -> None:
+        return None
+
+    async def closed_stream(self, network: Any, stream: Any) -> None:
+        return None
+
+    async def listen(self, network: Any, multiaddr: Any) -> None:
+        return None
+
+    async def listen_close(self, network: Any, multiaddr: Any) -> None:
         return None
 
 
@@ -231,8 +328,9 @@ class ReachService:
         if self._transport is None and relayed:
             errors.append("relayed: the reachability service is not running")
             relayed = []
-        for addr in relayed:
+        for addr in relayed[:MAX_RELAYED_DIALS]:
             assert self._transport is not None
+            self._fresh_relay_dial(addr)
             try:
                 with trio.fail_after(DIAL_TIMEOUT_S):
                     await self._transport.dial(multiaddr.Multiaddr(addr))
@@ -242,12 +340,29 @@ class ReachService:
                 errors.append(f"{addr}: {exc}")
         raise DialError(f"cannot reach {peer}: " + ("; ".join(errors) or "no address"))
 
+    def _fresh_relay_dial(self, circuit: str) -> None:
+        """Dial the relay of ``circuit`` at exactly the address the circuit names, unless already connected.
+
+        An advert is signed by the worker, not by its relay: a hostile one could name a real relay at a dead address.
+        0.8.1 would remember that address for the relay, and after the failure refuse every dial to the relay for a
+        minute (its negative cache), cutting us off from honest workers behind the same relay."""
+        relay_part = circuit.split("/p2p-circuit")[0]
+        with contextlib.suppress(Exception):
+            relay = ID.from_base58(relay_part.rsplit("/p2p/", 1)[1])
+            if self.host.get_network().get_connections(relay):
+                return
+            self.host.get_peerstore().clear_addrs(relay)
+            unblock = getattr(self.host.get_network(), "unblock_peer", None)
+            if unblock is not None:
+                unblock(relay)
+
     # --- the service ---
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         limits = self.settings.limits.libp2p()
         roles = RelayRole.STOP | RelayRole.CLIENT | (RelayRole.HOP if self.settings.relay_service else RelayRole(0))
-        protocol = CircuitV2Protocol(self.host, limits=limits, allow_hop=self.settings.relay_service)
+        protocol = _GuardedRelay(self.host, self.settings.limits, allow_hop=self.settings.relay_service)
+        self.host.get_network().register_notifee(cast(Any, _Pokes(self)))
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(background_trio_service(protocol))
             self._transport = CircuitV2Transport(self.host, protocol, RelayConfig(roles=roles, limits=limits))

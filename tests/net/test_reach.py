@@ -15,20 +15,25 @@ import multiaddr
 import pytest
 import trio
 from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
 from libp2p.host.autonat.autonat import AutoNATService
 from libp2p.host.autonat.pb.autonat_pb2 import Message
 from libp2p.host.basic_host import BasicHost
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
+from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as CircuitPeerId
+from libp2p.relay.circuit_v2.protocol_buffer import StatusCode, to_proto_status
+from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 
 from p2pcompute.core.reach import NatMode, Reachability, ReachPolicy, is_circuit_address
 from p2pcompute.errors import DialError
 from p2pcompute.net.host import host_addrs, open_host
-from p2pcompute.net.reach import ReachService, ReachSettings, RelayServiceLimits, is_relayed
+from p2pcompute.net.reach import HOP_PROTOCOL, ReachService, ReachSettings, RelayServiceLimits, is_relayed
 from p2pcompute.testing.net import seed_for, wait_until
 
 LISTEN = "/ip4/127.0.0.1/tcp/0"
-ECHO = "/p2pcompute-test/echo/1.0.0"
+ECHO = TProtocol("/p2pcompute-test/echo/1.0.0")
 
 
 async def _echo(stream: INetStream) -> None:
@@ -243,3 +248,59 @@ async def test_hole_punch_upgrades_a_relayed_connection_when_a_direct_path_exist
 def test_circuit_addresses_are_recognised() -> None:
     assert is_circuit_address("/ip4/1.2.3.4/tcp/1/p2p/Qm/p2p-circuit/p2p/Qn")
     assert not is_circuit_address("/ip4/1.2.3.4/tcp/1/p2p/Qm")
+
+
+async def test_a_relay_refuses_a_slot_asked_for_in_another_peer_s_name(test_name: str) -> None:
+    async with _peers(test_name, [RELAY, CLIENT]) as [(relay, _), (attacker, _a)]:
+        await _connect(attacker, relay)
+        stream = await attacker.new_stream(relay.get_id(), [HOP_PROTOCOL])
+        victim = ID.from_base58("12D3KooWRBhwfeP2Y4TCx1SM6s9rUoHhR5STiGwxBhgFRcw3UERE")
+        await write_delimited_msg(stream, HopMessage(type=HopMessage.RESERVE, peer=CircuitPeerId(id=victim.to_bytes())))
+        with trio.fail_after(5):
+            answer = await read_delimited_msg(stream, HopMessage)
+        assert answer.status == to_proto_status(StatusCode.PERMISSION_DENIED)
+
+
+async def test_a_relay_grants_at_most_per_group_slots_to_one_address_group(test_name: str) -> None:
+    """All these peers dial from 127.0.0.1: one address group, as one operator's many keys would be."""
+    relay = ReachSettings(mode=NatMode.PUBLIC, relay_service=True, limits=RelayServiceLimits(per_group=1))
+    w = ReachSettings(mode=NatMode.PRIVATE, hole_punch=False)
+    async with _peers(test_name, [relay, w, w]) as [(r, _), (first, reach1), (second, reach2)]:
+        await _connect(first, r)
+        await wait_until(lambda: bool(reach1.relayed_addrs()))
+        await _connect(second, r)
+        with trio.move_on_after(3):
+            await wait_until(lambda: bool(reach2.relayed_addrs()))
+        assert reach2.relayed_addrs() == ()
+
+
+async def test_a_relay_releases_the_slot_of_a_peer_that_left(test_name: str) -> None:
+    """0.8.1 keeps a slot for its whole TTL (an hour) after its holder is gone: under churn a relay fills up."""
+    one_slot = ReachSettings(mode=NatMode.PUBLIC, relay_service=True, limits=RelayServiceLimits(reservations=1))
+    w = ReachSettings(mode=NatMode.PRIVATE, hole_punch=False)
+    async with _peers(test_name, [one_slot]) as [(relay, _)]:
+        async with _peers(test_name + "gone", [w]) as [(gone, reach)]:
+            await _connect(gone, relay)
+            await wait_until(lambda: bool(reach.relayed_addrs()))
+        await wait_until(lambda: not relay.get_network().get_connections(gone.get_id()))
+        async with _peers(test_name + "new", [w]) as [(new, reach2)]:
+            await _connect(new, relay)
+            await wait_until(lambda: bool(reach2.relayed_addrs()))
+
+
+async def test_a_client_tries_at_most_max_relayed_dials_relayed_addresses(test_name: str) -> None:
+    """An advert may list 16 addresses; a client does not spend 16 dial timeouts on one worker. Dead addresses
+    naming a real relay do not cut the client off from it (py-libp2p would otherwise remember the dead address and
+    refuse to dial the relay for a minute)."""
+    worker_settings = ReachSettings(mode=NatMode.PRIVATE, hole_punch=False)
+    async with _peers(test_name, [RELAY, worker_settings, CLIENT]) as [(relay, _), (worker, reach), (_c, dialer)]:
+        await _connect(worker, relay)
+        await wait_until(lambda: bool(reach.relayed_addrs()))
+        [good] = reach.relayed_addrs()
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            port = closed.getsockname()[1]
+            dead = [f"/ip4/127.0.0.1/tcp/{port}/p2p/{relay.get_id()}/p2p-circuit/p2p/{worker.get_id()}"] * 3
+            with pytest.raises(DialError):
+                await dialer.dial(worker.get_id(), [*dead, good])
+            await dialer.dial(worker.get_id(), [*dead[:2], good])

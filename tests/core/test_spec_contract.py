@@ -544,6 +544,8 @@ PARAMETERS: list[tuple[str, str, int | float]] = [
     ("reachability.md", "CHECK_INTERVAL_S (net.reach)", reach.CHECK_INTERVAL_S * 1000),
     ("reachability.md", "RESERVE_TIMEOUT_S (net.reach)", reach.RESERVE_TIMEOUT_S * 1000),
     ("reachability.md", "DIAL_TIMEOUT_S (net.reach)", reach.DIAL_TIMEOUT_S * 1000),
+    ("reachability.md", "MAX_RELAYED_DIALS (net.reach)", reach.MAX_RELAYED_DIALS),
+    ("reachability.md", "per_group (net.reach.RelayServiceLimits)", reach.RelayServiceLimits().per_group),
     ("reachability.md", "relay_max_reservations", _NODE.relay_max_reservations),
     ("reachability.md", "relay_max_circuits", _NODE.relay_max_circuits),
     ("reachability.md", "relay_circuit_mib", _NODE.relay_circuit_mib),

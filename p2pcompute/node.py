@@ -9,7 +9,6 @@ decides nothing itself: advert validation and the market view are ``core.adverts
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import logging
 import time
@@ -18,11 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import multiaddr
 import trio
 from libp2p.abc import IHost
 from libp2p.peer.id import ID
-from libp2p.utils.address_validation import expand_wildcard_address
 
 from p2pcompute.compute.gpu import HardwareReport, load_or_probe
 from p2pcompute.config import PROBE_TIMEOUT_S, NodeConfig
@@ -35,7 +32,7 @@ from p2pcompute.errors import RemoteProtocolError
 from p2pcompute.keys import load_or_create_key
 from p2pcompute.net.discovery import Discovery, DiscoveryConfig
 from p2pcompute.net.gossip import Gossip, GossipConfig
-from p2pcompute.net.host import HostConfig, host_addrs, open_host
+from p2pcompute.net.host import HostConfig, dialable_addrs, host_addrs, is_loopback, open_host
 from p2pcompute.net.reach import ReachService
 from p2pcompute.services.adverts import Advertiser, AdvertReceiver
 from p2pcompute.services.changes import Changes
@@ -295,6 +292,7 @@ async def serve(
     )
     host_config = HostConfig(
         enable_mdns=config.mdns,
+        announce=config.announce,
         low_watermark=config.connections_low,
         high_watermark=config.connections_high,
         # Headroom above the pruning threshold: at max_connections the swarm refuses every new connection.
@@ -367,21 +365,14 @@ def advert_addrs(
     ``relayed`` addresses (``<relay>/p2p-circuit/p2p/<us>``). Loopback addresses only when there is nothing else (a
     loopback testnet: to anyone else, 127.0.0.1 is their own machine); nothing a receiver would refuse."""
     suffix = f"/p2p/{peer}"
-    out: list[str] = []
     if announce:
         direct = [a.removesuffix(suffix) for a in announce]
     else:
-        direct = [str(a).split("/p2p/")[0] for a in host.get_transport_addrs()]
-        direct += [a.split("/p2p/")[0] for a in observed]
+        listening = [str(a).split("/p2p/")[0] for a in host.get_transport_addrs()]
+        direct = dialable_addrs([*listening, *(a.split("/p2p/")[0] for a in observed)])
+    out: list[str] = []
     for base in direct:
-        candidates = [base]
-        parts = base.split("/")  # "", "ip4", "0.0.0.0", "tcp", "4001"
-        if len(parts) > 2 and parts[1] in ("ip4", "ip6") and _is_unspecified(parts[2]):
-            expanded = [str(m) for m in expand_wildcard_address(multiaddr.Multiaddr(base))]
-            loopback = "/".join(["", parts[1], "127.0.0.1" if parts[1] == "ip4" else "::1", *parts[3:]])
-            candidates = [a for a in expanded if a != base] or [loopback]
-        for candidate in candidates:
-            _add_checked(out, candidate + suffix, peer)
+        _add_checked(out, base + suffix, peer)
     through: list[str] = []
     for addr in relayed:
         if addr.endswith("/p2p-circuit" + suffix):  # through a relay to us, never to someone else
@@ -391,7 +382,7 @@ def advert_addrs(
 
 
 def _routable_or_all(addrs: list[str]) -> list[str]:
-    return [a for a in addrs if not _is_loopback(a)] or addrs
+    return [a for a in addrs if not is_loopback(a)] or addrs
 
 
 def _add_checked(out: list[str], addr: str, peer: PeerId) -> None:
@@ -402,23 +393,6 @@ def _add_checked(out: list[str], addr: str, peer: PeerId) -> None:
         return
     if addr not in out:
         out.append(addr)
-
-
-def _is_loopback(addr: str) -> bool:
-    parts = addr.split("/")
-    if len(parts) < 3 or parts[1] not in ("ip4", "ip6"):
-        return False
-    try:
-        return ipaddress.ip_address(parts[2]).is_loopback
-    except ValueError:
-        return False
-
-
-def _is_unspecified(ip: str) -> bool:
-    try:
-        return ipaddress.ip_address(ip).is_unspecified
-    except ValueError:
-        return False
 
 
 def _report_sandbox(layers: dict[str, str]) -> None:

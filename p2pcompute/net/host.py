@@ -16,9 +16,11 @@ What this adapter pins down, against py-libp2p 0.8.1's defaults:
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import logging
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Final
@@ -36,6 +38,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import InvalidAddrError, info_from_p2p_addr
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.utils.address_validation import expand_wildcard_address
 
 from p2pcompute.errors import DialError, HostStartError
 from p2pcompute.net.protocols import NOISE_PROTOCOL, YAMUX_PROTOCOL
@@ -45,6 +48,8 @@ __all__ = [
     "DEFAULT_DIAL_TIMEOUT_S",
     "HostConfig",
     "connect",
+    "dialable_addrs",
+    "is_loopback",
     "libp2p_keypair",
     "host_addrs",
     "open_host",
@@ -79,6 +84,9 @@ class HostConfig:
     #: py-libp2p's zeroconf mDNS (LAN only). Discovered peers land in the peerstore and are handed to
     #: :class:`p2pcompute.net.discovery.Discovery` through libp2p's process-global event emitter.
     enable_mdns: bool = False
+    #: The operator's public addresses: when set, the only ones Identify and the DHT tell peers (see
+    #: :func:`dialable_addrs` for what they are told otherwise).
+    announce: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 <= self.low_watermark <= self.high_watermark <= self.max_connections:
@@ -110,6 +118,53 @@ def libp2p_keypair(seed: bytes) -> KeyPair:
     return KeyPair(private_key, private_key.get_public_key())
 
 
+def dialable_addrs(addrs: Sequence[str]) -> list[str]:
+    """What ``addrs`` (listen or observed addresses, without ``/p2p``) look like to others: an unspecified one
+    (``0.0.0.0``, ``::``) expanded to this machine's interface addresses, and loopback ones dropped when anything
+    else is there (to anyone else, 127.0.0.1 is their own machine: only a loopback testnet advertises it)."""
+    out: list[str] = []
+    for base in addrs:
+        candidates = [base]
+        parts = base.split("/")  # "", "ip4", "0.0.0.0", "tcp", "4001"
+        if len(parts) > 2 and parts[1] in ("ip4", "ip6") and _is_unspecified(parts[2]):
+            with contextlib.suppress(Exception):
+                expanded = [str(m) for m in expand_wildcard_address(multiaddr.Multiaddr(base))]
+                loopback = "/".join(["", parts[1], "127.0.0.1" if parts[1] == "ip4" else "::1", *parts[3:]])
+                candidates = [a for a in expanded if a != base] or [loopback]
+        out.extend(c for c in candidates if c not in out)
+    return [a for a in out if not is_loopback(a)] or out
+
+
+def is_loopback(addr: str) -> bool:
+    """Whether ``addr``'s first ip4/ip6 component is a loopback address."""
+    parts = addr.split("/")
+    if len(parts) < 3 or parts[1] not in ("ip4", "ip6"):
+        return False
+    try:
+        return ipaddress.ip_address(parts[2]).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_unspecified(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_unspecified
+    except ValueError:
+        return False
+
+
+def _addrs_factory(announce: Sequence[str]) -> Callable[[list[multiaddr.Multiaddr]], list[multiaddr.Multiaddr]]:
+    """The host's address factory: what Identify and the DHT tell peers (never 0.0.0.0; loopback only alone)."""
+    fixed = [multiaddr.Multiaddr(a.split("/p2p/")[0]) for a in announce]
+
+    def factory(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+        if fixed:
+            return list(fixed)
+        return [multiaddr.Multiaddr(a) for a in dialable_addrs([str(c).split("/p2p/")[0] for c in candidates])]
+
+    return factory
+
+
 def host_addrs(host: IHost) -> list[str]:
     """The host's bound addresses with their ``/p2p/<peer id>`` suffix (ports resolved)."""
     return [str(addr) for addr in host.get_addrs()]
@@ -137,6 +192,7 @@ async def open_host(
         connection_config=config.connection_config(),
         negotiate_timeout=config.negotiate_timeout_s,
         enable_mDNS=config.enable_mdns,
+        addrs_factory=_addrs_factory(config.announce),
     )
     missing: list[str] = []
     body_exc: BaseException | None = None

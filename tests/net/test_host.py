@@ -177,3 +177,17 @@ async def test_cancelling_the_body_still_closes_the_host(test_name: str) -> None
             await trio.sleep_forever()
     assert scope.cancelled_caught
     assert our_sockets({port}, {"LISTEN"}) == []
+
+
+async def test_peers_are_told_dialable_addresses_never_a_wildcard_and_the_announced_ones_when_set() -> None:
+    """Identify and the DHT hand peers ``host.get_addrs()``: a 0.0.0.0 listener is expanded to interface addresses,
+    loopback is dropped beside routable ones, and with ``announce`` only the announced addresses are told."""
+    seed = seed_for("told", 0)
+    async with open_host(seed, ["/ip4/0.0.0.0/tcp/0"]) as host:
+        told = host_addrs(host)
+        assert told and not any("/0.0.0.0/" in a for a in told)
+        if any("/127.0.0.1/" not in a for a in told):
+            assert not any("/127.0.0.1/" in a for a in told)
+    config = HostConfig(announce=("/ip4/203.0.113.7/tcp/4001",))
+    async with open_host(seed, ["/ip4/0.0.0.0/tcp/0"], config=config) as host:
+        assert host_addrs(host) == [f"/ip4/203.0.113.7/tcp/4001/p2p/{host.get_id()}"]

@@ -489,6 +489,36 @@ def peers_cmd(url: str | None, data_dir: Path | None) -> None:
     default=None,
     help="sybil: a flagged sybil comes back with a fresh key on its own address or a new one [default: same].",
 )
+@click.option(
+    "--netns",
+    is_flag=True,
+    default=None,
+    help="Peers in network namespaces (root only): a relay, workers (some behind NAT routers), a client in its "
+    "own namespace; faults from a proxy on every link. --peers counts the relay and the workers [default: 3].",
+)
+@click.option("--nat-workers", type=click.IntRange(min=0), help="--netns: workers behind NAT routers [default: 0].")
+@click.option(
+    "--churn",
+    type=click.FloatRange(0.0, 60.0),
+    help="--netns: stop and restart this many workers per minute while the client works [default: 0].",
+)
+@click.option(
+    "--churn-mode",
+    type=click.Choice(["alternate", "random"]),
+    help="--netns: SIGKILL and clean stops in turn, or at random (seeded) [default: alternate].",
+)
+@click.option("--duration", type=click.FloatRange(min=0.0), help="--netns: the client runs jobs for S seconds.")
+@click.option(
+    "--workload",
+    type=click.Choice(["mlp", "chain", "bulk"]),
+    help="--netns: the client's job: the demo MLP, a chain of products (seconds), a 4 MiB input [default: mlp].",
+)
+@click.option("--concurrency", type=click.IntRange(min=1), help="--netns: jobs the client runs at once [default: 1].")
+@click.option("--delay-ms", type=click.FloatRange(0.0, 60_000.0), help="--netns: one-way delay on every link.")
+@click.option(
+    "--loss", type=click.FloatRange(0.0, 1.0, max_open=True), help="--netns: segment loss on every link (0..1)."
+)
+@click.option("--seed", type=int, help="--netns: seed of kills, churn and the faults [default: 0].")
 def testnet_cmd(
     peers: int | None,
     scenario: Path | None,
@@ -507,12 +537,28 @@ def testnet_cmd(
     ring_unreplicated_rate: float | None,
     ring_oracle: bool | None,
     sybil_same_address: bool | None,
+    netns: bool | None,
+    nat_workers: int | None,
+    churn: float | None,
+    churn_mode: str | None,
+    duration: float | None,
+    workload: str | None,
+    concurrency: int | None,
+    delay_ms: float | None,
+    loss: float | None,
+    seed: int | None,
 ) -> None:
     """Start real peers on loopback addresses and wait until every peer holds every other peer's advert.
 
     With --demo, then run a job end to end: a client bootstrapped at the first peer finds a worker
     through the network, runs a small MLP there and checks the result equals local execution.
     Exits 0 when the network converged (and the demo job succeeded), 1 otherwise.
+
+    With --netns (root only), the peers run in network namespaces instead: a relay, workers (--nat-workers of
+    them behind NAT routers) and a client in its own namespace that runs --jobs verified jobs (or for
+    --duration seconds); --delay-ms/--loss fault every link, --kill-rate kills a job's worker mid-job and
+    restarts it, --churn stops and restarts workers. It exits 1 when a job's result was wrong, a ledger
+    disagrees (a receipt lost or paid twice) or no job was accepted.
     Options override the scenario file.
     """
     import trio
@@ -538,8 +584,21 @@ def testnet_cmd(
             "ring_unreplicated_rate": ring_unreplicated_rate,
             "ring_oracle": ring_oracle,
             "sybil_new_address": None if sybil_same_address is None else not sybil_same_address,
+            "netns": netns,
+            "nat_workers": nat_workers,
+            "churn": churn,
+            "churn_mode": churn_mode,
+            "duration": duration,
+            "workload": workload,
+            "concurrency": concurrency,
+            "delay_ms": delay_ms,
+            "loss": loss,
+            "seed": seed,
         },
     )
+    if config.netns is not None:
+        _testnet_netns(config, report)
+        return
     click.echo(f"starting {config.peers} peers on 127.0.0.1 ... 127.0.0.{config.peers} ...")
 
     def started(procs: list[Any]) -> None:
@@ -595,6 +654,44 @@ def testnet_cmd(
             f"trial: {result.trial.wrong_accepted} wrong result(s) accepted, "
             f"{len(result.trial.honest_flagged)} honest worker(s) flagged"
         )
+
+
+def _testnet_netns(config: Any, report: Path | None) -> None:
+    """``testnet --netns``: namespaces, the client's jobs, kills and churn, the report (p2pcompute.testnet_netns)."""
+    import trio
+
+    from p2pcompute.testnet_netns import require_netns, run_netns_testnet
+
+    require_netns()  # one line, before anything is built, when not root
+    netns = config.netns
+    faults = netns.faults
+    click.echo(
+        f"network namespaces: {len(netns.peers)} peers ({sum(1 for p in netns.peers if p.router)} behind NAT), "
+        f"a client; faults on every link: "
+        + ("none" if faults.is_transparent else f"delay {faults.delay_ms:g} ms, loss {faults.loss:g}")
+    )
+    result = trio.run(
+        lambda: run_netns_testnet(netns, base_dir=config.base_dir, timeout_s=config.timeout_s, on_phase=click.echo)
+    )
+    for peer in result.peers:
+        where = f"{peer.ip} behind {peer.router} ({peer.public_ip})" if peer.router else peer.ip
+        extra = f", cheats: {peer.cheat_mode}" if peer.cheat_mode else ""
+        restarts = f", killed {peer.kills}, stopped {peer.stops}" if peer.kills or peer.stops else ""
+        click.echo(f"  {peer.name:<8} {peer.role:<7} {where:<32} {peer.peer_id[-12:]}{extra}{restarts}")
+    for line in result.lines():
+        click.echo(line)
+    if report:
+        report.write_text(json.dumps(result.to_json(), indent=2))
+        click.echo(f"report: {report}")
+    if not result.ok:
+        why = result.error or (
+            f"{result.wrong} wrong result(s) accepted"
+            if result.wrong
+            else "no job accepted"
+            if not result.accepted
+            else "the ledgers disagree"
+        )
+        raise click.ClickException(f"netns testnet: {why}")
 
 
 def _print_demo(demo: Any) -> None:

@@ -43,6 +43,7 @@ from p2pcompute.trial import GROUP_MODES, TrialConfig, TrialReport, assign_modes
 
 if TYPE_CHECKING:
     from p2pcompute.tasks import MapProgress
+    from p2pcompute.testnet_netns import NetnsConfig
 
 __all__ = [
     "DemoReport",
@@ -100,12 +101,19 @@ class TestnetConfig:
     ring_oracle: bool = False  # the trial tells the ring each job's replicas (else the ring's window rule)
     sybil_new_address: bool = False  # a flagged sybil comes back on a new loopback address (else its own)
     map_tasks: int = 0  # after convergence, run this many tasks of the demo job through client.map (run_map_tasks)
+    netns: NetnsConfig | None = None  # a testnet in network namespaces instead (p2pcompute.testnet_netns)
 
     def cheat_modes(self) -> list[str]:
         """The cheat mode of each peer ("" = honest): cheaters spread over peers 1 .. N-1, never the bootstrap."""
         return assign_modes(self.peers, self.cheaters, self.cheat_mode)
 
     def validate(self) -> TestnetConfig:
+        if self.netns is not None:  # its own rules (NetnsConfig.validate), and none of the loopback phases
+            if self.demo or self.map_tasks or self.warmup or self.honest_jobs or self.ring_unreplicated_rate:
+                raise TestnetError("--demo, --map, --warmup, --honest-jobs and the ring options are not for --netns")
+            if self.timeout_s <= 0:
+                raise TestnetError("--timeout must be positive")
+            return self
         if self.cheaters and self.cheaters > (self.peers - 1) // 2:
             raise TestnetError(f"--cheaters must leave honest workers a majority: at most {(self.peers - 1) // 2}")
         if self.cheat_mode not in (*CHEAT_MODES, "mixed"):
@@ -262,14 +270,24 @@ class MapReport:
         }
 
 
+NETNS_KEYS = frozenset(
+    {"netns", "churn", "churn_mode", "duration", "workload", "concurrency", "seed", "nat_workers", "delay_ms", "loss"}
+)
+"""Scenario keys of a testnet in network namespaces only (``netns``: its table, or true)."""
+NETNS_DEFAULT_JOBS = 10  # --netns without --jobs or --duration
+
+
 def load_scenario(path: Path | None, overrides: dict[str, Any]) -> TestnetConfig:
-    """A scenario TOML file (keys: peers, timeout, advertise_interval, dir, demo), then overrides (None = unset)."""
+    """A scenario TOML file (keys: peers, timeout, advertise_interval, dir, demo, ...; a ``[netns]`` table or
+    ``--netns`` for a testnet in network namespaces), then overrides (None = unset)."""
     values: dict[str, Any] = {}
     if path is not None:
         try:
             values = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise TestnetError(f"scenario {path}: {exc}") from exc
+    if overrides.get("netns") and isinstance(values.get("netns"), dict):
+        overrides = {k: v for k, v in overrides.items() if k != "netns"}  # --netns: the scenario's table stays
     values.update({k: v for k, v in overrides.items() if v is not None})
     keys = {
         "peers",
@@ -287,13 +305,29 @@ def load_scenario(path: Path | None, overrides: dict[str, Any]) -> TestnetConfig
         "ring_oracle",
         "sybil_new_address",
         "map",
+        *NETNS_KEYS,
     }
     unknown = set(values) - keys
     if unknown:
         raise TestnetError(f"scenario: unknown key(s) {', '.join(sorted(unknown))}")
+    netns: NetnsConfig | None = None
+    if values.get("netns"):
+        from p2pcompute.errors import ConfigError
+        from p2pcompute.testnet_netns import netns_config
+
+        if not values.get("jobs") and not values.get("duration"):
+            values["jobs"] = NETNS_DEFAULT_JOBS
+        try:
+            netns = netns_config(values)
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise TestnetError(f"scenario: {getattr(exc, 'detail', None) or exc}") from exc
+    else:
+        given = sorted(k for k in NETNS_KEYS if values.get(k))
+        if given:
+            raise TestnetError(f"{', '.join(given)}: only with --netns (a testnet in network namespaces)")
     try:
         return TestnetConfig(
-            peers=int(values.get("peers", 5)),
+            peers=len(netns.peers) if netns is not None else int(values.get("peers", 5)),
             timeout_s=float(values.get("timeout", 120.0)),
             advertise_interval_s=float(values.get("advertise_interval", 30.0)),
             base_dir=Path(values["dir"]) if "dir" in values else None,
@@ -308,6 +342,7 @@ def load_scenario(path: Path | None, overrides: dict[str, Any]) -> TestnetConfig
             ring_oracle=bool(values.get("ring_oracle", False)),
             sybil_new_address=bool(values.get("sybil_new_address", False)),
             map_tasks=int(values.get("map", 0)),
+            netns=netns,
         ).validate()
     except (TypeError, ValueError) as exc:
         raise TestnetError(f"scenario: {exc}") from exc

@@ -33,13 +33,8 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
-from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL
-from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
-from libp2p.relay.circuit_v2.protocol_buffer import StatusCode, to_proto_status
-from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
-from libp2p.relay.circuit_v2.utils import write_delimited_msg
 from libp2p.tools.anyio_service import background_trio_service
 
 from p2pcompute.core.matching import address_group
@@ -54,6 +49,7 @@ from p2pcompute.core.reach import (
     is_circuit_address,
 )
 from p2pcompute.errors import DialError
+from p2pcompute.net.relay import GuardedRelay, RelayServiceLimits
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -78,27 +74,6 @@ DIAL_TIMEOUT_S: Final = 10.0  # one direct or relayed dial
 MAX_RELAYED_DIALS: Final = 3  # relayed addresses of one advert tried per dial (an advert may list 16)
 FIRST_CHECK_S: Final = 1.0  # while unsettled, look again after this, doubling up to CHECK_INTERVAL_S
 CHECK_INTERVAL_S: Final = 60.0  # once settled, this often
-
-
-@dataclass(frozen=True, slots=True)
-class RelayServiceLimits:
-    """What a node that serves as a relay grants (``relay_*`` settings)."""
-
-    reservations: int = 32  # peers holding a slot at once
-    circuits: int = 16  # relayed connections at once
-    circuit_bytes: int = 128 * 1024**2  # bytes one circuit may carry (both directions together)
-    circuit_seconds: int = 600  # how long one circuit may stay open
-    reservation_seconds: int = 3600  # how long a slot lasts before it must be refreshed
-    per_group: int = 4  # slots held at once by peers of one address group (one operator's many keys)
-
-    def libp2p(self) -> RelayLimits:
-        return RelayLimits(
-            duration=self.circuit_seconds,
-            data=self.circuit_bytes,
-            max_circuit_conns=self.circuits,
-            max_reservations=self.reservations,
-            reservation_ttl=self.reservation_seconds,
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,60 +143,6 @@ class _FreshDialBack(AutoNATService):
                     log.debug("dial-back to %s at %s:%d reached it", peer_id, ip, port)
                     return bytes(raw)
         return None
-
-
-def _stream_group(stream: Any) -> str:
-    with contextlib.suppress(Exception):
-        remote = stream.get_remote_address()
-        if remote:
-            family = "ip6" if ":" in remote[0] else "ip4"
-            return address_group(f"/{family}/{remote[0]}/tcp/{remote[1]}")
-    with contextlib.suppress(Exception):
-        return f"peer:{stream.muxed_conn.peer_id}"
-    return "unknown"
-
-
-class _GuardedRelay(CircuitV2Protocol):
-    """0.8.1's relay, with what it lacks against strangers:
-
-    * a reservation is for the authenticated peer only (0.8.1 takes the peer id the request names, so anyone could
-      take slots in others' names);
-    * slots of peers no longer connected are released before counting (0.8.1 keeps them until their TTL, an hour:
-      under churn a relay fills with slots of peers long gone);
-    * at most ``per_group`` slots per address group, so one operator's many keys cannot take every slot.
-    """
-
-    def __init__(self, host: IHost, limits: RelayServiceLimits, *, allow_hop: bool) -> None:
-        super().__init__(host, limits=limits.libp2p(), allow_hop=allow_hop)
-        self._per_group = limits.per_group
-        self._group_of: dict[ID, str] = {}
-
-    async def _handle_reserve(self, stream: Any, msg: HopMessage) -> None:
-        remote: ID = stream.muxed_conn.peer_id
-        if msg.HasField("peer") and msg.peer.id and bytes(msg.peer.id) != remote.to_bytes():
-            log.info("refused a relay slot that %s asked for in another peer's name", remote)
-            await self._refuse(stream, StatusCode.PERMISSION_DENIED)
-            return
-        manager = self.resource_manager
-        for peer in list(manager._reservations):
-            if not self.host.get_network().get_connections(peer):
-                del manager._reservations[peer]
-                self._group_of.pop(peer, None)
-        group = _stream_group(stream)
-        same = sum(1 for p, g in self._group_of.items() if g == group and p != remote and p in manager._reservations)
-        if same >= self._per_group:
-            log.info("refused a relay slot to %s: %d slots already held from %s", remote, same, group)
-            await self._refuse(stream, StatusCode.RESOURCE_LIMIT_EXCEEDED)
-            return
-        self._group_of[remote] = group
-        await super()._handle_reserve(stream, msg)
-
-    @staticmethod
-    async def _refuse(stream: Any, code: StatusCode) -> None:
-        with contextlib.suppress(Exception):
-            await write_delimited_msg(stream, HopMessage(type=HopMessage.STATUS, status=to_proto_status(code)))
-        with contextlib.suppress(Exception):
-            await stream.close()
 
 
 class _Pokes:
@@ -361,7 +282,7 @@ class ReachService:
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         limits = self.settings.limits.libp2p()
         roles = RelayRole.STOP | RelayRole.CLIENT | (RelayRole.HOP if self.settings.relay_service else RelayRole(0))
-        protocol = _GuardedRelay(self.host, self.settings.limits, allow_hop=self.settings.relay_service)
+        protocol = GuardedRelay(self.host, self.settings.limits, allow_hop=self.settings.relay_service)
         self.host.get_network().register_notifee(cast(Any, _Pokes(self)))
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(background_trio_service(protocol))

@@ -10,7 +10,7 @@ status        when                                       relays to hold
 ============  =========================================  ==============================
 ``public``    mode ``public``, or ≥ ``confirmations``    none (a reachable node is
               dial-back successes from distinct            dialled directly)
-              address groups and fewer failures
+              address groups and no failure at all
 ``private``   mode ``private``, or ≥ ``confirmations``   up to ``max_relays``
               failures from distinct address groups
 ``unknown``   otherwise                                  up to ``max_relays`` (holding a
@@ -18,8 +18,10 @@ status        when                                       relays to hold
                                                          unreachable costs every job)
 ============  =========================================  ==============================
 
-A single server's verdict never flips the status (one liar cannot talk a node out of its relay), each
-server counts once (its newest verdict), and verdicts expire after ``verdict_ttl_ms``.
+The rule is asymmetric because the errors cost differently: a node wrongly taken for public holds no relay and
+every job to it fails; one wrongly taken for private holds a slot it did not need. So liars saying "reachable"
+must outvote no honest "unreachable": a single failure keeps a node off ``public``. A single server's verdict never
+sets the status, each server counts once (its newest verdict), and verdicts expire after ``verdict_ttl_ms``.
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ class RelayCandidate:
     peer: str  # peer id (base58)
     addr: str  # a dialable address of the relay ending in /p2p/<peer>
     configured: bool = False
+    group: str = ""  # the relay's address group (core.matching.address_group); "" if unknown
 
 
 class ReachState:
@@ -120,7 +123,7 @@ class ReachState:
         yes = len({v.group for v in live if v.reachable})
         no = len({v.group for v in live if not v.reachable})
         need = self.policy.confirmations
-        if yes >= need and yes > no:
+        if yes >= need and no == 0:
             return Reachability.PUBLIC
         if no >= need and no >= yes:
             return Reachability.PRIVATE
@@ -130,23 +133,34 @@ class ReachState:
         return self.status(now_ms) is not Reachability.PUBLIC
 
     def relays_to_reserve(
-        self, now_ms: int, candidates: Iterable[RelayCandidate], held: Sequence[str], failed: Iterable[str] = ()
+        self,
+        now_ms: int,
+        candidates: Iterable[RelayCandidate],
+        held: Sequence[str],
+        failed: Iterable[str] = (),
+        held_groups: Iterable[str] = (),
     ) -> list[RelayCandidate]:
         """Which candidates to reserve on now: configured relays first, then the others in the order given,
-        skipping held ones and ones that just failed, up to ``max_relays`` held in all."""
+        skipping held ones and ones that just failed, up to ``max_relays`` held in all. A discovered relay in the
+        address group of a relay already held or chosen is skipped: one operator's relays (who may all drop our
+        circuits) never take every slot."""
         if not self.wants_relays(now_ms):
             return []
         room = self.policy.max_relays - len(held)
         if room <= 0:
             return []
         skip = set(held) | set(failed)
+        groups = {g for g in held_groups if g}
         seen: set[str] = set()
         ordered = sorted(candidates, key=lambda c: not c.configured)  # stable: configured first
         out: list[RelayCandidate] = []
         for candidate in ordered:
             if candidate.peer in skip or candidate.peer in seen:
                 continue
+            if not candidate.configured and candidate.group and candidate.group in groups:
+                continue
             seen.add(candidate.peer)
+            groups.add(candidate.group)
             out.append(candidate)
             if len(out) == room:
                 break

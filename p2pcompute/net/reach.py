@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, cast
@@ -145,6 +146,17 @@ class _FreshDialBack(AutoNATService):
         return None
 
 
+async def _tcp_probe(maddr: multiaddr.Multiaddr) -> bool:
+    """Whether a new TCP connection to ``maddr`` (``/ip4|ip6/…/tcp/…``) opens within :data:`PROBE_TIMEOUT_S`."""
+    with contextlib.suppress(Exception), trio.move_on_after(PROBE_TIMEOUT_S):
+        protocols = [p.name for p in maddr.protocols()]
+        ip = maddr.value_for_protocol("ip6" if "ip6" in protocols else "ip4")
+        stream = await trio.open_tcp_stream(str(ip), int(maddr.value_for_protocol("tcp")))
+        await stream.aclose()
+        return True
+    return False
+
+
 class _Pokes:
     """A network notifee: a new connection or a lost one makes the reachability service look again now."""
 
@@ -191,6 +203,7 @@ class ReachService:
         self._transport: CircuitV2Transport | None = None
         self._autonat: _FreshDialBack | None = None
         self._wake = trio.Event()
+        self._random = random.Random()
 
     # --- what the node reads ---
 
@@ -315,11 +328,14 @@ class ReachService:
         before = (self.state.status(self.clock()), self.relayed_addrs())
         wait = FIRST_CHECK_S
         while True:
-            if self.settings.mode is NatMode.AUTO:
-                await self._check()
-            self._drop_lost_relays()
-            if self.settings.reserve:
-                await self._reserve(nursery)
+            try:
+                if self.settings.mode is NatMode.AUTO:
+                    await self._check()
+                self._drop_lost_relays()
+                if self.settings.reserve:
+                    await self._reserve(nursery)
+            except Exception:  # a peer's bytes must never end the node: log, and look again later
+                log.exception("reachability check failed; trying again later")
             now = (self.state.status(self.clock()), self.relayed_addrs())
             if now != before:
                 log.info("reachability %s; relayed addresses: %s", now[0].value, ", ".join(now[1]) or "none")
@@ -336,6 +352,7 @@ class ReachService:
     async def _check(self) -> None:
         assert self._autonat is not None
         servers = [p for p in self._direct_peers() if self._speaks(p, AUTONAT_PROTOCOL_ID)]
+        self._random.shuffle(servers)  # not always the first peers connected: those may all be one liar's
         asked = 0
         for peer in servers:
             if asked == AUTONAT_SERVERS_PER_ROUND:
@@ -382,38 +399,65 @@ class ReachService:
     def _candidates(self) -> list[RelayCandidate]:
         out = []
         for addr in self.settings.relays:
-            out.append(RelayCandidate(addr.rsplit("/p2p/", 1)[1], addr, configured=True))
+            out.append(RelayCandidate(addr.rsplit("/p2p/", 1)[1], addr, configured=True, group=address_group(addr)))
         for peer in self._direct_peers():
-            if self._speaks(peer, HOP_PROTOCOL):
-                addrs = [str(a) for a in self.host.get_peerstore().addrs(peer) if not is_circuit_address(str(a))]
-                if addrs:
-                    out.append(RelayCandidate(str(peer), f"{addrs[0].split('/p2p/')[0]}/p2p/{peer}"))
+            if not self._speaks(peer, HOP_PROTOCOL):
+                continue
+            found = self._relay_address(peer)
+            if found is not None:
+                out.append(RelayCandidate(str(peer), found, group=address_group(found)))
         return out
+
+    def _relay_address(self, peer: ID) -> str | None:
+        """A discovered relay's address: the IP of our connection to it, with a TCP port it lists at that IP.
+
+        Its Identify addresses are its own word: a hostile peer could name any address (a black hole, a victim), and
+        a relayed address through it would send clients there. The IP is the one we are connected to; the port is
+        probed before a slot is taken (:meth:`_reserve`)."""
+        ip = self._remote_ip(peer)
+        if ip is None:
+            return None
+        family = "ip6" if ":" in ip else "ip4"
+        for listed in self.host.get_peerstore().addrs(peer):
+            parts = str(listed).split("/")  # "", "ip4", ip, "tcp", port[, "p2p", id]
+            shape = len(parts) == 5 or (len(parts) == 7 and parts[5] == "p2p")
+            if shape and parts[1] == family and parts[2] == ip and parts[3] == "tcp" and parts[4].isdigit():
+                return f"/{family}/{ip}/tcp/{int(parts[4])}/p2p/{peer}"
+        return None
 
     async def _reserve(self, nursery: trio.Nursery) -> None:
         assert self._transport is not None
         now = self.clock()
         failed = [p for p, at in self._failed.items() if now - at < self.settings.check_interval_s * 1000]
-        for candidate in self.state.relays_to_reserve(now, self._candidates(), list(self.held), failed):
-            relay = ID.from_base58(candidate.peer)
+        held_groups = [address_group(a) for a in self.held.values()]
+        for candidate in self.state.relays_to_reserve(now, self._candidates(), list(self.held), failed, held_groups):
             try:
-                with trio.fail_after(RESERVE_TIMEOUT_S):
-                    base = candidate.addr.split("/p2p/")[0]
-                    await self.host.connect(PeerInfo(relay, [multiaddr.Multiaddr(base)]))
-                    stream = await self.host.new_stream(relay, [HOP_PROTOCOL])
-                    try:
-                        ok = await self._transport.reserve(stream, relay, nursery)
-                    finally:
-                        with contextlib.suppress(Exception):
-                            await stream.close()
-            except Exception as exc:
+                own = circuit_address(candidate.addr, candidate.peer, str(self.host.get_id()))
+                ok = await self._reserve_on(candidate, nursery)
+            except Exception as exc:  # anything a stranger's relay can make go wrong: try another later
                 ok = False
                 log.info("reserving a slot on %s failed: %s", candidate.addr, exc)
             if not ok:
                 self._failed[candidate.peer] = now
                 continue
-            self.held[candidate.peer] = circuit_address(candidate.addr, candidate.peer, str(self.host.get_id()))
+            self.held[candidate.peer] = own
             log.info("holding a relay slot on %s", candidate.addr)
+
+    async def _reserve_on(self, candidate: RelayCandidate, nursery: trio.Nursery) -> bool:
+        assert self._transport is not None
+        relay = ID.from_base58(candidate.peer)
+        base = candidate.addr.split("/p2p/")[0]
+        maddr = multiaddr.Multiaddr(base)
+        with trio.fail_after(RESERVE_TIMEOUT_S):
+            if not candidate.configured and not await _tcp_probe(maddr):
+                raise DialError(f"nothing listens at {base}, the address it gave")
+            await self.host.connect(PeerInfo(relay, [maddr]))
+            stream = await self.host.new_stream(relay, [HOP_PROTOCOL])
+            try:
+                return await self._transport.reserve(stream, relay, nursery)
+            finally:
+                with contextlib.suppress(Exception):
+                    await stream.close()
 
     def _direct_peers(self) -> list[ID]:
         network = self.host.get_network()
@@ -427,13 +471,20 @@ class ReachService:
         return False
 
     def _group(self, peer: ID) -> str:
+        ip = self._remote_ip(peer)
+        if ip is None:
+            return str(peer)
+        return address_group(f"/{'ip6' if ':' in ip else 'ip4'}/{ip}/tcp/1")
+
+    def _remote_ip(self, peer: ID) -> str | None:
+        """The IP of our direct connection to ``peer`` (what Noise authenticated, not what the peer says)."""
         for conn in self.host.get_network().get_connections(peer):
             for addr in _transport_addrs(conn):
-                with contextlib.suppress(Exception):
-                    return address_group(str(addr))
+                parts = str(addr).split("/")
+                if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
+                    return parts[2]
             with contextlib.suppress(Exception):
                 remote = conn.muxed_conn.secured_conn.get_remote_address()  # type: ignore[attr-defined]
                 if remote:
-                    family = "ip6" if ":" in remote[0] else "ip4"
-                    return address_group(f"/{family}/{remote[0]}/tcp/{remote[1]}")
-        return str(peer)
+                    return str(remote[0])
+        return None

@@ -104,3 +104,26 @@ def test_policy_bounds() -> None:
         ReachPolicy(confirmations=0)
     with pytest.raises(ConfigError):
         ReachPolicy(max_relays=0)
+
+
+def test_liars_saying_reachable_never_outvote_an_honest_failure() -> None:
+    """A false "public" costs every job (no relay); a false "private" costs one slot: a single failure keeps a node
+    off public, however many servers in however many groups say it is reachable."""
+    state = ReachState()
+    for i in range(5):
+        state.record(v(str(i), True))
+    state.record(v("honest", False))
+    assert state.status(0) is Reachability.UNKNOWN
+    assert state.wants_relays(0)
+    state.record(v("honest2", False))
+    assert state.status(0) is not Reachability.PUBLIC
+
+
+def test_discovered_relays_of_one_address_group_take_one_slot() -> None:
+    state = ReachState(NatMode.PRIVATE, ReachPolicy(max_relays=2))
+    same = [
+        RelayCandidate(p, f"/ip4/203.0.113.{i}/tcp/1/p2p/{p}", group="ip4:203.0.0.0/16") for i, p in enumerate("ab")
+    ]
+    other = RelayCandidate("c", "/ip4/198.51.100.1/tcp/1/p2p/c", group="ip4:198.51.0.0/16")
+    assert [c.peer for c in state.relays_to_reserve(0, [*same, other], held=[])] == ["a", "c"]
+    assert state.relays_to_reserve(0, same, held=["a"], held_groups=["ip4:203.0.0.0/16"]) == []

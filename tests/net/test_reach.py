@@ -28,7 +28,7 @@ from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_ms
 
 from p2pcompute.core.reach import NatMode, Reachability, ReachPolicy, is_circuit_address
 from p2pcompute.errors import DialError
-from p2pcompute.net.host import host_addrs, open_host
+from p2pcompute.net.host import HostConfig, host_addrs, open_host
 from p2pcompute.net.reach import HOP_PROTOCOL, ReachService, ReachSettings, RelayServiceLimits, is_relayed
 from p2pcompute.testing.net import seed_for, wait_until
 
@@ -50,11 +50,17 @@ def _ms() -> int:
 
 @contextlib.asynccontextmanager
 async def _peers(
-    name: str, settings: Sequence[ReachSettings], *, listen: Sequence[str] = ()
+    name: str, settings: Sequence[ReachSettings], *, listen: Sequence[str] = (), configs: Sequence[HostConfig] = ()
 ) -> AsyncIterator[list[tuple[IHost, ReachService]]]:
     async with contextlib.AsyncExitStack() as stack:
         hosts = [
-            await stack.enter_async_context(open_host(seed_for(name, i), [listen[i] if listen else LISTEN]))
+            await stack.enter_async_context(
+                open_host(
+                    seed_for(name, i),
+                    [listen[i] if listen else LISTEN],
+                    config=configs[i] if configs else HostConfig(),
+                )
+            )
             for i in range(len(settings))
         ]
         # The services' nursery holds no host: cancelling it while an exception unwinds must not reach a host's
@@ -304,3 +310,26 @@ async def test_a_client_tries_at_most_max_relayed_dials_relayed_addresses(test_n
             with pytest.raises(DialError):
                 await dialer.dial(worker.get_id(), [*dead, good])
             await dialer.dial(worker.get_id(), [*dead[:2], good])
+
+
+async def test_relays_naming_addresses_they_are_not_at_are_never_used_and_never_stop_the_node(test_name: str) -> None:
+    """A peer that speaks hop tells Identify any address it likes: an empty one (which once raised out of the
+    service and stopped the whole node), or someone else's (a black hole our clients would be sent to). A discovered
+    relay's address is the IP we are connected to, at a port that answers; only then is a slot taken."""
+    empty = HostConfig(announce=("/p2p/12D3KooWRBhwfeP2Y4TCx1SM6s9rUoHhR5STiGwxBhgFRcw3UERE",))
+    forged = HostConfig(announce=("/ip4/192.0.2.1/tcp/443",))
+    relays = [RELAY, RELAY, RELAY]
+    worker_settings = ReachSettings(mode=NatMode.AUTO, hole_punch=False)
+    async with (
+        _peers(test_name, relays, configs=[empty, forged, HostConfig()]) as [(e, _), (f, _f), (honest, _h)],
+        _peers(test_name + "w", [worker_settings]) as [(worker, reach)],
+    ):
+        await _connect(e, worker)
+        await _connect(f, worker)
+        with trio.move_on_after(3):
+            await wait_until(lambda: bool(reach.relayed_addrs()))
+        assert reach.relayed_addrs() == ()  # neither evil relay became ours; and the service still runs
+        await _connect(worker, honest)
+        await wait_until(lambda: bool(reach.relayed_addrs()))
+        assert list(reach.held) == [str(honest.get_id())]
+        assert reach.relayed_addrs()[0].startswith(host_addrs(honest)[0])

@@ -61,7 +61,7 @@ from p2pcompute.core.schema import (
 from p2pcompute.core.tensors import DTYPES
 from p2pcompute.core.verification import DEFAULT_EVIDENCE_TTL_MS, MAX_EVIDENCE_SIZE, EvidenceInbox, QuorumPolicy
 from p2pcompute.errors import P2PComputeError, Reason
-from p2pcompute.net import reach
+from p2pcompute.net import reach, relay
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 PACKAGE = Path(p2pcompute.__file__).resolve().parent
@@ -482,6 +482,7 @@ _REP = ReputationPolicy()
 _ADV = AdvertPolicy()
 _REACH = ReachPolicy()
 _NODE = NodeConfig(data_dir=Path("unused"))
+_RELAY = relay.RelayServiceLimits()
 PARAMETERS: list[tuple[str, str, int | float]] = [
     ("00-conventions.md", "max_bytes", codec.DEFAULT_LIMITS.max_bytes),
     ("00-conventions.md", "max_str_len", codec.DEFAULT_LIMITS.max_str_len),
@@ -545,7 +546,11 @@ PARAMETERS: list[tuple[str, str, int | float]] = [
     ("reachability.md", "RESERVE_TIMEOUT_S (net.reach)", reach.RESERVE_TIMEOUT_S * 1000),
     ("reachability.md", "DIAL_TIMEOUT_S (net.reach)", reach.DIAL_TIMEOUT_S * 1000),
     ("reachability.md", "MAX_RELAYED_DIALS (net.reach)", reach.MAX_RELAYED_DIALS),
-    ("reachability.md", "per_group (net.reach.RelayServiceLimits)", reach.RelayServiceLimits().per_group),
+    ("reachability.md", "per_group (net.relay.RelayServiceLimits)", _RELAY.per_group),
+    ("reachability.md", "per_peer_circuits (net.relay.RelayServiceLimits)", _RELAY.per_peer_circuits),
+    ("reachability.md", "per_group_circuits (net.relay.RelayServiceLimits)", _RELAY.per_group_circuits),
+    ("reachability.md", "CIRCUIT_IDLE_S (net.relay)", relay.CIRCUIT_IDLE_S * 1000),
+    ("reachability.md", "STOP_TIMEOUT_S (net.relay)", relay.STOP_TIMEOUT_S * 1000),
     ("reachability.md", "relay_max_reservations", _NODE.relay_max_reservations),
     ("reachability.md", "relay_max_circuits", _NODE.relay_max_circuits),
     ("reachability.md", "relay_circuit_mib", _NODE.relay_circuit_mib),

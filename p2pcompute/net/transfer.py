@@ -27,6 +27,7 @@ import contextlib
 import functools
 import hashlib
 import hmac
+import ipaddress
 import logging
 import mmap
 import platform
@@ -45,6 +46,7 @@ from libp2p.abc import INetStream
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.network.stream.exceptions import StreamEOF
 
+from p2pcompute.core.matching import address_group
 from p2pcompute.core.tensors import DIGEST_SIZE, TensorMeta
 from p2pcompute.errors import Reason, TransferError
 
@@ -98,8 +100,16 @@ CONNECT_TIMEOUT_S: Final = 10.0
 #: A job client's dial of the data port before it moves the tensors over the libp2p stream instead
 #: (:mod:`p2pcompute.net.negotiate`): a worker behind NAT drops the SYN, and waiting longer only delays the job.
 DATA_DIAL_TIMEOUT_S: Final = 3.0
-#: The hello (server side) and the server's answer to it (client side).
-HELLO_TIMEOUT_S: Final = 10.0
+#: The server's wait for the hello on its TCP port, from the accepted connection: all that a connection which names
+#: no ticket can cost. The client sends its 42 bytes as soon as its connect returns, so they arrive with (or right
+#: after) the handshake's last ACK; 2 s leaves room for a few retransmissions of a lost segment.
+HELLO_TIMEOUT_S: Final = 2.0
+#: The server's wait for the hello on a ``/p2pcompute/data/1.0.0`` stream, from the negotiated stream: the hello
+#: follows one more round trip (multistream-select), may queue behind the peer's other streams on the same
+#: connection (a transfer's window, a relay's rate), and the peer is authenticated and bounded per peer.
+STREAM_HELLO_TIMEOUT_S: Final = 10.0
+#: The client's wait to send its hello and for the server's answer to it (the first status byte).
+ACCEPT_TIMEOUT_S: Final = 10.0
 #: Each header or data piece (at most CHUNK_SIZE bytes) in either direction: a stalled peer is cut off.
 CHUNK_TIMEOUT_S: Final = 30.0
 #: The uploader's wait for the final verdict after its last byte.
@@ -112,6 +122,12 @@ DEFAULT_TICKET_TTL_MS: Final = 60_000
 DEFAULT_RESULT_RETENTION_MS: Final = 60_000
 DEFAULT_MAX_TICKETS: Final = 256
 DEFAULT_MAX_CONNECTIONS: Final = 32
+#: TCP connections of one source (an IPv4 address, an IPv6 /64) waiting for their hello; one more takes the place of
+#: the source's oldest, which is closed at once.
+DEFAULT_MAX_PENDING_PER_SOURCE: Final = 4
+#: Connections waiting for their hello, per path (TCP port, streams); when full, a newcomer takes the place of the
+#: oldest waiting one of the address group (``address_group``; a stream: its peer) that holds the most.
+DEFAULT_MAX_PENDING_TOTAL: Final = 128
 #: Concurrent ``/p2pcompute/data/1.0.0`` sessions of one peer: as many as the job streams a worker lets one peer
 #: hold (``NegotiationPolicy.max_streams_per_peer``), each of which has at most one transfer at a time.
 DEFAULT_MAX_STREAMS_PER_PEER: Final = 4
@@ -216,8 +232,12 @@ class DataChannelConfig:
     ticket_ttl_ms: int = DEFAULT_TICKET_TTL_MS
     result_retention_ms: int = DEFAULT_RESULT_RETENTION_MS
     max_tickets: int = DEFAULT_MAX_TICKETS
-    #: Concurrent sessions, over both paths together.
+    #: Concurrent sessions that presented a valid ticket, over both paths together.
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    #: TCP connections of one source (IPv4 address, IPv6 /64) that have not sent their hello yet.
+    max_pending_per_source: int = DEFAULT_MAX_PENDING_PER_SOURCE
+    #: Connections (and, separately, streams) that have not sent their hello yet.
+    max_pending_total: int = DEFAULT_MAX_PENDING_TOTAL
     #: Concurrent libp2p-stream sessions of one authenticated peer.
     max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER
     max_blobs: int = DEFAULT_MAX_BLOBS
@@ -231,10 +251,19 @@ class DataChannelConfig:
     cipher: Cipher | None = None
 
     def __post_init__(self) -> None:
-        limits = (self.ticket_ttl_ms, self.max_tickets, self.max_connections, self.max_streams_per_peer, self.max_blobs)
+        limits = (
+            self.ticket_ttl_ms,
+            self.max_tickets,
+            self.max_connections,
+            self.max_pending_per_source,
+            self.max_pending_total,
+            self.max_streams_per_peer,
+            self.max_blobs,
+        )
         if min(limits) < 1:
             raise ValueError(
-                "ticket_ttl_ms, max_tickets, max_connections, max_streams_per_peer and max_blobs must be >= 1"
+                "ticket_ttl_ms, max_tickets, max_connections, max_pending_per_source, max_pending_total, "
+                "max_streams_per_peer and max_blobs must be >= 1"
             )
         if self.result_retention_ms < 0 or self.max_ticket_bytes < 0:
             raise ValueError("result_retention_ms and max_ticket_bytes must be >= 0")
@@ -652,9 +681,9 @@ async def _start_session(channel: _Channel, direction: Direction, cipher: Cipher
     """Send the hello and wait for the server to accept the ticket."""
     hello = _hello(direction, cipher, token)
     try:
-        with trio.fail_after(HELLO_TIMEOUT_S):
+        with trio.fail_after(ACCEPT_TIMEOUT_S):
             await channel.send_all(hello)
-        status = await _read_status(channel, HELLO_TIMEOUT_S)
+        status = await _read_status(channel, ACCEPT_TIMEOUT_S)
     except (trio.TooSlowError, *_BROKEN) as exc:
         raise _transfer_error(exc) from exc
     if status != _STATUS_OK:
@@ -820,14 +849,95 @@ def _slot_key(token: bytes) -> bytes:
     return hashlib.sha256(token).digest()
 
 
+@dataclass(eq=False, slots=True)
+class _Waiter:
+    """A connection (or stream) that has not sent its hello yet; ``scope`` bounds the wait."""
+
+    source: str
+    group: str
+    scope: trio.CancelScope
+    #: Displaced by a newcomer, over its source's cap or from a full pool (``scope`` is cancelled).
+    evicted: bool = False
+
+
+class _PendingPool:
+    """The connections of one path that have not sent a hello: outside ``max_connections``, bounded on their own.
+
+    At most ``per_source`` from one source (None: no cap here) and ``total`` in all, and a newcomer is always let
+    in: over its source's cap it takes the place of that source's oldest waiter; in a full pool, that of the oldest
+    waiter of the group holding the most. A flood displaces only itself (or its own source's, its own group's
+    connections), while a hello that comes promptly, as every client sends it, still gets read
+    (specs/data-channel.md §6.1).
+    """
+
+    def __init__(self, total: int, per_source: int | None) -> None:
+        self._total = total
+        self._per_source = per_source
+        self._waiters: dict[_Waiter, None] = {}  # insertion order: oldest first
+        self._sources: collections.Counter[str] = collections.Counter()
+        self._groups: collections.Counter[str] = collections.Counter()
+
+    def __len__(self) -> int:
+        return len(self._waiters)
+
+    def admit(self, source: str, group: str, deadline: float) -> tuple[_Waiter, _Waiter | None]:
+        """A place for a newcomer, and the waiter it displaced (None: none), whose scope is cancelled."""
+        evicted = None
+        if self._per_source is not None and self._sources[source] >= self._per_source:
+            evicted = next(waiter for waiter in self._waiters if waiter.source == source)
+        elif len(self._waiters) >= self._total:
+            most = max(self._groups.values())
+            evicted = next(waiter for waiter in self._waiters if self._groups[waiter.group] == most)
+        if evicted is not None:
+            evicted.evicted = True
+            evicted.scope.cancel()
+            self.remove(evicted)
+        waiter = _Waiter(source, group, trio.CancelScope(deadline=deadline))
+        self._waiters[waiter] = None
+        self._sources[source] += 1
+        self._groups[group] += 1
+        return waiter, evicted
+
+    def remove(self, waiter: _Waiter) -> None:
+        """Forget a waiter (it sent its hello, gave up or was displaced); idempotent."""
+        if waiter not in self._waiters:
+            return
+        del self._waiters[waiter]
+        for counts, key in ((self._sources, waiter.source), (self._groups, waiter.group)):
+            counts[key] -= 1
+            if counts[key] <= 0:
+                del counts[key]
+
+
+def _ip_source(ip: str) -> tuple[str, str]:
+    """(source, group) of a remote IP on the TCP port. The source is the address (IPv6: its /64, what one
+    subscriber holds); the group is its ``address_group`` (public IPv4 /16, public IPv6 /32, loopback and private
+    addresses by themselves). An IPv4-mapped IPv6 address counts as the IPv4 address."""
+    try:
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(ip.partition("%")[0])
+    except ValueError:
+        return ip, ip
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        return str(ipaddress.ip_network(f"{address}/64", strict=False)), address_group(f"/ip6/{address}")
+    return str(address), address_group(f"/ip4/{address}")
+
+
 class DataServer:
     """The worker's data-channel listener: one TCP port, any number of single-use tickets (bounded).
 
     The same tickets are served over ``/p2pcompute/data/1.0.0`` libp2p streams (register :meth:`handle_stream`
     as that protocol's handler): one slot table, so a ticket claimed on either path is gone for both.
     ``bind_host`` is the IP to listen on (the interface of the libp2p listen address). ``clock`` (ms since the
-    epoch) and ``random_bytes`` are injectable for tests. :attr:`stats` counts tickets claimed and sessions
-    refused, by path (``direct_claimed``, ``stream_claimed``, ``direct_busy``, ``stream_busy``).
+    epoch) and ``random_bytes`` are injectable for tests.
+
+    A connection or stream first waits for its hello in a pending pool of its path (``max_pending_per_source``,
+    ``max_pending_total``, ``HELLO_TIMEOUT_S`` or ``STREAM_HELLO_TIMEOUT_S``); only one that presents a valid
+    ticket becomes a session and counts against ``max_connections``. :attr:`stats` counts tickets claimed and
+    connections refused, by path: ``{path}_claimed``; ``{path}_busy`` (a valid ticket, but ``max_connections``
+    sessions open; a stream: also ``max_streams_per_peer``); ``{path}_pending_evicted`` (a connection waiting for
+    its hello, displaced by a newer one of its source over ``max_pending_per_source`` or from a full pool).
     """
 
     def __init__(
@@ -844,7 +954,12 @@ class DataServer:
         self._random_bytes = random_bytes
         self._port: int | None = None
         self._slots: dict[bytes, _Slot] = {}
-        self._connections = 0  # sessions on both paths
+        self._connections = 0  # sessions on both paths (valid tickets)
+        self._pending = {
+            DataPath.DIRECT: _PendingPool(config.max_pending_total, config.max_pending_per_source),
+            # A stream's source is its authenticated peer, already capped by max_streams_per_peer.
+            DataPath.STREAM: _PendingPool(config.max_pending_total, None),
+        }
         self._streams_per_peer: collections.Counter[str] = collections.Counter()
         self.stats: collections.Counter[str] = collections.Counter()
 
@@ -860,8 +975,13 @@ class DataServer:
 
     @property
     def open_sessions(self) -> int:
-        """Sessions in progress, on both paths (at most ``max_connections``)."""
+        """Sessions in progress (tickets presented), on both paths (at most ``max_connections``)."""
         return self._connections
+
+    @property
+    def pending_connections(self) -> int:
+        """Connections and streams waiting for their hello (at most ``max_pending_total`` per path)."""
+        return sum(len(pool) for pool in self._pending.values())
 
     async def serve(self, *, task_status: TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen on an ephemeral port of ``bind_host``; ``task_status.started(port)``; serve until cancelled."""
@@ -957,8 +1077,8 @@ class DataServer:
             elif slot.state is _State.DONE and expiry + self._config.result_retention_ms <= now:
                 del self._slots[key]
 
-    def _claim(self, hello: bytes) -> tuple[_Slot, Cipher | None]:
-        """The slot a hello names, claimed, and the cipher the client asked for (None: clear)."""
+    def _lookup(self, hello: bytes) -> tuple[bytes, _Slot, Cipher | None]:
+        """The slot a hello names (unclaimed, unexpired), its key, and the cipher the client asked for (None: clear)."""
         direction, cipher, token = _parse_hello(hello)
         key = _slot_key(token)
         slot = self._slots.get(key)
@@ -974,23 +1094,33 @@ class DataServer:
             slot.finish(None, TransferError(Reason.EXPIRED, "the ticket expired before it was claimed"))
             del self._slots[key]
             raise TransferError(Reason.EXPIRED, "the ticket expired")
+        return key, slot, cipher
+
+    def _take(self, key: bytes, slot: _Slot) -> _Slot:
+        """Claim a slot found by :meth:`_lookup` (single use from here on)."""
         slot.state = _State.CLAIMED
         slot.claimed.set()
-        if direction is Direction.DOWNLOAD:
+        if slot.ticket.direction is Direction.DOWNLOAD:
             del self._slots[key]  # single use; the handler holds the blobs now
-        return slot, cipher
+        return slot
 
     # -- connections --------------------------------------------------------------------------------------------
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         """One connection to the TCP port."""
-        await self._serve(_SocketChannel(stream), "a connection")
+        try:
+            ip = str(stream.socket.getpeername()[0])
+        except OSError:  # already gone
+            ip = "?"
+        source, group = _ip_source(ip)
+        await self._serve(_SocketChannel(stream), f"a connection from {ip}", source, group)
 
     async def handle_stream(self, stream: INetStream) -> None:
         """The ``/p2pcompute/data/1.0.0`` handler: the TCP port's session over a libp2p stream. Never raises.
 
-        Bounded as the port is (``max_connections`` counts both paths, single-use tickets, sizes from the ticket,
-        the same timeouts), and by ``max_streams_per_peer`` concurrent streams of one authenticated peer.
+        Bounded as the port is (a pending pool until the hello, ``max_connections`` sessions over both paths,
+        single-use tickets, sizes from the ticket, the same timeouts but :data:`STREAM_HELLO_TIMEOUT_S` for the
+        hello), and by ``max_streams_per_peer`` concurrent streams of one authenticated peer.
         """
         channel = _StreamChannel(stream)
         try:
@@ -1010,7 +1140,7 @@ class DataServer:
                 return
             self._streams_per_peer[peer] += 1
             try:
-                await self._serve(channel, f"a stream from {peer}")
+                await self._serve(channel, f"a stream from {peer}", peer, peer)
             finally:
                 self._streams_per_peer[peer] -= 1
                 if self._streams_per_peer[peer] <= 0:
@@ -1019,28 +1149,56 @@ class DataServer:
             logger.warning("data stream from %s failed: %s: %s", peer, type(exc).__name__, exc, exc_info=True)
             await channel.aclose()
 
-    async def _serve(self, channel: _Channel, who: str) -> None:
+    async def _serve(self, channel: _Channel, who: str, source: str, group: str) -> None:
         try:
-            if self._connections >= self._config.max_connections:
-                self.stats[f"{channel.path.value}_busy"] += 1
-                logger.info("data %s: refusing %s, %d sessions open", channel.path.value, who, self._connections)
-                await _send_status(channel, _STATUS_CODES[Reason.TRANSFER_FAILED])
-                return
-            self._connections += 1
-            try:
-                await self._handle_session(channel, who)
-            finally:
-                self._connections -= 1
+            hello = await self._receive_hello(channel, who, source, group)
+            if hello is not None:
+                await self._handle_session(channel, who, hello)
         finally:
             await channel.aclose()
 
-    async def _handle_session(self, channel: _Channel, who: str) -> None:
-        slot: _Slot | None = None
+    async def _receive_hello(self, channel: _Channel, who: str, source: str, group: str) -> bytes | None:
+        """The hello, read while the connection waits in its path's pending pool; None when it was displaced (by a
+        newer one of its source, or from a full pool), stalled or broke: answered, not served."""
+        path = channel.path
+        timeout_s = HELLO_TIMEOUT_S if path is DataPath.DIRECT else STREAM_HELLO_TIMEOUT_S
+        pool = self._pending[path]
+        waiter, evicted = pool.admit(source, group, trio.current_time() + timeout_s)
+        if evicted is not None:
+            self.stats[f"{path.value}_pending_evicted"] += 1
+        hello = bytearray(HELLO_SIZE)
+        error: TransferError | None = None
         try:
-            hello = bytearray(HELLO_SIZE)
-            with trio.fail_after(HELLO_TIMEOUT_S):
+            with waiter.scope:
                 await _recv_exactly_into(channel, memoryview(hello))
-            slot, cipher = self._claim(bytes(hello))
+        except (TransferError, *_BROKEN) as exc:
+            error = _transfer_error(exc)
+        finally:
+            pool.remove(waiter)
+        if error is None and waiter.scope.cancelled_caught:
+            if waiter.evicted:
+                error = TransferError(Reason.TRANSFER_FAILED, "displaced by a newer connection: too many waited")
+            else:
+                error = TransferError(Reason.TIMEOUT, f"no hello within {timeout_s} s")
+        if error is None:
+            return bytes(hello)
+        # Anyone can cause this: not worth more than a debug line.
+        logger.debug("data %s: no hello from %s: %s", path.value, who, error)
+        await _send_status(channel, _STATUS_CODES.get(error.reason, _STATUS_CODES[Reason.TRANSFER_FAILED]))
+        return None
+
+    async def _handle_session(self, channel: _Channel, who: str, hello: bytes) -> None:
+        slot: _Slot | None = None
+        counted = False
+        try:
+            key, found, cipher = self._lookup(hello)
+            if self._connections >= self._config.max_connections:
+                self.stats[f"{channel.path.value}_busy"] += 1
+                logger.info("data %s: refusing %s, %d sessions open", channel.path.value, who, self._connections)
+                raise TransferError(Reason.TRANSFER_FAILED, f"busy: {self._connections} sessions open")
+            slot = self._take(key, found)
+            self._connections += 1
+            counted = True
             self.stats[f"{channel.path.value}_claimed"] += 1
             self._prune(self._clock())
             await _send_status(channel, _STATUS_OK)
@@ -1063,3 +1221,6 @@ class DataServer:
             if slot is not None and slot.state is not _State.DONE:
                 slot.finish(None, error)
             await _send_status(channel, _STATUS_CODES.get(error.reason, _STATUS_CODES[Reason.TRANSFER_FAILED]))
+        finally:
+            if counted:
+                self._connections -= 1

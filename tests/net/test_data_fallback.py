@@ -44,7 +44,7 @@ from p2pcompute.net.protocols import DATA_PROTOCOL, JOB_PROTOCOL
 from p2pcompute.net.transfer import (
     CHUNK_SIZE,
     CHUNK_TIMEOUT_S,
-    HELLO_TIMEOUT_S,
+    STREAM_HELLO_TIMEOUT_S,
     Cipher,
     DataChannelConfig,
     DataPath,
@@ -296,7 +296,8 @@ async def test_stalled_streams_are_cut_off(test_name: str, autojump_clock: trio.
         start = trio.current_time()
         async with RawStream.open(pair, None, b"") as silent:  # no hello at all
             assert await silent.status() == bytes([TIMEOUT])
-        assert HELLO_TIMEOUT_S <= trio.current_time() - start < HELLO_TIMEOUT_S + 5
+        assert STREAM_HELLO_TIMEOUT_S <= trio.current_time() - start < STREAM_HELLO_TIMEOUT_S + 5
+        assert pair.server.pending_connections == 0
 
         ticket = pair.server.expect_upload([(TWO_PIECES[0], len(TWO_PIECES[1]))])
         async with RawStream.open(pair, ticket) as raw:  # half a blob, then nothing
@@ -312,24 +313,85 @@ async def test_stalled_streams_are_cut_off(test_name: str, autojump_clock: trio.
         assert await upload_on_stream(pair, ticket, dict([SMALL])) == dict([SMALL])
 
 
+@asynccontextmanager
+async def another_client(name: str, index: int, pair: Pair) -> AsyncIterator[Pair]:
+    """A second client host (peer), connected to the same worker and data server."""
+    async with open_host(seed_for(name, index), [f"/ip4/{WORKER_IP}/tcp/0"]) as client:
+        peer = await connect(client, host_addrs(pair.worker)[0])
+        yield Pair(pair.server, pair.worker, client, peer)
+
+
 async def test_streams_per_peer_and_sessions_are_bounded(test_name: str) -> None:
-    async with served(test_name, DataChannelConfig(max_streams_per_peer=2, max_connections=3)) as pair:
+    """A peer's streams are capped (max_streams_per_peer). Streams that have not sent a hello wait in the stream
+    pool, outside max_connections: a full pool makes room by displacing the oldest stream of the peer holding the
+    most, and only a valid ticket takes a session (max_connections, over both paths; one refused stays unclaimed)."""
+    config = DataChannelConfig(max_streams_per_peer=2, max_connections=1, max_pending_total=2)
+    async with served(test_name, config) as pair, another_client(test_name, 2, pair) as other:
         server = pair.server
-        async with RawStream.open(pair, None, b""), RawStream.open(pair, None, b""):  # two silent streams
-            await wait_until(lambda: server.open_sessions == 2)
+        async with RawStream.open(pair, None, b"") as oldest, RawStream.open(pair, None, b""):  # two silent streams
+            await wait_until(lambda: server.pending_connections == 2)
+            assert server.open_sessions == 0
             with trio.fail_after(WAIT_S):
                 async with RawStream.open(pair, None, b"") as third:  # a third stream of the same peer
                     assert await third.status() == bytes([TRANSFER_FAILED])
                 assert server.stats["stream_busy"] == 1
-                # max_connections counts both paths: 2 streams and 1 TCP connection, then one more is refused
-                async with await dial_data_server(WORKER_IP, server.port):
-                    await wait_until(lambda: server.open_sessions == 3)
-                    async with await dial_data_server(WORKER_IP, server.port) as fourth:
-                        assert await fourth.receive_some(1) == bytes([TRANSFER_FAILED])
+                # The pool is full of the first peer's silent streams: another peer's hello still gets read.
+                ticket = server.expect_upload(specs(dict([SMALL])))
+                assert await upload_on_stream(other, ticket, dict([SMALL])) == dict([SMALL])
+                assert server.stats["stream_pending_evicted"] == 1
+                assert await oldest.status() == bytes([TRANSFER_FAILED])  # the one displaced
+
+                # max_connections counts sessions with a valid ticket, over both paths: one held on a stream ...
+                held = server.expect_upload(specs(dict([SMALL])))
+                direct = server.expect_upload(specs(dict([SMALL])))
+                async with RawStream.open(other, held) as raw:
+                    assert await raw.status() == bytes([0])
+                    assert server.open_sessions == 1
+                    with pytest.raises(TransferError) as caught:  # ... and a valid ticket on TCP is refused
+                        await upload(WORKER_IP, server.port, direct.token, direct.key, dict([SMALL]))
+                    assert caught.value.reason is Reason.TRANSFER_FAILED
                     assert server.stats["direct_busy"] == 1
-        await wait_until(lambda: server.open_sessions == 0)  # the silent ones are gone: served again
-        ticket = server.expect_upload(specs(dict([SMALL])))
-        assert await upload_on_stream(pair, ticket, dict([SMALL])) == dict([SMALL])
+                    await raw.send(SMALL[0] + len(SMALL[1]).to_bytes(8, "big"))
+                    await raw.send(SMALL[1])
+                    assert await raw.verdict() == bytes([0])
+                assert await server.receive_upload(held) == dict([SMALL])
+                async with trio.open_nursery() as nursery:  # the refused ticket was left unclaimed: it still works
+                    nursery.start_soon(upload, WORKER_IP, server.port, direct.token, direct.key, dict([SMALL]))
+                    assert await server.receive_upload(direct) == dict([SMALL])
+        await wait_until(lambda: server.pending_connections == 0 and server.open_sessions == 0)
+
+
+async def test_idle_tcp_connections_do_not_lock_out_the_stream(test_name: str) -> None:
+    """A7: twice max_connections idle connections on the data port (from 16 addresses, within the pending pool)
+    used to take every session of both paths. They wait for their hello outside max_connections now: an upload
+    over the stream, and one over TCP, go through."""
+    sources = [f"127.0.0.{i}" for i in range(2, 18)]
+    async with served(test_name) as pair, trio.open_nursery() as nursery:
+        server = pair.server
+        idle: list[trio.SocketStream] = []
+
+        async def connect_from(source: str) -> None:
+            sock = trio.socket.socket()
+            await sock.bind((source, 0))
+            await sock.connect((WORKER_IP, server.port))
+            idle.append(trio.SocketStream(sock))
+
+        for source in sources:
+            for _ in range(DEFAULT_CONFIG.max_pending_per_source):
+                nursery.start_soon(connect_from, source)
+        count = len(sources) * DEFAULT_CONFIG.max_pending_per_source
+        assert count == 2 * DEFAULT_CONFIG.max_connections
+        await wait_until(lambda: server.pending_connections == count)
+        ticket = server.expect_upload(specs(BLOBS))
+        assert await upload_on_stream(pair, ticket, BLOBS) == BLOBS
+        ticket = server.expect_upload(specs(BLOBS))
+        with trio.fail_after(WAIT_S):
+            async with trio.open_nursery() as uploads:
+                uploads.start_soon(upload, WORKER_IP, server.port, ticket.token, ticket.key, BLOBS)
+                assert await server.receive_upload(ticket) == BLOBS
+        assert server.stats == {"stream_claimed": 1, "direct_claimed": 1}
+        for stream in idle:
+            await stream.aclose()
 
 
 # -- the client's decision ---------------------------------------------------------------------------------------

@@ -35,14 +35,18 @@ from p2pcompute.net.host import connect, host_addrs, open_host
 from p2pcompute.net.negotiate import remote_host
 from p2pcompute.net.transfer import (
     CHUNK_SIZE,
+    HELLO_TIMEOUT_S,
     Cipher,
     DataChannelConfig,
     DataServer,
     Ticket,
+    _ip_source,
+    _PendingPool,
     download,
     expected_blobs,
     has_aes_instructions,
     upload,
+    upload_over,
 )
 from p2pcompute.testing.net import seed_for
 
@@ -497,15 +501,170 @@ async def test_garbage_hello_refused_and_server_keeps_serving() -> None:
 async def test_stalled_peers_are_cut_off(autojump_clock: trio.testing.MockClock) -> None:
     # Virtual time: the server's named timeouts fire as soon as nothing else can happen (no real waiting).
     autojump_clock.autojump_threshold = 0.05
+    assert HELLO_TIMEOUT_S <= 2.0  # a connection that names no ticket costs a few seconds at most
     async with running_server() as server:
-        async with await trio.open_tcp_stream(HOST, server.port) as silent:
-            assert await silent.receive_some(1) == bytes([8])  # timeout: no hello
+        for partial in (b"", MAGIC + bytes([UPLOAD, AES_BYTE]) + bytes(31)):  # nothing, then a hello but one byte
+            start = trio.current_time()
+            async with await trio.open_tcp_stream(HOST, server.port) as silent:
+                await silent.send_all(partial)
+                assert await silent.receive_some(1) == bytes([8])  # timeout: no hello
+            assert HELLO_TIMEOUT_S <= trio.current_time() - start < HELLO_TIMEOUT_S + 1
+        assert server.pending_connections == 0 and server.open_sessions == 0
         ticket = server.expect_upload([(BIG[0], len(BIG[1]))])
         async with RawSession.open(server.port, ticket) as raw:
             await raw.send(BIG[0] + len(BIG[1]).to_bytes(8, "big"))
             await raw.send(BIG[1][:1000])  # then nothing
             assert await raw.stream.receive_some(1) == bytes([8])
         await expect_upload_failure(server, ticket, Reason.TIMEOUT)
+
+
+# -- connections that never send a hello (A7: the data port lockout) ------------------------------------------------
+
+#: Addresses of this machine other than HOST, from which an attacker connects (a loopback address is its own group).
+ATTACKER_IP = "127.0.0.2"
+POLL_S = 0.01
+
+
+async def dial_from(source: str, port: int) -> trio.SocketStream:
+    """A TCP connection to the data server on HOST from the local address ``source``."""
+    sock = trio.socket.socket()
+    try:
+        await sock.bind((source, 0))
+        await sock.connect((HOST, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+class Flood:
+    """The attacker of A7: idle connections that never send a hello, each replaced as soon as the server drops it."""
+
+    def __init__(self) -> None:
+        self.connects = 0
+
+    async def hog(self, port: int, source: str, connections: int) -> None:
+        """Keep ``connections`` idle connections from ``source`` open, until cancelled."""
+
+        async def one() -> None:
+            while True:
+                with suppress(OSError):
+                    async with await dial_from(source, port) as stream:
+                        self.connects += 1
+                        with suppress(trio.BrokenResourceError):
+                            await stream.receive_some(1)  # the server's answer (displaced, timeout) or its close
+                await trio.sleep(0)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(connections):
+                nursery.start_soon(one)
+
+
+async def wait_for(condition: Callable[[], bool]) -> None:
+    with trio.fail_after(WAIT_S):
+        while not condition():
+            await trio.sleep(POLL_S)
+
+
+async def upload_from(server: DataServer, source: str, blobs: dict[bytes, bytes]) -> dict[bytes, memoryview]:
+    """An honest upload of ``blobs`` on a fresh ticket, from the local address ``source``."""
+    ticket = server.expect_upload(specs(blobs))
+    with trio.fail_after(WAIT_S):
+        async with trio.open_nursery() as nursery:
+
+            async def send() -> None:
+                await upload_over(await dial_from(source, server.port), ticket.token, ticket.key, blobs)
+
+            nursery.start_soon(send)
+            return await server.receive_upload(ticket)
+
+
+async def test_idle_connections_from_one_source_do_not_lock_out_transfers() -> None:
+    """A7: one address keeps twice max_connections idle connections on the data port and replaces each as the server
+    drops it. They used to take every session (max_connections counts both paths), so every honest upload was
+    refused transfer_failed. Now a connection waits for its hello in a pending pool, at most max_pending_per_source
+    of one source (a newer one takes the oldest's place), and only a valid ticket makes a session: honest uploads
+    go through, from another address and from the attacker's own."""
+    flood = Flood()
+    async with running_server() as server, trio.open_nursery() as nursery:
+        nursery.start_soon(flood.hog, server.port, ATTACKER_IP, 2 * DEFAULT_CONFIG.max_connections)
+        await wait_for(lambda: flood.connects >= 500)  # the attack is in full swing
+        assert server.stats["direct_pending_evicted"] > 0
+        for source in (HOST, ATTACKER_IP, HOST, ATTACKER_IP):
+            assert await upload_from(server, source, dict([SMALL])) == dict([SMALL])
+            assert server.pending_connections <= DEFAULT_CONFIG.max_pending_per_source
+        assert server.stats["direct_claimed"] == 4 and "direct_busy" not in server.stats
+        nursery.cancel_scope.cancel()
+
+
+async def test_idle_connections_from_many_sources_do_not_lock_out_transfers() -> None:
+    """The attacker's next step: many addresses (36 here, each its own group, as addresses of a /16 would be in the
+    worst case), each at its per-source cap, more than the whole pending pool holds. The pool stays bounded, and a
+    newcomer takes the place of the oldest waiter of the group holding the most: the honest hello is read."""
+    sources = [f"127.0.0.{i}" for i in range(2, 38)]
+    per_source = DEFAULT_CONFIG.max_pending_per_source
+    assert len(sources) * per_source > DEFAULT_CONFIG.max_pending_total
+    flood = Flood()
+    async with running_server() as server, trio.open_nursery() as nursery:
+        for source in sources:
+            nursery.start_soon(flood.hog, server.port, source, per_source)
+        await wait_for(lambda: flood.connects >= len(sources) * per_source + 500)
+        assert server.pending_connections == DEFAULT_CONFIG.max_pending_total
+        for _ in range(4):
+            assert await upload_from(server, HOST, dict([SMALL])) == dict([SMALL])
+            assert server.pending_connections <= DEFAULT_CONFIG.max_pending_total
+        assert server.stats["direct_claimed"] == 4 and "direct_busy" not in server.stats
+        nursery.cancel_scope.cancel()
+
+
+async def test_pending_pool_displaces_from_the_group_holding_the_most() -> None:
+    """Public addresses: a source is an IPv4 address (an IPv6 /64), a group its /16 (IPv6 /32)."""
+    assert _ip_source("81.2.69.160") == ("81.2.69.160", "ip4:81.2.0.0/16")
+    assert _ip_source("::ffff:81.2.69.160") == ("81.2.69.160", "ip4:81.2.0.0/16")
+    assert _ip_source("2a00:1450:4001:81a::200e") == ("2a00:1450:4001:81a::/64", "ip6:2a00:1450::/32")
+    assert _ip_source("127.0.0.2") == ("127.0.0.2", "ip4:127.0.0.2")
+
+    pool = _PendingPool(total=8, per_source=2)
+    deadline = trio.current_time() + HELLO_TIMEOUT_S
+    attackers = [pool.admit(*_ip_source(f"81.2.{i}.1"), deadline) for i in range(8)]  # one /16, 8 sources
+    assert len(pool) == 8 and all(evicted is None for _, evicted in attackers)
+    honest, evicted = pool.admit(*_ip_source("93.184.216.34"), deadline)  # another /16: an attacker's place
+    assert evicted is attackers[0][0] and evicted.evicted and evicted.scope.cancel_called
+    for i in range(8, 40):  # the flood goes on: it displaces only its own group
+        _, evicted = pool.admit(*_ip_source(f"81.2.{i}.1"), deadline)
+        assert evicted is not None and evicted.group == "ip4:81.2.0.0/16"
+    assert not honest.evicted and len(pool) == 8
+    first, _ = pool.admit("81.2.200.1", "ip4:81.2.0.0/16", deadline)  # over the per-source cap: the oldest goes
+    second, _ = pool.admit("81.2.200.1", "ip4:81.2.0.0/16", deadline)
+    _, evicted = pool.admit("81.2.200.1", "ip4:81.2.0.0/16", deadline)
+    assert evicted is first and not second.evicted and not honest.evicted
+    pool.remove(honest)
+    pool.remove(honest)  # idempotent
+    assert len(pool) == 7
+
+
+async def test_only_a_valid_ticket_takes_a_session() -> None:
+    """Idle connections do not count against max_connections; a valid ticket over it is refused (direct_busy) and
+    stays unclaimed."""
+    async with running_server(DataChannelConfig(max_connections=1)) as server:
+        idle = [await dial_from(f"127.0.0.{2 + i % 3}", server.port) for i in range(6)]
+        await wait_for(lambda: server.pending_connections == 6)
+        first = server.expect_upload([(SMALL[0], len(SMALL[1]))])
+        second = server.expect_upload([(SMALL[0], len(SMALL[1]))])
+        async with RawSession.open(server.port, first) as raw:  # holds the only session
+            assert raw.status == bytes([0])
+            assert server.open_sessions == 1
+            with pytest.raises(TransferError) as caught, trio.fail_after(WAIT_S):
+                await upload(HOST, server.port, second.token, second.key, dict([SMALL]))
+            assert caught.value.reason is Reason.TRANSFER_FAILED
+            assert server.stats["direct_busy"] == 1
+            await raw.send_blob(*SMALL)
+            assert await raw.verdict() == bytes([0])
+        assert await server.receive_upload(first) == dict([SMALL])
+        assert server.open_tickets == 1  # the refused ticket was not claimed: it still works
+        assert await upload_expecting(server, second, dict([SMALL])) == dict([SMALL])
+        for stream in idle:
+            await stream.aclose()
 
 
 # -- a hostile server, seen by the downloading client ---------------------------------------------------------------

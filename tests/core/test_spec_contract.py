@@ -61,7 +61,7 @@ from p2pcompute.core.schema import (
 from p2pcompute.core.tensors import DTYPES
 from p2pcompute.core.verification import DEFAULT_EVIDENCE_TTL_MS, MAX_EVIDENCE_SIZE, EvidenceInbox, QuorumPolicy
 from p2pcompute.errors import P2PComputeError, Reason
-from p2pcompute.net import reach, relay
+from p2pcompute.net import holepunch, reach, relay
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 PACKAGE = Path(p2pcompute.__file__).resolve().parent
@@ -551,6 +551,12 @@ PARAMETERS: list[tuple[str, str, int | float]] = [
     ("reachability.md", "per_group_circuits (net.relay.RelayServiceLimits)", _RELAY.per_group_circuits),
     ("reachability.md", "CIRCUIT_IDLE_S (net.relay)", relay.CIRCUIT_IDLE_S * 1000),
     ("reachability.md", "STOP_TIMEOUT_S (net.relay)", relay.STOP_TIMEOUT_S * 1000),
+    ("reachability.md", "MAX_PUNCH_ADDRS (net.holepunch)", holepunch.MAX_PUNCH_ADDRS),
+    ("reachability.md", "PUNCH_ROUNDS (net.holepunch)", holepunch.PUNCH_ROUNDS),
+    ("reachability.md", "MAX_SESSION_DIALS (net.holepunch)", holepunch.MAX_SESSION_DIALS),
+    ("reachability.md", "MAX_CONCURRENT_PUNCHES (net.holepunch)", holepunch.MAX_CONCURRENT_PUNCHES),
+    ("reachability.md", "PUNCH_COOLDOWN_S (net.holepunch)", holepunch.PUNCH_COOLDOWN_S * 1000),
+    ("reachability.md", "PUNCH_MESSAGE_TIMEOUT_S (net.holepunch)", holepunch.PUNCH_MESSAGE_TIMEOUT_S * 1000),
     ("reachability.md", "relay_max_reservations", _NODE.relay_max_reservations),
     ("reachability.md", "relay_max_circuits", _NODE.relay_max_circuits),
     ("reachability.md", "relay_circuit_mib", _NODE.relay_circuit_mib),

@@ -33,7 +33,6 @@ from libp2p.host.basic_host import BasicHost
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
-from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.tools.anyio_service import background_trio_service
@@ -50,6 +49,7 @@ from p2pcompute.core.reach import (
     is_circuit_address,
 )
 from p2pcompute.errors import DialError
+from p2pcompute.net.holepunch import GuardedDCUtR
 from p2pcompute.net.relay import GuardedRelay, RelayServiceLimits
 
 if TYPE_CHECKING:
@@ -295,14 +295,19 @@ class ReachService:
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         limits = self.settings.limits.libp2p()
         roles = RelayRole.STOP | RelayRole.CLIENT | (RelayRole.HOP if self.settings.relay_service else RelayRole(0))
-        protocol = GuardedRelay(self.host, self.settings.limits, allow_hop=self.settings.relay_service)
+        protocol = GuardedRelay(
+            self.host,
+            self.settings.limits,
+            allow_hop=self.settings.relay_service,
+            accept_stop_from=lambda peer: str(peer) in self.held,  # only relays we hold a slot on reach us
+        )
         self.host.get_network().register_notifee(cast(Any, _Pokes(self)))
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(background_trio_service(protocol))
             self._transport = CircuitV2Transport(self.host, protocol, RelayConfig(roles=roles, limits=limits))
             self._autonat = _FreshDialBack(cast(BasicHost, self.host))
             if self.settings.hole_punch:
-                await stack.enter_async_context(background_trio_service(DCUtRProtocol(self.host)))
+                await stack.enter_async_context(background_trio_service(GuardedDCUtR(self.host)))
             if self.settings.relay_service:
                 log.info(
                     "serving as a relay: %d slots, %d circuits of at most %d MiB and %d s",

@@ -49,7 +49,7 @@ from p2pcompute.core.reach import (
     is_circuit_address,
 )
 from p2pcompute.errors import DialError
-from p2pcompute.net.holepunch import GuardedDCUtR
+from p2pcompute.net.holepunch import GuardedDCUtR, Scope, allowed_scopes, dial_target
 from p2pcompute.net.relay import GuardedRelay, RelayServiceLimits
 
 if TYPE_CHECKING:
@@ -144,6 +144,12 @@ class _FreshDialBack(AutoNATService):
                     log.debug("dial-back to %s at %s:%d reached it", peer_id, ip, port)
                     return bytes(raw)
         return None
+
+
+def _may_dial(addr: str, allowed: frozenset[Scope]) -> bool:
+    if addr.startswith(("/dns4/", "/dns6/", "/dns/", "/dnsaddr/")):
+        return True
+    return dial_target(addr, allowed) is not None
 
 
 async def _tcp_probe(maddr: multiaddr.Multiaddr) -> bool:
@@ -245,6 +251,11 @@ class ReachService:
         """Connect to ``peer``: its direct addresses first, then through each relay it advertised."""
         if self.host.get_network().get_connections(peer):
             return
+        # An advert is the worker's word: it could aim us at our own LAN, loopback or cloud metadata address. Only
+        # addresses in a scope we are in ourselves (global always; loopback/private only in such a testnet), and
+        # DNS names (a public node's announce), are dialled; a relayed address by its relay's address.
+        allowed = allowed_scopes(self.host.get_addrs())
+        addrs = [a for a in addrs if _may_dial(a.split("/p2p-circuit")[0], allowed)]
         direct = [a for a in addrs if not is_circuit_address(a)]
         relayed = [a for a in addrs if is_circuit_address(a)]
         errors: list[str] = []

@@ -333,3 +333,17 @@ async def test_relays_naming_addresses_they_are_not_at_are_never_used_and_never_
         await wait_until(lambda: bool(reach.relayed_addrs()))
         assert list(reach.held) == [str(honest.get_id())]
         assert reach.relayed_addrs()[0].startswith(host_addrs(honest)[0])
+
+
+async def test_a_client_never_dials_advert_addresses_outside_its_own_scopes(test_name: str) -> None:
+    """An advert could aim clients at their own LAN or the cloud metadata address: a loopback-only client dials
+    loopback and global addresses, never private or link-local ones (nor relays at such addresses)."""
+    async with _peers(test_name, [CLIENT]) as [(_client, dialer)]:
+        peer = ID.from_base58("12D3KooWRBhwfeP2Y4TCx1SM6s9rUoHhR5STiGwxBhgFRcw3UERE")
+        aimed = [
+            f"/ip4/192.168.1.1/tcp/22/p2p/{peer}",
+            f"/ip4/169.254.169.254/tcp/80/p2p/{peer}",
+            f"/ip4/10.0.0.1/tcp/4001/p2p/12D3KooWSomeRelay/p2p-circuit/p2p/{peer}",
+        ]
+        with pytest.raises(DialError, match="no address"):
+            await dialer.dial(peer, aimed)

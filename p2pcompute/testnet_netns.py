@@ -22,7 +22,9 @@ cannot work there: peers say ``nat = "public"`` or ``"private"`` (the defaults).
 
 **Kills and churn.** The client prints each job's phases; with ``kill_rate`` the testnet SIGKILLs (the process
 group: node and executors) the worker a chosen job is on when it reaches ``kill_phase`` (``running``: inputs sent,
-work under way), and restarts it on the same data directory after ``restart_after`` seconds. With ``churn = R``
+work under way), and restarts it on the same data directory after ``restart_after`` seconds. A job is chosen with
+chance ``kill_rate`` (seeded); when its worker is already down, the kill passes to the next job, so about that
+share of the jobs lose their worker. With ``churn = R``
 it stops R workers a minute (never the relay), alternately with SIGKILL and a clean SIGINT (``churn_mode =
 "alternate"``) or at random (``"random"``, seeded), and restarts each after ``churn_down`` seconds; the client keeps
 running jobs for ``duration`` seconds. At least one worker is always left running.
@@ -171,6 +173,7 @@ class NetnsConfig:
     each_worker: bool = False  # every job goes to each worker in turn (per-worker figures)
     redundancy: int | None = None
     job_deadline_s: float = 120.0
+    linger_s: float = 3.0  # the client stays this long after its last job (receipts still in flight arrive)
     kill_rate: float = 0.0  # chance per job that its worker is SIGKILLed at kill_phase, then restarted
     kill_phase: str = "running"
     restart_after_s: float = 2.0
@@ -222,8 +225,8 @@ class NetnsConfig:
             raise ConfigError(f"churn must be 0..60 per minute and churn_mode one of {', '.join(CHURN_MODES)}")
         if (self.kill_rate or self.churn) and len(workers) < 2:
             raise ConfigError("kills and churn need at least two workers (one is always left running)")
-        if self.concurrency < 1 or self.restart_after_s < 0 or self.churn_down_s < 0:
-            raise ConfigError("concurrency must be >= 1, restart_after and churn_down >= 0")
+        if self.concurrency < 1 or min(self.restart_after_s, self.churn_down_s, self.linger_s) < 0:
+            raise ConfigError("concurrency must be >= 1, restart_after, churn_down and linger >= 0")
         return self
 
 
@@ -305,6 +308,7 @@ def netns_config(values: Mapping[str, Any]) -> NetnsConfig:
         "restart_after",
         "churn_down",
         "job_deadline",
+        "linger",
     }
     unknown = set(table) - known
     if unknown:
@@ -338,6 +342,7 @@ def netns_config(values: Mapping[str, Any]) -> NetnsConfig:
         each_worker=bool(table.get("each_worker", False)),
         redundancy=None if redundancy is None else int(redundancy),
         job_deadline_s=float(table.get("job_deadline", 120.0)),
+        linger_s=float(table.get("linger", 3.0)),
         kill_rate=float(values.get("kill_rate", 0.0)),
         kill_phase=str(table.get("kill_phase", "running")),
         restart_after_s=float(table.get("restart_after", 2.0)),
@@ -767,6 +772,7 @@ class _Net:
         self.restarted = trio.Event()
         self.doomed: dict[int, bool] = {}  # job -> will its worker be killed
         self.killed_jobs: set[int] = set()
+        self.kill_debt = 0  # doomed jobs whose worker could not be killed (already down): later jobs take them
         self.churn_count = 0
 
     def t(self) -> float:
@@ -1010,11 +1016,19 @@ class _Net:
         if not config.kill_rate or job in self.killed_jobs:
             return
         if job not in self.doomed:
-            self.doomed[job] = self.rng.random() < config.kill_rate
+            doomed = self.rng.random() < config.kill_rate
+            if not doomed and self.kill_debt:  # a kill that could not happen before is owed: this job pays it
+                self.kill_debt -= 1
+                doomed = True
+            self.doomed[job] = doomed
         if not self.doomed[job] or phase != config.kill_phase:
             return
         peer = self.by_id.get(worker)
         if peer is None or not peer.alive or peer.restarting or len(self._alive_workers()) <= MIN_ALIVE:
+            # Its worker is already down (or too few are up): the kill moves to a later job, so that about
+            # kill_rate of the jobs lose their worker.
+            self.doomed[job] = False
+            self.kill_debt += 1
             return
         self.killed_jobs.add(job)
         await self.kill(peer)
@@ -1065,10 +1079,12 @@ class _Net:
             "--workload", config.workload,
             "--concurrency", str(config.concurrency),
             "--deadline", str(config.job_deadline_s),
+            "--linger", str(config.linger_s),
             "--seed", str(config.seed),
             "--report", str(report),
         ]  # fmt: skip
         for worker in workers:
+            argv += ["--expect", worker.peer_id]
             if worker.config.router:
                 argv += ["--wait-relayed", worker.peer_id]
         if config.each_worker:

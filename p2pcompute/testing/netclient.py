@@ -7,7 +7,8 @@ workers only through the namespaces' links (NAT routers, relays, fault proxies):
         --data-dir DIR --listen /ip4/10.77.0.5/tcp/4001 --workers 2 --jobs 20 --workload mlp --report out.json
 
 It opens a client (:func:`p2pcompute.client.open_client`), waits (bounded) until it knows ``--workers`` eligible
-workers (and, for each ``--wait-relayed`` peer, an advert with a relayed address), then runs jobs: ``--jobs N`` in
+workers, each ``--expect`` peer among them (and, for each ``--wait-relayed`` peer, an advert with a relayed
+address), then runs jobs: ``--jobs N`` in
 all, or for ``--duration S`` seconds, ``--concurrency`` at a time; with ``--each-worker`` the jobs go to each worker
 in turn (``client.run(only=...)``), one at a time per worker, so figures come per worker (a relayed one beside a
 hole-punched one); a worker the client flagged gets no more (``not sent``). Every job's inputs are fresh (seeded by
@@ -27,7 +28,9 @@ and ``--report FILE`` gets the whole run as one JSON document (:class:`ClientRep
 the result was accepted and right, which workers were paid, how long it took to the result (``first_result_s``:
 from ``client.run`` to the accepted result's arrival) and in all, how fast its inputs went up (``upload_rate_bps``,
 bytes per second from the ``uploading`` to the ``running`` phase), and whether the connection the result came over
-was relayed (:func:`p2pcompute.net.reach.is_relayed`). The client's ledger (its SQLite store in ``--data-dir``)
+was relayed (:func:`p2pcompute.net.reach.is_relayed`), and how far the result is from local execution
+(``max_abs_diff``); a wrong result accepted is saved beside its inputs and the truth (``wrong-<job>.pt`` in
+``--data-dir``). The client's ledger (its SQLite store in ``--data-dir``)
 records what it paid; the testnet checks it against the workers' ledgers after the run.
 
 Workloads (``--workload``): ``mlp`` (the demo MLP, 64 -> 128 -> 128 -> 10, batch 32: milliseconds of work),
@@ -90,6 +93,7 @@ class JobRecord:
     upload_bytes: int = 0  # input tensors' bytes
     upload_s: float | None = None  # the accepted worker's "uploading" to "running" phase
     relayed: bool | None = None  # the connection the result came over went through a relay
+    max_abs_diff: float | None = None  # the accepted result against local execution
     plan: str = ""
     error: str = ""
 
@@ -192,6 +196,7 @@ def _emit(event: str, **fields: Any) -> None:
 @dataclass
 class _Options:
     workers: int
+    expect: tuple[str, ...]
     wait_relayed: tuple[str, ...]
     jobs: int
     duration_s: float
@@ -212,6 +217,7 @@ class _Runner:
         self.report = report
         self.started = time.monotonic()
         self.next_index = 0
+        self.evidence_dir: Path | None = None  # wrong results accepted are saved here
 
     def _t(self) -> float:
         return round(time.monotonic() - self.started, 4)
@@ -224,7 +230,8 @@ class _Runner:
         wanted = set(options.wait_relayed)
 
         def ready() -> bool:
-            if len(client.candidates(self.workload.template, max_price)) < options.workers:
+            candidates = {str(c.peer) for c in client.candidates(self.workload.template, max_price)}
+            if len(candidates) < options.workers or not set(options.expect) <= candidates:
                 return False
             adverts = {str(e.advert.peer_id): e.advert for e in client.node.market.adverts(client.clock())}
             return all(p in adverts and any(is_circuit_address(a) for a in adverts[p].addrs) for p in wanted)
@@ -236,7 +243,7 @@ class _Runner:
         }
         if not ready():
             raise click.ClickException(
-                f"the market did not hold {options.workers} eligible worker(s)"
+                f"the market did not hold {max(options.workers, len(options.expect))} eligible worker(s)"
                 + (f" with relayed addresses for {', '.join(sorted(wanted))}" if wanted else "")
                 + f" within {options.market_wait_s:.0f} s (it holds {len(self.report.workers)})"
             )
@@ -335,6 +342,14 @@ class _Runner:
             record.wrong = output.shape != truth.shape or not torch.allclose(
                 output, truth, rtol=TRUTH_RTOL, atol=TRUTH_ATOL
             )
+            if output.shape == truth.shape:
+                record.max_abs_diff = float((output.double() - truth.double()).abs().max())
+            if record.wrong and self.evidence_dir is not None:
+                # What was accepted, beside what it should have been: for whoever looks into it.
+                torch.save(
+                    {"inputs": args, "output": output, "truth": truth, "summary": result.summary()},
+                    self.evidence_dir / f"wrong-{index}.pt",
+                )
             received = phase_at.get((record.worker, "received"))
             if received is not None:
                 record.first_result_s = received - run_started
@@ -375,6 +390,7 @@ async def run_client(
         report.peer_id = str(client.peer_id)
         runner = _Runner(client, workload, options, report)
         runner.started = started
+        runner.evidence_dir = data_dir
         await runner.wait_for_market()
         report.open_s = time.monotonic() - started
         _emit("ready", peer_id=report.peer_id, open_s=round(report.open_s, 3))
@@ -400,6 +416,7 @@ async def run_client(
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--listen", multiple=True, default=("/ip4/0.0.0.0/tcp/0",), show_default=True)
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Wait for this many.")
+@click.option("--expect", multiple=True, help="Wait until this worker is in the market (repeatable).")
 @click.option("--wait-relayed", multiple=True, help="Wait until this peer's advert carries a relayed address.")
 @click.option("--jobs", type=click.IntRange(min=0), default=10, show_default=True, help="0: until --duration.")
 @click.option("--duration", type=click.FloatRange(min=0), default=0.0, help="Stop starting jobs after S seconds.")
@@ -419,6 +436,7 @@ def main(
     data_dir: Path,
     listen: tuple[str, ...],
     workers: int,
+    expect: tuple[str, ...],
     wait_relayed: tuple[str, ...],
     jobs: int,
     duration: float,
@@ -440,7 +458,18 @@ def main(
     if not jobs and not duration:
         raise click.UsageError("give --jobs N or --duration S")
     options = _Options(
-        workers, wait_relayed, jobs, duration, each_worker, only, concurrency, redundancy, deadline, market_wait, linger
+        workers,
+        expect,
+        wait_relayed,
+        jobs,
+        duration,
+        each_worker,
+        only,
+        concurrency,
+        redundancy,
+        deadline,
+        market_wait,
+        linger,
     )
     report = ClientReport()
     try:

@@ -19,6 +19,8 @@ R5 (``faults.toml``): 20% segment loss and 50 ms one-way delay on every link (a 
 NAT (``nat.toml``): a client outside reaches two workers behind NAT routers; n-relay can reach only the relay (its
     jobs go over the relayed connection), n-punch dials out (its connection is direct). Side by side: time to the
     first result (connection set-up included), median time to result, and the upload rate of a 4 MiB input.
+nat-both (``nat-both.toml``): the client behind a NAT of its own as well, hole punching on: whether DCUtR finds a
+    direct path through two masquerading NATs (here it did not: every job went over the relay).
 churn (``churn.toml``): 2 workers a minute stopped and restarted, SIGKILL and clean stops in turn, for 10 minutes
     while the client runs jobs (one worker behind NAT). Holds when every accepted job is accounted for: its receipt
     in the client's and its worker's ledger, none twice, none unknown.
@@ -46,11 +48,15 @@ NAT p2pcompute testnet --scenario testnet/scenarios/nat.toml                (45 
         time to first result      10.48 s       0.12 s           85.0x
         median time to result      0.27 s       0.09 s            2.9x
         upload rate (4 MiB)    20.9 MiB/s   95.8 MiB/s            0.2x
+    (a second run, the machine busier: 10.70 s / 0.22 s, 0.47 s / 0.18 s, 13.3 / 49.3 MiB/s.)
     The relayed worker's first result waits for the client's dial of its private address (192.168.1.2, dropped on
     the way: the internet does not route it) to time out (10 s) before the relayed address is tried. The worker
     behind the other NAT had dialled the client itself as soon as it learned of it, so its first job found a direct
     connection (with a NAT on one side only, that connection reversal is the hole punch); the tensors went over the
     libp2p connection both ways, since no data-channel port behind a NAT can be reached.
+nat-both p2pcompute testnet --scenario testnet/scenarios/nat-both.toml      (~50 s)
+        4 of 4 jobs accepted, all 4 relayed (no hole punch through two NATs within the run's ~13 s of jobs): first
+        result 10.78 s (the same 10 s dial of a private address first), then 0.39-0.41 s; upload 12-15 MiB/s.
 churn p2pcompute testnet --scenario testnet/scenarios/churn.toml            (636 s)
         627 s, 19 stops (10 SIGKILL, 9 clean), each worker restarted 5 s later; 2,925 jobs, all accepted, 0 wrong;
         every accepted job accounted for: receipts 2,925 in the client's ledger and 2,925 in the workers', 0 lost,
@@ -143,6 +149,19 @@ def _nat(report: NetnsReport) -> tuple[bool, list[str]]:
     ]
 
 
+def _nat_both(report: NetnsReport) -> tuple[bool, list[str]]:
+    paths = report.paths()
+    relayed, direct = paths["relayed"], paths["direct"]
+    held = report.accepted > 0 and report.wrong == 0 and report.ledger.ok
+    first, rate = relayed["first_result_s"], relayed["median_upload_rate_bps"]
+    return held, [
+        f"{report.accepted} of {len(report.jobs)} jobs accepted: {relayed['jobs']} relayed, {direct['jobs']} direct "
+        f"(a direct path through two NATs needs a hole punch)",
+        f"relayed: first result {'-' if first is None else f'{first:.2f} s'}, upload "
+        f"{'-' if rate is None else f'{rate / 2**20:.1f} MiB/s'}",
+    ]
+
+
 def _churn(report: NetnsReport) -> tuple[bool, list[str]]:
     ledger = report.ledger
     kinds = [e["action"] for e in report.churn]
@@ -161,6 +180,7 @@ FIGURES = (
     Figure("r4", "kill.toml", {"jobs": 30}, _r4),
     Figure("r5", "faults.toml", {"jobs": 20}, _r5),
     Figure("nat", "nat.toml", {}, _nat),
+    Figure("nat-both", "nat-both.toml", {}, _nat_both),
     Figure("churn", "churn.toml", {"duration": 120.0}, _churn),
 )
 
@@ -216,9 +236,9 @@ def main() -> int:
     print("figures, side by side:")
     for figure, held, lines, took in table:
         verdict = "held" if held else "NOT HELD"
-        print(f"{figure.name.upper():<6} {verdict:<9} {command(figure, args.quick)}  ({took:.0f} s)")
+        print(f"{figure.name.upper():<9} {verdict:<9} {command(figure, args.quick)}  ({took:.0f} s)")
         for line in lines:
-            print(f"{'':<16}{line}")
+            print(f"{'':<19}{line}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
         print(f"report: {args.json}")

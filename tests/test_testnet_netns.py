@@ -31,7 +31,7 @@ from p2pcompute.testnet_netns import (
 )
 
 SCENARIOS = Path(__file__).parent.parent / "testnet" / "scenarios"
-NETNS_SCENARIOS = ("nat.toml", "faults.toml", "kill.toml", "churn.toml")
+NETNS_SCENARIOS = ("nat.toml", "nat-both.toml", "faults.toml", "kill.toml", "churn.toml")
 
 
 # --- scenarios ---

@@ -511,7 +511,8 @@ def peers_cmd(url: str | None, data_dir: Path | None) -> None:
 @click.option(
     "--workload",
     type=click.Choice(["mlp", "chain", "bulk"]),
-    help="--netns: the client's job: the demo MLP, a chain of products (seconds), a 4 MiB input [default: mlp].",
+    help="--netns: the client's job: the demo MLP, a chain of products (long enough to be killed mid-job), a "
+    "4 MiB input [default: mlp].",
 )
 @click.option("--concurrency", type=click.IntRange(min=1), help="--netns: jobs the client runs at once [default: 1].")
 @click.option("--delay-ms", type=click.FloatRange(0.0, 60_000.0), help="--netns: one-way delay on every link.")

@@ -43,20 +43,24 @@ R5  p2pcompute testnet --scenario testnet/scenarios/faults.toml             (79 
         30 of 30 jobs accepted, 0 wrong results accepted; the cheater got 2 jobs (two in flight before it was caught)
         and was paid for none; receipts 30 in the client's ledger, 30 in the workers', 0 double, 0 lost, 0 unknown;
         1,409 segments lost by the proxies.
-NAT p2pcompute testnet --scenario testnet/scenarios/nat.toml                (45 s)
+NAT p2pcompute testnet --scenario testnet/scenarios/nat.toml                (40 s)
                                   relayed       direct  relayed/direct
-        time to first result      10.48 s       0.12 s           85.0x
-        median time to result      0.27 s       0.09 s            2.9x
-        upload rate (4 MiB)    20.9 MiB/s   95.8 MiB/s            0.2x
-    (a second run, the machine busier: 10.70 s / 0.22 s, 0.47 s / 0.18 s, 13.3 / 49.3 MiB/s.)
-    The relayed worker's first result waits for the client's dial of its private address (192.168.1.2, dropped on
-    the way: the internet does not route it) to time out (10 s) before the relayed address is tried. The worker
-    behind the other NAT had dialled the client itself as soon as it learned of it, so its first job found a direct
-    connection (with a NAT on one side only, that connection reversal is the hole punch); the tensors went over the
-    libp2p connection both ways, since no data-channel port behind a NAT can be reached.
-nat-both p2pcompute testnet --scenario testnet/scenarios/nat-both.toml      (~50 s)
+        time to first result       0.88 s       0.37 s            2.4x
+        median time to result      0.38 s       0.26 s            1.5x
+        upload rate (4 MiB)    13.3 MiB/s   24.6 MiB/s            0.5x
+    The rates move with the machine's load (others' work shares the 2 cores): two earlier runs, on the 10.77.0.0/24
+    "internet" and a quieter machine, gave relayed 20.9 and 13.3 MiB/s, direct 95.8 and 49.3 MiB/s, median time to
+    result 0.27/0.09 s and 0.47/0.18 s. On that private-looking internet the relayed worker's first result took
+    10.5-10.7 s: the client dialled the worker's private LAN address first (192.168.1.2, dropped on the way) and
+    waited out the 10 s dial timeout before the relayed address; with a global range (``public_subnet``) a client
+    with only global addresses skips private ones, and the first result takes 0.88 s. The worker behind the other
+    NAT dialled the client itself as soon as it learned of it, so its first job found a direct connection (with a
+    NAT on one side only, that connection reversal is the hole punch); the tensors went over the libp2p connection
+    both ways, since no data-channel port behind a NAT can be reached.
+nat-both p2pcompute testnet --scenario testnet/scenarios/nat-both.toml      (44 s)
         4 of 4 jobs accepted, all 4 relayed (no hole punch through two NATs within the run's ~13 s of jobs): first
-        result 10.78 s (the same 10 s dial of a private address first), then 0.39-0.41 s; upload 12-15 MiB/s.
+        result 10.66 s (a client behind NAT has a private address, so it dials the worker's private one first and
+        waits out the 10 s dial timeout), then 0.4 s a job; upload 13-15 MiB/s.
 churn p2pcompute testnet --scenario testnet/scenarios/churn.toml            (636 s)
         627 s, 19 stops (10 SIGKILL, 9 clean), each worker restarted 5 s later; 2,925 jobs, all accepted, 0 wrong;
         every accepted job accounted for: receipts 2,925 in the client's ledger and 2,925 in the workers', 0 lost,

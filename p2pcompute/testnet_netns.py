@@ -182,6 +182,7 @@ class NetnsConfig:
     churn_down_s: float = 3.0
     seed: int = 0
     advertise_interval_s: float = 5.0
+    public_subnet: str = ""  # the "internet" (netns default 10.77.0.0/24, private scope; a global range models it)
 
     @property
     def workers(self) -> tuple[NetnsPeerConfig, ...]:
@@ -309,6 +310,7 @@ def netns_config(values: Mapping[str, Any]) -> NetnsConfig:
         "churn_down",
         "job_deadline",
         "linger",
+        "public_subnet",
     }
     unknown = set(table) - known
     if unknown:
@@ -343,6 +345,7 @@ def netns_config(values: Mapping[str, Any]) -> NetnsConfig:
         redundancy=None if redundancy is None else int(redundancy),
         job_deadline_s=float(table.get("job_deadline", 120.0)),
         linger_s=float(table.get("linger", 3.0)),
+        public_subnet=str(table.get("public_subnet", "")),
         kill_rate=float(values.get("kill_rate", 0.0)),
         kill_phase=str(table.get("kill_phase", "running")),
         restart_after_s=float(table.get("restart_after", 2.0)),
@@ -793,7 +796,10 @@ class _Net:
                 routers.setdefault(p.router, []).append(spec(p))
             else:
                 public.append(spec(p))
-        return TopologySpec(public=tuple(public), nats=tuple(NatSpec(n, tuple(ps)) for n, ps in routers.items()))
+        nats = tuple(NatSpec(n, tuple(ps)) for n, ps in routers.items())
+        if self.config.public_subnet:
+            return TopologySpec(public=tuple(public), nats=nats, public_subnet=self.config.public_subnet)
+        return TopologySpec(public=tuple(public), nats=nats)
 
     def add_peers(self, topology: Any) -> None:
         from p2pcompute.keys import KEY_FILE_NAME, load_or_create_key

@@ -83,6 +83,7 @@ jobs = 6
 
 [netns]
 each_worker = true
+public_subnet = "11.77.0.0/24"  # a global "internet": the client never dials the NAT worker's private address
 
 [netns.faults]
 delay_ms = 50

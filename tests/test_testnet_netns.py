@@ -58,7 +58,7 @@ def test_every_netns_scenario_file_loads(name: str) -> None:
 
 def test_the_shipped_scenarios_say_what_the_figures_need() -> None:
     nat = load_scenario(SCENARIOS / "nat.toml", {}).netns
-    assert nat is not None and nat.each_worker and nat.workload == "bulk"
+    assert nat is not None and nat.each_worker and nat.workload == "bulk" and nat.public_subnet == "11.77.0.0/24"
     by_name = {p.name: p for p in nat.peers}
     assert by_name["n-relay"].router and not by_name["n-relay"].hole_punch and by_name["n-relay"].egress == ("relay",)
     assert by_name["n-punch"].router and by_name["n-punch"].hole_punch and by_name["n-punch"].egress is None

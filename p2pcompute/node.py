@@ -342,7 +342,8 @@ async def serve(
                 )
                 node.worker.recover()
                 node.rechecker = lambda valid: executor.recheck(valid.evidence.envelope, node.clock())
-            await node.run(task_status=task_status)
+            # A bootstrap/relay-only peer (serve_jobs = false) sells nothing: no advert, or clients would try it.
+            await node.run(advertise=config.serve_jobs, task_status=task_status)
     finally:
         store.close()
 

@@ -260,6 +260,12 @@ class ReachService:
         relayed = [a for a in addrs if is_circuit_address(a)]
         errors: list[str] = []
         if direct:
+            # The advert is signed and fresh: a peer that restarted (perhaps on a new port) is dialled now, not
+            # refused for a minute because its old address failed (0.8.1's negative cache).
+            unblock = getattr(self.host.get_network(), "unblock_peer", None)
+            if unblock is not None:
+                with contextlib.suppress(Exception):
+                    unblock(peer)
             maddrs = []
             for addr in direct:
                 with contextlib.suppress(Exception):

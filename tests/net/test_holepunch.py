@@ -233,6 +233,10 @@ class _Sinks:
     def total(self) -> int:
         return sum(self.accepted.values())
 
+    def close(self) -> None:
+        for listener in self.listeners:
+            listener.socket.close()
+
 
 async def _sinks(n: int) -> _Sinks:
     return _Sinks([(await trio.open_tcp_listeners(0, host="127.0.0.3"))[0] for _ in range(n)])
@@ -250,6 +254,8 @@ async def _scene(
             await stack.enter_async_context(open_host(seed_for(name, i), [LISTEN], config=c))
             for i, c in enumerate(configs)
         ]
+        if sinks is not None:
+            stack.callback(sinks.close)  # after the nursery: its tasks accept on them until then
         async with trio.open_nursery() as nursery:
             if sinks is not None:
                 await sinks.serve(nursery)

@@ -37,11 +37,12 @@ from p2pcompute.testing.net import (
 
 
 def our_sockets(ports: set[int], states: set[str]) -> list[str]:
-    """This process's TCP sockets on ``ports`` (either end) whose state is in ``states``."""
+    """This process's TCP sockets on 127.0.0.1 at ``ports`` (either end) whose state is in ``states`` (the hosts
+    here listen on 127.0.0.1; another test's socket on another address may have the same port number)."""
     found = []
     for conn in psutil.Process().net_connections(kind="tcp"):
-        ends = {conn.laddr.port if conn.laddr else None, conn.raddr.port if conn.raddr else None}
-        if ends & ports and conn.status in states:
+        ends = {(a.ip, a.port) for a in (conn.laddr, conn.raddr) if a}
+        if ends & {("127.0.0.1", p) for p in ports} and conn.status in states:
             found.append(f"{conn.laddr} -> {conn.raddr} {conn.status}")
     return found
 

@@ -18,6 +18,7 @@ import trio
 from libp2p.abc import IHost
 from libp2p.peer.id import ID
 
+from p2pcompute.client import Client
 from p2pcompute.config import NodeConfig
 from p2pcompute.net.reach import is_relayed
 from p2pcompute.testing.jobs import WorkerPeer, client_of, cluster
@@ -28,6 +29,16 @@ async def _unreachable(host: IHost, worker: WorkerPeer) -> None:
     """From now on the client cannot open a connection to the worker's own IP (nor take one from it)."""
     host.get_network().connection_gate.add_to_deny_list("127.0.0.2")  # type: ignore[attr-defined]
     await host.disconnect(ID(worker.peer.raw))  # whatever discovery connected before
+
+
+async def _wait_for_relayed_advert(client: Client, worker: WorkerPeer) -> None:
+    def relayed_advert() -> bool:
+        return any(
+            e.peer_id == worker.peer and any("/p2p-circuit/" in a for a in e.advert.addrs)
+            for e in client.node.market.adverts(client.clock())
+        )
+
+    await client.node.wait_for(relayed_advert)
 
 
 def _behind_relay(dead_port: int, *, hole_punch: bool) -> Callable[[int, NodeConfig], NodeConfig]:
@@ -53,14 +64,7 @@ async def test_a_worker_reachable_only_through_a_relay_serves_a_verified_job(tmp
         async with cluster(tmp_path, 2, configure=configure) as workers, client_of(workers, tmp_path / "c") as client:
             worker = workers[1]
             await _unreachable(client.node.host, worker)
-
-            def relayed_advert() -> bool:
-                return any(
-                    e.peer_id == worker.peer and any("/p2p-circuit/" in a for a in e.advert.addrs)
-                    for e in client.node.market.adverts(client.clock())
-                )
-
-            await client.node.wait_for(relayed_advert)
+            await _wait_for_relayed_advert(client, worker)
             result = await client.run(job, max_price=MAX_PRICE, deadline=30, redundancy=1)
             assert result.worker == worker.peer
             assert is_relayed(client.node.host, ID(worker.peer.raw))  # no direct path was ever made
@@ -76,14 +80,7 @@ async def test_with_hole_punching_the_relayed_connection_becomes_direct_and_the_
         async with cluster(tmp_path, 2, configure=configure) as workers, client_of(workers, tmp_path / "c") as client:
             worker = workers[1]
             await _unreachable(client.node.host, worker)
-
-            def relayed_advert() -> bool:
-                return any(
-                    e.peer_id == worker.peer and any("/p2p-circuit/" in a for a in e.advert.addrs)
-                    for e in client.node.market.adverts(client.clock())
-                )
-
-            await client.node.wait_for(relayed_advert)
+            await _wait_for_relayed_advert(client, worker)
             result = await client.run(job, max_price=MAX_PRICE, deadline=30, redundancy=1)
             assert result.worker == worker.peer
             # The worker dials the (public) client back: DCUtR's direct upgrade replaces the relayed connection.
